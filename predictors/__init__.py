@@ -1,0 +1,1 @@
+"""KServe predictors for Qwen-Image (text-to-image) and Qwen-Image-Edit."""

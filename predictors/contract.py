@@ -1,0 +1,341 @@
+"""The KServe v2 (Open Inference Protocol) contract of the two predictors.
+
+This module is the single source of tensor names, parameter names, defaults and limits for
+both halves of the project: the predictors parse requests with it and the OpenAI adapter
+builds requests with it. It imports neither torch nor diffusers.
+
+Request (``POST /v2/models/{model}/infer``)::
+
+    inputs:
+      prompt           BYTES [1]   UTF-8 text, required, not blank
+      negative_prompt  BYTES [1]   UTF-8 text, optional (generation "", edit " ")
+      image            BYTES [1]   edit only, required: an encoded PNG/JPEG/WebP file
+    parameters (all optional):
+      width, height        int     multiples of 16 (generation 1664x928; edit follows the
+                                   input image's aspect ratio at ~1024x1024 when absent)
+      num_inference_steps  int     default 50
+      true_cfg_scale       float   default 4.0 (gRPC carries no floats: a decimal string is
+                                   accepted too)
+      seed                 int     default 42; image i uses seed + i
+      num_images           int     default 1
+      output_format        string  png (default), jpeg or webp
+      output_compression   int     0-100, quality for jpeg/webp (default 90)
+
+Response::
+
+    outputs:
+      images  BYTES [num_images]  encoded image files in ``output_format``
+      seeds   INT64 [num_images]  the seed used for each image
+
+Over REST the JSON body cannot carry raw bytes, so BYTES image tensors (``image`` in,
+``images`` out) hold base64 text; over gRPC they hold the raw file bytes. Text tensors are
+plain UTF-8 in both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+GENERATION_MODEL_NAME = "qwen-image"
+EDIT_MODEL_NAME = "qwen-image-edit"
+
+# Input tensors.
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+IMAGE = "image"
+
+# Output tensors.
+IMAGES = "images"
+SEEDS = "seeds"
+
+# Request parameters.
+WIDTH = "width"
+HEIGHT = "height"
+NUM_INFERENCE_STEPS = "num_inference_steps"
+TRUE_CFG_SCALE = "true_cfg_scale"
+SEED = "seed"
+NUM_IMAGES = "num_images"
+OUTPUT_FORMAT = "output_format"
+OUTPUT_COMPRESSION = "output_compression"
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+SIZE_MULTIPLE = 16
+MAX_SEED = 2**63 - 1 - 1024  # leaves room for seed + i in an INT64
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Default values of one predictor's request fields (those of the original service)."""
+
+    width: int | None
+    height: int | None
+    negative_prompt: str
+    num_inference_steps: int = 50
+    true_cfg_scale: float = 4.0
+    seed: int = 42
+    num_images: int = 1
+    output_format: str = "png"
+    output_compression: int = 90
+
+
+GENERATION_DEFAULTS = Defaults(width=1664, height=928, negative_prompt="")
+EDIT_DEFAULTS = Defaults(width=None, height=None, negative_prompt=" ")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a predictor accepts; each bound is configurable per deployment."""
+
+    min_size: int = 256
+    max_size: int = 2048
+    # One step is not allowed: Qwen-Image's scheduler stretches its sigmas to a terminal
+    # shift, which divides by zero with a single step and yields NaN images.
+    min_steps: int = 2
+    max_steps: int = 100
+    min_cfg_scale: float = 1.0
+    max_cfg_scale: float = 20.0
+    max_images: int = 10
+    max_input_pixels: int = 4096 * 4096
+
+
+@dataclass
+class ImageRequest:
+    """A validated request, in the terms of the contract (no transport details)."""
+
+    prompt: str
+    negative_prompt: str
+    width: int | None
+    height: int | None
+    num_inference_steps: int
+    true_cfg_scale: float
+    seed: int
+    num_images: int
+    output_format: str
+    output_compression: int
+    image: bytes | None = field(default=None, repr=False)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: ``seed + i`` for image ``i``."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+class ContractError(ValueError):
+    """A request that breaks the contract; the predictor answers it with HTTP 400.
+
+    Every message starts with the quoted name of the offending field (``'width' must ...``),
+    so that a client can point at it: see ``error_param``.
+    """
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+_PARAM_PREFIX = re.compile(r"^'([a-z_]+)'")
+
+
+def error_param(message: str) -> str | None:
+    """The contract field a predictor's 400 message is about, if it names one."""
+    match = _PARAM_PREFIX.match(message)
+    return match.group(1) if match else None
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ContractError(name, f"'{name}' must be an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ContractError(name, f"'{name}' must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ContractError(name, f"'{name}' must be a number, got a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ContractError(name, f"'{name}' must be a number, got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ContractError(name, f"'{name}' must be between {low} and {high}, got {value}")
+
+
+def validate_request(
+    *,
+    prompt: str | None,
+    negative_prompt: str | None,
+    parameters: dict[str, Any],
+    defaults: Defaults,
+    limits: Limits,
+    image: bytes | None = None,
+    needs_image: bool = False,
+) -> ImageRequest:
+    """Apply defaults and limits to raw request fields; raise ``ContractError`` on bad input."""
+    if prompt is None or not prompt.strip():
+        raise ContractError(PROMPT, "'prompt' must be a non-empty string")
+    if needs_image and not image:
+        raise ContractError(IMAGE, "'image' is required: send the image to edit")
+
+    def get_int(name: str, default: int | None) -> int | None:
+        value = parameters.get(name)
+        return default if value is None else _as_int(name, value)
+
+    width = get_int(WIDTH, defaults.width)
+    height = get_int(HEIGHT, defaults.height)
+    if (width is None) != (height is None):
+        missing = WIDTH if width is None else HEIGHT
+        raise ContractError(missing, f"'{missing}' is required when the other side is given")
+    for name, value in ((WIDTH, width), (HEIGHT, height)):
+        if value is None:
+            continue
+        if value % SIZE_MULTIPLE:
+            raise ContractError(
+                name, f"'{name}' must be a multiple of {SIZE_MULTIPLE}, got {value}"
+            )
+        _check_range(name, value, limits.min_size, limits.max_size)
+
+    steps = get_int(NUM_INFERENCE_STEPS, defaults.num_inference_steps)
+    _check_range(NUM_INFERENCE_STEPS, steps, limits.min_steps, limits.max_steps)
+
+    cfg_raw = parameters.get(TRUE_CFG_SCALE)
+    cfg = defaults.true_cfg_scale if cfg_raw is None else _as_float(TRUE_CFG_SCALE, cfg_raw)
+    _check_range(TRUE_CFG_SCALE, cfg, limits.min_cfg_scale, limits.max_cfg_scale)
+
+    seed = get_int(SEED, defaults.seed)
+    _check_range(SEED, seed, 0, MAX_SEED)
+
+    num_images = get_int(NUM_IMAGES, defaults.num_images)
+    _check_range(NUM_IMAGES, num_images, 1, limits.max_images)
+
+    output_format = str(parameters.get(OUTPUT_FORMAT) or defaults.output_format).lower()
+    if output_format == "jpg":
+        output_format = "jpeg"
+    if output_format not in OUTPUT_FORMATS:
+        raise ContractError(
+            OUTPUT_FORMAT, f"'output_format' must be one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    compression = get_int(OUTPUT_COMPRESSION, defaults.output_compression)
+    _check_range(OUTPUT_COMPRESSION, compression, 0, 100)
+
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        true_cfg_scale=cfg,
+        seed=seed,
+        num_images=num_images,
+        output_format=output_format,
+        output_compression=compression,
+        image=image,
+    )
+
+
+def encode_bytes_for_rest(data: bytes) -> str:
+    """Base64 text for a BYTES image tensor in a REST JSON body."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_bytes_from_rest(name: str, value: str | bytes) -> bytes:
+    """Raw bytes of a base64 BYTES image tensor from a REST JSON body."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ContractError(name, f"'{name}' must be base64-encoded over REST") from exc
+
+
+def build_parameters(
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    num_inference_steps: int | None = None,
+    true_cfg_scale: float | None = None,
+    seed: int | None = None,
+    num_images: int | None = None,
+    output_format: str | None = None,
+    output_compression: int | None = None,
+    for_grpc: bool = False,
+) -> dict[str, Any]:
+    """Request parameters for the fields that are set (gRPC carries floats as strings)."""
+    params: dict[str, Any] = {
+        WIDTH: width,
+        HEIGHT: height,
+        NUM_INFERENCE_STEPS: num_inference_steps,
+        TRUE_CFG_SCALE: str(true_cfg_scale) if for_grpc and true_cfg_scale else true_cfg_scale,
+        SEED: seed,
+        NUM_IMAGES: num_images,
+        OUTPUT_FORMAT: output_format,
+        OUTPUT_COMPRESSION: output_compression,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def build_rest_body(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    image: bytes | None = None,
+    request_id: str | None = None,
+    **parameters: Any,
+) -> dict[str, Any]:
+    """A v2 REST infer body (JSON-ready dict) following this contract."""
+    inputs: list[dict[str, Any]] = [_text_input(PROMPT, prompt)]
+    if negative_prompt is not None:
+        inputs.append(_text_input(NEGATIVE_PROMPT, negative_prompt))
+    if image is not None:
+        inputs.append(
+            {
+                "name": IMAGE,
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [encode_bytes_for_rest(image)],
+            }
+        )
+    body: dict[str, Any] = {"inputs": inputs, "parameters": build_parameters(**parameters)}
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+def _text_input(name: str, text: str) -> dict[str, Any]:
+    return {"name": name, "shape": [1], "datatype": "BYTES", "data": [text]}
+
+
+@dataclass
+class ImageResult:
+    """One image of a response: the encoded file and the seed it was made with."""
+
+    data: bytes
+    seed: int
+
+
+def parse_rest_response(body: dict[str, Any]) -> list[ImageResult]:
+    """The images and seeds of a v2 REST infer response that follows this contract."""
+    outputs = {output["name"]: output for output in body.get("outputs", [])}
+    if IMAGES not in outputs or SEEDS not in outputs:
+        raise ValueError(f"response lacks the '{IMAGES}' and '{SEEDS}' outputs")
+    images = [decode_bytes_from_rest(IMAGES, item) for item in outputs[IMAGES]["data"]]
+    seeds = [int(seed) for seed in outputs[SEEDS]["data"]]
+    if len(images) != len(seeds):
+        raise ValueError("response has a different number of images and seeds")
+    return [ImageResult(data=image, seed=seed) for image, seed in zip(images, seeds, strict=True)]

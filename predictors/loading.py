@@ -1,0 +1,87 @@
+"""Where a pipeline comes from and where it runs: location, device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from predictors.tiny import TinyKind, tiny_pipeline_dir
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLocationError(RuntimeError):
+    """The model location cannot be loaded; the message says why and what to give instead."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when it is available, else the CPU; anything else is taken as is."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA (the weights' dtype) and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_location(location: str | None, tiny_kind: TinyKind, tiny_cache_dir: Path | None) -> str:
+    """A loadable ``from_pretrained`` argument for ``location``.
+
+    Unset means the tiny random-weight pipeline (built once, then cached). A path that exists
+    must be a diffusers pipeline directory; otherwise the value must look like a Hugging Face
+    repo id (``Qwen/Qwen-Image``).
+    """
+    if not location:
+        path = tiny_pipeline_dir(tiny_kind, tiny_cache_dir)
+        logger.warning(
+            "No model location set: serving the TINY random-weight %s pipeline from %s. "
+            "Its images are noise; set the location to serve the real model.",
+            tiny_kind,
+            path,
+        )
+        return str(path)
+    path = Path(location).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLocationError(
+                f"{path} is not a diffusers pipeline directory: it has no model_index.json"
+            )
+        return str(path)
+    if location.startswith((".", "/", "~")) or not _REPO_ID.match(location):
+        raise ModelLocationError(
+            f"model location {location!r} does not exist: give a local pipeline directory "
+            "or a Hugging Face repo id such as Qwen/Qwen-Image"
+        )
+    return location
+
+
+def load_pipeline(
+    pipeline_class: type[DiffusionPipeline],
+    location: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DiffusionPipeline:
+    """Load ``pipeline_class`` from a resolved location onto ``device`` in ``dtype``."""
+    logger.info("Loading %s from %s on %s in %s", pipeline_class.__name__, location, device, dtype)
+    try:
+        pipeline = pipeline_class.from_pretrained(location, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLocationError(
+            f"cannot load {pipeline_class.__name__} from {location!r}: {exc}"
+        ) from exc
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,235 @@
+"""The KServe model shared by both predictors: load a pipeline, answer v2 infer calls.
+
+A subclass names its pipeline class and defaults and says how a request becomes pipeline
+inputs (``prepare``); loading, queueing, the pipeline call, encoding, metrics and the v2
+response are the same for both and live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.protocol.infer_type import InferInput, to_http_parameters
+from PIL import Image
+
+from predictors import contract
+from predictors.contract import ContractError, Defaults, ImageRequest, Limits
+from predictors.engine import PipelineRunner, ServerBusy
+from predictors.images import encode_image
+from predictors.loading import load_pipeline, resolve_device, resolve_dtype, resolve_location
+from predictors.metrics import IMAGES_GENERATED, REQUEST_LATENCY, REQUESTS_REJECTED
+from predictors.tiny import TinyKind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How one predictor loads and what it accepts (from flags and environment)."""
+
+    location: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue_size: int = 4
+    limits: Limits = field(default_factory=Limits)
+    tiny_cache_dir: Path | None = None
+
+
+class QwenImageModel(Model):
+    """A diffusers Qwen-Image pipeline behind the v2 contract of ``predictors.contract``."""
+
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    tiny_kind: ClassVar[TinyKind]
+    defaults: ClassVar[Defaults]
+    default_name: ClassVar[str]
+    location_env: ClassVar[str]
+    needs_image: ClassVar[bool] = False
+
+    def __init__(self, name: str, options: PredictorOptions):
+        super().__init__(name)
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.pipeline: DiffusionPipeline | None = None
+        self.runner = PipelineRunner(name, options.max_queue_size)
+
+    def load(self) -> bool:
+        """Load the pipeline (tiny when no location is set); raises ``ModelLocationError``."""
+        location = resolve_location(
+            self.options.location, self.tiny_kind, self.options.tiny_cache_dir
+        )
+        if self.device.type == "cpu":
+            # Leave a core to the server's event loop so health checks stay fast.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+        started = time.perf_counter()
+        self.pipeline = load_pipeline(self.pipeline_class, location, self.device, self.dtype)
+        logger.info("Model %s ready in %.1f s", self.name, time.perf_counter() - started)
+        self.ready = True
+        return self.ready
+
+    def stop(self) -> None:
+        """Let accepted requests finish before the server goes away."""
+        self.runner.shutdown()
+
+    def prepare(self, request: ImageRequest) -> dict[str, Any]:
+        """Pipeline keyword arguments specific to this model (beyond the shared ones)."""
+        return {}
+
+    async def predict(
+        self,
+        payload: InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse:
+        """Validate, wait for the GPU, generate, encode and answer one infer request."""
+        if not self.ready:
+            raise ModelNotReady(self.name)
+        started = time.perf_counter()
+        request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
+        try:
+            request = self.parse(payload)
+            pipeline_inputs = await asyncio.to_thread(self.prepare, request)
+        except ContractError as exc:
+            REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
+            raise InvalidInput(exc.message) from None
+        try:
+            images = await self.runner.run(
+                lambda: self.generate(request, pipeline_inputs, request_id)
+            )
+        except ServerBusy:
+            REQUESTS_REJECTED.labels(model_name=self.name, reason="busy").inc()
+            raise
+        except Exception:
+            REQUEST_LATENCY.labels(model_name=self.name, outcome="error").observe(
+                time.perf_counter() - started
+            )
+            raise
+        encoded = await asyncio.to_thread(
+            lambda: [
+                encode_image(image, request.output_format, request.output_compression)
+                for image in images
+            ]
+        )
+        seconds = time.perf_counter() - started
+        REQUEST_LATENCY.labels(model_name=self.name, outcome="ok").observe(seconds)
+        IMAGES_GENERATED.labels(model_name=self.name).inc(len(images))
+        width, height = images[0].size
+        logger.info(
+            "request_id=%s model=%s size=%dx%d images=%d steps=%d cfg=%.2f seed=%d seconds=%.2f",
+            request_id,
+            self.name,
+            width,
+            height,
+            len(images),
+            request.num_inference_steps,
+            request.true_cfg_scale,
+            request.seed,
+            seconds,
+        )
+        return self.respond(payload, request_id, request, encoded)
+
+    def parse(self, payload: InferRequest) -> ImageRequest:
+        """The contract request carried by a v2 infer request (REST or gRPC)."""
+        inputs = {item.name: item for item in payload.inputs}
+        unknown = set(inputs) - {contract.PROMPT, contract.NEGATIVE_PROMPT, contract.IMAGE}
+        if unknown or (contract.IMAGE in inputs and not self.needs_image):
+            name = sorted(unknown or {contract.IMAGE})[0]
+            raise ContractError(name, f"'{name}' is not an input of model {self.name}")
+        parameters = payload.parameters or {}
+        if not isinstance(parameters, dict):
+            parameters = to_http_parameters(parameters)
+        image = None
+        if contract.IMAGE in inputs:
+            raw = _single_value(inputs[contract.IMAGE])
+            if payload.from_grpc:
+                image = raw if isinstance(raw, bytes) else raw.encode()
+            else:
+                image = contract.decode_bytes_from_rest(contract.IMAGE, raw)
+        return contract.validate_request(
+            prompt=_text(inputs.get(contract.PROMPT)),
+            negative_prompt=_text(inputs.get(contract.NEGATIVE_PROMPT)),
+            parameters=parameters,
+            defaults=self.defaults,
+            limits=self.options.limits,
+            image=image,
+            needs_image=self.needs_image,
+        )
+
+    def generate(
+        self, request: ImageRequest, pipeline_inputs: dict[str, Any], request_id: str
+    ) -> list[Image.Image]:
+        """Run the pipeline (on the worker thread). Image ``i`` is seeded with ``seed + i``.
+
+        Generators live on the CPU, so a seed gives the same starting noise on any device.
+        """
+        steps = request.num_inference_steps
+
+        def log_step(pipeline: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+            logger.debug("request_id=%s step %d/%d", request_id, step + 1, steps)
+            return {}
+
+        size = {}
+        if request.width is not None:
+            size = {"width": request.width, "height": request.height}
+        with torch.inference_mode():
+            output = self.pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                true_cfg_scale=request.true_cfg_scale,
+                num_inference_steps=steps,
+                num_images_per_prompt=request.num_images,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
+                callback_on_step_end=log_step,
+                **size,
+                **pipeline_inputs,
+            )
+        return output.images
+
+    def respond(
+        self, payload: InferRequest, request_id: str, request: ImageRequest, images: list[bytes]
+    ) -> InferResponse:
+        """The v2 response: encoded images (base64 over REST, raw over gRPC) and seeds."""
+        data = images if payload.from_grpc else [contract.encode_bytes_for_rest(i) for i in images]
+        outputs = [
+            InferOutput(contract.IMAGES, [len(images)], "BYTES", data=data),
+            InferOutput(contract.SEEDS, [len(images)], "INT64", data=request.seeds),
+        ]
+        return InferResponse(
+            response_id=request_id,
+            model_name=self.name,
+            infer_outputs=outputs,
+            from_grpc=payload.from_grpc,
+        )
+
+
+def _single_value(tensor: InferInput) -> str | bytes:
+    """The one element of a ``[1]`` BYTES input tensor."""
+    if tensor.datatype != "BYTES":
+        raise ContractError(tensor.name, f"'{tensor.name}' must be a BYTES tensor")
+    data = tensor.data
+    if data is None or len(data) != 1:
+        raise ContractError(tensor.name, f"'{tensor.name}' must hold exactly one element")
+    return data[0]
+
+
+def _text(tensor: InferInput | None) -> str | None:
+    if tensor is None:
+        return None
+    value = _single_value(tensor)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ContractError(tensor.name, f"'{tensor.name}' must be UTF-8 text") from None
+    return str(value)

@@ -1,0 +1,47 @@
+"""Real predictor servers (tiny pipelines) shared by the predictor tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import RunningPredictor, run_predictor
+
+# Small limits so tests run tiny images fast. Edit keeps the default max size: its output
+# follows the input's aspect ratio at ~1024x1024 area.
+TEST_LIMITS = ("--min_size=64", "--max_size=1024")
+EDIT_MAX_INPUT_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment pointing predictors at a tiny-pipeline cache private to this session."""
+    return {"QWEN_TINY_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))}
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("predictor-logs")
+
+
+@pytest.fixture(scope="session")
+def generation_predictor(tiny_cache_env, log_dir) -> Iterator[RunningPredictor]:
+    with run_predictor(
+        "predictors.generation", "qwen-image", log_dir, *TEST_LIMITS, env=tiny_cache_env
+    ) as predictor:
+        yield predictor
+
+
+@pytest.fixture(scope="session")
+def edit_predictor(tiny_cache_env, log_dir) -> Iterator[RunningPredictor]:
+    with run_predictor(
+        "predictors.edit",
+        "qwen-image-edit",
+        log_dir,
+        "--min_size=64",
+        f"--max_input_pixels={EDIT_MAX_INPUT_PIXELS}",
+        env=tiny_cache_env,
+    ) as predictor:
+        yield predictor

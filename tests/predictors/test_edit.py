@@ -1,0 +1,90 @@
+"""The edit predictor over real KServe REST, on the tiny pipeline."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from predictors import contract
+from tests.predictors.conftest import EDIT_MAX_INPUT_PIXELS
+from tests.servers import RunningPredictor
+
+FAST = {"num_inference_steps": 2}
+
+
+def encoded(size: tuple[int, int], image_format: str, mode: str = "RGB") -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(noise).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def edit(predictor: RunningPredictor, image: bytes, **fields) -> httpx.Response:
+    body = contract.build_rest_body("make it blue", image=image, **fields)
+    return httpx.post(predictor.infer_url, json=body, timeout=120)
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_edit_follows_the_input_aspect_ratio(edit_predictor, image_format):
+    response = edit(edit_predictor, encoded((96, 64), image_format), **FAST)
+    assert response.status_code == 200, response.text
+    (result,) = contract.parse_rest_response(response.json())
+    width, height = Image.open(io.BytesIO(result.data)).size
+    assert abs(width / height - 1.5) < 0.05
+    assert 0.8 < width * height / 1024**2 < 1.2
+    assert result.seed == 42
+
+
+def test_edit_honours_an_explicit_size(edit_predictor):
+    response = edit(edit_predictor, encoded((64, 64), "PNG"), width=128, height=64, **FAST)
+    (result,) = contract.parse_rest_response(response.json())
+    assert Image.open(io.BytesIO(result.data)).size == (128, 64)
+
+
+def decompression_bomb() -> bytes:
+    """A 48 KB PNG that declares 20000x20000 pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (b"this is not an image", "'image' is not a PNG, JPEG or WebP image"),
+        (encoded((64, 64), "GIF", mode="P"), "'image' must be PNG, JPEG or WebP, not GIF"),
+        (encoded((64, 64), "PNG")[:200], "'image' could not be decoded"),
+        (encoded((1100, 1000), "PNG"), f"more than the {EDIT_MAX_INPUT_PIXELS} pixels"),
+        (encoded((1000, 90), "PNG"), "'image' has an aspect ratio of 1000:90"),
+        (decompression_bomb(), f"more than the {EDIT_MAX_INPUT_PIXELS} pixels"),
+    ],
+    ids=["not-an-image", "gif", "truncated", "over-pixel-limit", "extreme-aspect", "bomb"],
+)
+def test_bad_images_get_a_clear_400(edit_predictor, image, message):
+    response = edit(edit_predictor, image, **FAST)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_width_without_height_gets_a_clear_400(edit_predictor):
+    response = edit(edit_predictor, encoded((64, 64), "PNG"), width=128, **FAST)
+    assert response.status_code == 400
+    assert "'height' is required when the other side is given" in response.json()["error"]
+
+
+def test_missing_image_and_bad_base64_get_a_clear_400(edit_predictor):
+    body = contract.build_rest_body("make it blue", **FAST)
+    response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
+    assert response.status_code == 400
+    assert "'image' is required" in response.json()["error"]
+
+    body = contract.build_rest_body("make it blue", image=b"x", **FAST)
+    body["inputs"][1]["data"] = ["not base64!"]
+    response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
+    assert response.status_code == 400
+    assert "'image' must be base64-encoded over REST" in response.json()["error"]

@@ -1,0 +1,167 @@
+"""The text-to-image predictor, over real KServe REST and gRPC, on the tiny pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import pytest
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from PIL import Image
+
+from predictors import contract
+from tests.servers import RunningPredictor
+
+FAST = {"num_inference_steps": 2}
+
+
+def infer(predictor: RunningPredictor, prompt: str = "a red cube", **fields) -> httpx.Response:
+    body = contract.build_rest_body(prompt, **fields)
+    return httpx.post(predictor.infer_url, json=body, timeout=120)
+
+
+def generate(predictor: RunningPredictor, **fields) -> list[contract.ImageResult]:
+    response = infer(predictor, **fields)
+    assert response.status_code == 200, response.text
+    return contract.parse_rest_response(response.json())
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_model_is_ready_and_server_live(generation_predictor):
+    ready = httpx.get(f"{generation_predictor.url}/v2/models/qwen-image/ready")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True
+    assert httpx.get(f"{generation_predictor.url}/v2/health/live").status_code == 200
+
+
+def test_generates_images_of_the_asked_size_with_consecutive_seeds(generation_predictor):
+    results = generate(generation_predictor, width=96, height=64, num_images=2, seed=7, **FAST)
+    assert [r.seed for r in results] == [7, 8]
+    for result in results:
+        image = Image.open(io.BytesIO(result.data))
+        assert image.format == "PNG"
+        assert image.size == (96, 64)
+
+
+def test_same_seed_same_pixels_other_seed_different(generation_predictor):
+    first = generate(generation_predictor, width=64, height=64, seed=123, **FAST)[0]
+    again = generate(generation_predictor, width=64, height=64, seed=123, **FAST)[0]
+    other = generate(generation_predictor, width=64, height=64, seed=124, **FAST)[0]
+    assert np.array_equal(pixels(first.data), pixels(again.data))
+    assert np.abs(pixels(first.data) - pixels(other.data)).mean() > 1
+
+
+def test_image_i_of_a_batch_matches_a_single_run_with_seed_plus_i(generation_predictor):
+    batch = generate(generation_predictor, width=64, height=64, seed=50, num_images=2, **FAST)
+    single = generate(generation_predictor, width=64, height=64, seed=51, **FAST)[0]
+    # Batched and single forwards may differ in the last bits of float32 arithmetic.
+    assert np.abs(pixels(batch[1].data) - pixels(single.data)).max() <= 2
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_encodes_the_requested_output_format(generation_predictor, output_format, pil_format):
+    result = generate(
+        generation_predictor, width=64, height=64, output_format=output_format, **FAST
+    )[0]
+    assert Image.open(io.BytesIO(result.data)).format == pil_format
+
+
+def test_defaults_are_the_original_services(generation_predictor):
+    """No parameters: 1664x928 would exceed this server's test max_size, so it says so."""
+    response = infer(generation_predictor)
+    assert response.status_code == 400
+    assert "'width' must be between 64 and 1024, got 1664" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "fields", "message"),
+    [
+        ("", {}, "'prompt' must be a non-empty string"),
+        ("   ", {}, "'prompt' must be a non-empty string"),
+        ("a", {"width": 100, "height": 64}, "'width' must be a multiple of 16"),
+        ("a", {"width": 64, "height": 2048}, "'height' must be between 64 and 1024"),
+        ("a", {"width": 32, "height": 64}, "'width' must be between 64 and 1024"),
+        ("a", {"num_inference_steps": 1}, "'num_inference_steps' must be between 2 and 100"),
+        ("a", {"num_inference_steps": 101}, "'num_inference_steps' must be between 2 and 100"),
+        ("a", {"true_cfg_scale": 0.5}, "'true_cfg_scale' must be between 1.0 and 20.0"),
+        ("a", {"true_cfg_scale": 21}, "'true_cfg_scale' must be between 1.0 and 20.0"),
+        ("a", {"num_images": 11}, "'num_images' must be between 1 and 10"),
+        ("a", {"seed": -1}, "'seed' must be between 0"),
+        ("a", {"output_format": "gif"}, "'output_format' must be one of png, jpeg, webp"),
+    ],
+)
+def test_invalid_requests_get_a_clear_400(generation_predictor, prompt, fields, message):
+    response = infer(generation_predictor, prompt, **{"width": 64, "height": 64, **fields})
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_an_image_input_is_refused_by_the_generation_model(generation_predictor):
+    response = infer(generation_predictor, image=b"\x89PNG", width=64, height=64)
+    assert response.status_code == 400
+    assert "'image' is not an input of model qwen-image" in response.json()["error"]
+
+
+def test_kserve_rest_client_can_call_it(generation_predictor):
+    async def call():
+        client = InferenceRESTClient(RESTConfig(protocol="v2"))
+        try:
+            return await client.infer(generation_predictor.url, request, model_name="qwen-image")
+        finally:
+            await client.close()
+
+    request = InferRequest(
+        model_name="qwen-image",
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a dog"])],
+        parameters={"width": 64, "height": 80, "seed": 3, **FAST},
+    )
+    response = asyncio.run(call())
+    images = response.get_output_by_name(contract.IMAGES).data
+    image_bytes = contract.decode_bytes_from_rest(contract.IMAGES, images[0])
+    assert Image.open(io.BytesIO(image_bytes)).size == (64, 80)
+    assert response.get_output_by_name(contract.SEEDS).data == [3]
+
+
+def test_kserve_grpc_client_can_call_it_with_raw_bytes(generation_predictor):
+    async def call():
+        client = InferenceGRPCClient(f"127.0.0.1:{generation_predictor.grpc_port}")
+        try:
+            return await client.infer(request)
+        finally:
+            await client.close()
+
+    parameters = contract.build_parameters(
+        width=64, height=64, true_cfg_scale=3.5, for_grpc=True, **FAST
+    )
+    request = InferRequest(
+        model_name="qwen-image",
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a dog"])],
+        parameters=parameters,
+    )
+    response = asyncio.run(call())
+    images = response.outputs[0].data
+    assert images[0].startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(images[0])).size == (64, 64)
+
+
+def test_metrics_count_images_and_rejections(generation_predictor):
+    generate(generation_predictor, width=64, height=64, **FAST)
+    infer(generation_predictor, "")
+    metrics = httpx.get(f"{generation_predictor.url}/metrics").text
+    assert 'qwen_image_images_generated_total{model_name="qwen-image"}' in metrics
+    assert 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="invalid"}' in metrics
+    assert 'qwen_image_queue_depth{model_name="qwen-image"} 0.0' in metrics
+    assert "qwen_image_request_duration_seconds_bucket" in metrics
+
+
+def test_each_request_is_logged_with_its_id(generation_predictor):
+    body = contract.build_rest_body("a cat", request_id="req-abc-123", width=64, height=64, **FAST)
+    response = httpx.post(generation_predictor.infer_url, json=body, timeout=60)
+    assert response.json()["id"] == "req-abc-123"
+    log = generation_predictor.log()
+    assert "request_id=req-abc-123 model=qwen-image size=64x64 images=1 steps=2" in log

@@ -1,0 +1,96 @@
+"""Serving behaviour: loading errors, responsiveness during generation, backpressure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from predictors import contract
+from tests.servers import PROJECT_ROOT, run_predictor
+
+# Slow enough on the tiny CPU pipeline (several seconds) to overlap with other calls.
+SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 6}
+
+
+def run_to_exit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "predictors.generation", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_missing_location_is_a_clear_error_not_a_traceback(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_to_exit(env={"QWEN_IMAGE_LOCATION": str(missing)})
+    assert result.returncode == 2
+    assert f"model location '{missing}' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_directory_without_a_pipeline_is_a_clear_error(tmp_path):
+    result = run_to_exit(f"--qwen_image_location={tmp_path}", env={})
+    assert result.returncode == 2
+    assert f"{tmp_path} is not a diffusers pipeline directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = run_to_exit("--qwen_image_location=Qwen/Qwen-Image", env=env)
+    assert result.returncode == 2
+    assert "cannot load QwenImagePipeline from 'Qwen/Qwen-Image'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
+    """With no queue, a second request during a generation is refused with 503 at once,
+    while liveness and readiness still answer within 200 ms."""
+    with run_predictor(
+        "predictors.generation", "qwen-image", log_dir, "--max_queue_size=0", env=tiny_cache_env
+    ) as predictor:
+        slow_result: dict[str, httpx.Response] = {}
+
+        def slow_request() -> None:
+            body = contract.build_rest_body("a slow one", **SLOW)
+            slow_result["response"] = httpx.post(predictor.infer_url, json=body, timeout=120)
+
+        worker = threading.Thread(target=slow_request)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while (
+            'qwen_image_queue_depth{model_name="qwen-image"} 1.0'
+            not in httpx.get(f"{predictor.url}/metrics").text
+        ):
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.05)
+
+        for path in ("/v2/health/live", "/v2/models/qwen-image/ready"):
+            started = time.perf_counter()
+            response = httpx.get(predictor.url + path, timeout=5)
+            elapsed = time.perf_counter() - started
+            assert response.status_code == 200
+            assert elapsed < 0.2, f"{path} took {elapsed * 1000:.0f} ms during a generation"
+
+        body = contract.build_rest_body("one too many", width=256, height=256)
+        started = time.perf_counter()
+        busy = httpx.post(predictor.infer_url, json=body, timeout=30)
+        assert busy.status_code == 503
+        assert "Server is busy" in busy.json()["error"]
+        assert time.perf_counter() - started < 1
+        assert worker.is_alive(), "the slow request should still be running"
+
+        worker.join()
+        assert slow_result["response"].status_code == 200
+        metrics = httpx.get(f"{predictor.url}/metrics").text
+        assert 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="busy"} 1.0' in (
+            metrics
+        )

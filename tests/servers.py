@@ -1,0 +1,99 @@
+"""Start real predictor processes on loopback for tests, and stop them afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = PROJECT_ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningPredictor:
+    """A predictor process serving one model on loopback."""
+
+    model_name: str
+    http_port: int
+    grpc_port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_until_ready(predictor: RunningPredictor, timeout: float = 180) -> None:
+    """Block until the model's readiness endpoint answers 200; fail with the log otherwise."""
+    deadline = time.monotonic() + timeout
+    ready_url = f"{predictor.url}/v2/models/{predictor.model_name}/ready"
+    while time.monotonic() < deadline:
+        if predictor.process.poll() is not None:
+            raise RuntimeError(f"predictor exited early:\n{predictor.log()[-3000:]}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"predictor not ready after {timeout} s:\n{predictor.log()[-3000:]}")
+
+
+@contextmanager
+def run_predictor(
+    module: str, model_name: str, log_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[RunningPredictor]:
+    """Run ``python -m <module>`` with ``args`` until the block ends."""
+    http_port, grpc_port = free_port(), free_port()
+    log_path = log_dir / f"{model_name}-{http_port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        f"--http_port={http_port}",
+        f"--grpc_port={grpc_port}",
+        *args,
+    ]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    predictor = RunningPredictor(model_name, http_port, grpc_port, process, log_path)
+    try:
+        wait_until_ready(predictor)
+        yield predictor
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
