@@ -77,7 +77,7 @@ def load_pipeline(
     """Load ``pipeline_class`` from a resolved location onto ``device`` in ``dtype``."""
     logger.info("Loading %s from %s on %s in %s", pipeline_class.__name__, location, device, dtype)
     try:
-        pipeline = pipeline_class.from_pretrained(location, torch_dtype=dtype)
+        pipeline = pipeline_class.from_pretrained(location, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLocationError(
             f"cannot load {pipeline_class.__name__} from {location!r}: {exc}"

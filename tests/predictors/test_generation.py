@@ -63,6 +63,21 @@ def test_image_i_of_a_batch_matches_a_single_run_with_seed_plus_i(generation_pre
     assert np.abs(pixels(batch[1].data) - pixels(single.data)).max() <= 2
 
 
+def test_rest_binary_outputs_carry_raw_images(generation_predictor):
+    body = contract.build_rest_body(
+        "a red cube", width=64, height=80, num_images=2, seed=9, binary_output=True, **FAST
+    )
+    response = httpx.post(generation_predictor.infer_url, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    header_length = int(response.headers[contract.BINARY_HEADER_LENGTH])
+    results = contract.parse_rest_binary_response(response.content, header_length)
+    assert [r.seed for r in results] == [9, 10]
+    json_results = generate(generation_predictor, width=64, height=80, num_images=2, seed=9, **FAST)
+    for binary, text in zip(results, json_results, strict=True):
+        assert Image.open(io.BytesIO(binary.data)).size == (64, 80)
+        assert np.array_equal(pixels(binary.data), pixels(text.data))
+
+
 @pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_encodes_the_requested_output_format(generation_predictor, output_format, pil_format):
     result = generate(

@@ -1,0 +1,103 @@
+"""The v2 contract's validation and (de)serialisation, without a server."""
+
+from __future__ import annotations
+
+import pytest
+from kserve import InferOutput, InferResponse
+
+from predictors import contract
+from predictors.contract import ContractError, Limits
+
+
+def validate(parameters=None, defaults=contract.GENERATION_DEFAULTS, **fields):
+    return contract.validate_request(
+        prompt=fields.get("prompt", "a cat"),
+        negative_prompt=fields.get("negative_prompt"),
+        parameters=parameters or {},
+        defaults=defaults,
+        limits=Limits(),
+        image=fields.get("image"),
+        needs_image=fields.get("needs_image", False),
+    )
+
+
+def test_generation_defaults_are_the_original_services():
+    request = validate()
+    assert (request.width, request.height) == (1664, 928)
+    assert request.negative_prompt == ""
+    assert request.num_inference_steps == 50
+    assert request.true_cfg_scale == 4.0
+    assert request.seed == 42
+    assert request.seeds == [42]
+    assert request.output_format == "png"
+
+
+def test_edit_defaults_follow_the_input_and_use_a_space_negative_prompt():
+    request = validate(defaults=contract.EDIT_DEFAULTS, image=b"png", needs_image=True)
+    assert (request.width, request.height) == (None, None)
+    assert request.negative_prompt == " "
+
+
+def test_several_images_use_consecutive_seeds():
+    assert validate({"seed": 5, "num_images": 3}).seeds == [5, 6, 7]
+
+
+def test_grpc_style_strings_are_accepted_for_numbers():
+    request = validate({"true_cfg_scale": "2.5", "num_inference_steps": "8", "seed": "7"})
+    assert (request.true_cfg_scale, request.num_inference_steps, request.seed) == (2.5, 8, 7)
+
+
+def test_jpg_is_taken_as_jpeg():
+    assert validate({"output_format": "JPG"}).output_format == "jpeg"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "param"),
+    [
+        ({"width": True}, "width"),
+        ({"seed": 1.5}, "seed"),
+        ({"true_cfg_scale": [4]}, "true_cfg_scale"),
+        ({"num_images": 0}, "num_images"),
+        ({"output_compression": 101}, "output_compression"),
+    ],
+)
+def test_errors_name_their_field_first(parameters, param):
+    with pytest.raises(ContractError) as raised:
+        validate(parameters)
+    assert raised.value.param == param
+    assert contract.error_param(raised.value.message) == param
+
+
+def test_error_param_is_none_for_other_messages():
+    assert contract.error_param("Server is busy: retry later") is None
+
+
+def test_rest_body_round_trips_through_parameters_and_base64():
+    body = contract.build_rest_body(
+        "a cat", negative_prompt="blurry", image=b"\x89PNG raw", seed=3, width=512, height=256
+    )
+    inputs = {item["name"]: item for item in body["inputs"]}
+    assert inputs["prompt"]["data"] == ["a cat"]
+    assert inputs["negative_prompt"]["data"] == ["blurry"]
+    assert contract.decode_bytes_from_rest("image", inputs["image"]["data"][0]) == b"\x89PNG raw"
+    assert body["parameters"] == {"seed": 3, "width": 512, "height": 256}
+
+
+def test_grpc_parameters_carry_floats_as_strings():
+    assert contract.build_parameters(true_cfg_scale=4.0, for_grpc=True) == {"true_cfg_scale": "4.0"}
+
+
+def test_binary_responses_parse_what_kserve_serialises():
+    images = [b"\x89PNG first \x00\xff", b"\xff\xd8 second"]
+    response = InferResponse(
+        response_id="r1",
+        model_name="qwen-image",
+        infer_outputs=[
+            InferOutput(contract.IMAGES, [2], "BYTES", data=images),
+            InferOutput(contract.SEEDS, [2], "INT64", data=[11, 12]),
+        ],
+        use_binary_outputs=True,
+    )
+    content, header_length = response.to_rest()
+    results = contract.parse_rest_binary_response(content, header_length)
+    assert [(r.data, r.seed) for r in results] == [(images[0], 11), (images[1], 12)]
