@@ -199,8 +199,13 @@ class QwenImageModel(Model):
     def respond(
         self, payload: InferRequest, request_id: str, request: ImageRequest, images: list[bytes]
     ) -> InferResponse:
-        """The v2 response: encoded images (base64 over REST, raw over gRPC) and seeds."""
-        data = images if payload.from_grpc else [contract.encode_bytes_for_rest(i) for i in images]
+        """The v2 response: encoded images and their seeds.
+
+        Images are raw bytes over gRPC and in REST binary outputs (``binary_data_output``),
+        and base64 text in a REST JSON body.
+        """
+        raw = payload.from_grpc or payload.use_binary_outputs
+        data = images if raw else [contract.encode_bytes_for_rest(image) for image in images]
         outputs = [
             InferOutput(contract.IMAGES, [len(images)], "BYTES", data=data),
             InferOutput(contract.SEEDS, [len(images)], "INT64", data=request.seeds),
@@ -210,6 +215,7 @@ class QwenImageModel(Model):
             model_name=self.name,
             infer_outputs=outputs,
             from_grpc=payload.from_grpc,
+            use_binary_outputs=payload.use_binary_outputs,
         )
 
 
