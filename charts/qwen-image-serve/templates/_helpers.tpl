@@ -1,0 +1,136 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "qwen-image-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Prefix of every object name. Kept to 40 characters: KServe appends "-predictor" and the
+component suffix to it, and the result must stay a DNS label.
+*/}}
+{{- define "qwen-image-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Value of the helm.sh/chart label.
+*/}}
+{{- define "qwen-image-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels that select the release's pods (stable across upgrades).
+*/}}
+{{- define "qwen-image-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qwen-image-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Recommended labels of every object.
+*/}}
+{{- define "qwen-image-serve.labels" -}}
+helm.sh/chart: {{ include "qwen-image-serve.chart" . }}
+{{ include "qwen-image-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: qwen-image-serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Adapter names and labels.
+*/}}
+{{- define "qwen-image-serve.adapter.fullname" -}}
+{{- printf "%s-adapter" (include "qwen-image-serve.fullname" .) }}
+{{- end }}
+
+{{- define "qwen-image-serve.adapter.selectorLabels" -}}
+{{ include "qwen-image-serve.selectorLabels" . }}
+app.kubernetes.io/component: adapter
+{{- end }}
+
+{{- define "qwen-image-serve.adapter.labels" -}}
+{{ include "qwen-image-serve.labels" . }}
+app.kubernetes.io/component: adapter
+{{- end }}
+
+{{- define "qwen-image-serve.adapter.serviceAccountName" -}}
+{{- if .Values.adapter.serviceAccount.create }}
+{{- default (include "qwen-image-serve.adapter.fullname" .) .Values.adapter.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.adapter.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Secret and key holding the adapter's API key; empty when no key is configured.
+*/}}
+{{- define "qwen-image-serve.adapter.apiKeySecretName" -}}
+{{- if .Values.adapter.apiKey.existingSecret }}
+{{- .Values.adapter.apiKey.existingSecret }}
+{{- else if .Values.adapter.apiKey.value }}
+{{- printf "%s-api-key" (include "qwen-image-serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference from an image block; call with (dict "image" <block> "root" $).
+*/}}
+{{- define "qwen-image-serve.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/*
+"true" when the InferenceServices run in Knative mode (also under its legacy name).
+*/}}
+{{- define "qwen-image-serve.knative" -}}
+{{- if has .Values.deploymentMode (list "Knative" "Serverless") }}true{{ end }}
+{{- end }}
+
+{{/*
+The predictor components the release deploys, in a fixed order.
+*/}}
+{{- define "qwen-image-serve.components" -}}
+{{- $enabled := list }}
+{{- range $component := list "generation" "edit" }}
+{{- if (index $.Values $component).enabled }}
+{{- $enabled = append $enabled $component }}
+{{- end }}
+{{- end }}
+{{- join " " $enabled }}
+{{- end }}
+
+{{/*
+Name of a predictor's InferenceService; call with (dict "root" $ "component" "generation").
+*/}}
+{{- define "qwen-image-serve.isvcName" -}}
+{{- $spec := index .root.Values .component }}
+{{- default (printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component) $spec.name }}
+{{- end }}
+
+{{/*
+Base URL of a predictor as the adapter reaches it: the override, or the in-cluster service
+KServe creates for the InferenceService (<name>-predictor, port 80, in both modes).
+*/}}
+{{- define "qwen-image-serve.predictorUrl" -}}
+{{- $override := index .root.Values.adapter.predictorUrls .component }}
+{{- if $override }}
+{{- $override }}
+{{- else }}
+{{- printf "http://%s-predictor.%s.svc.%s" (include "qwen-image-serve.isvcName" .) .root.Release.Namespace .root.Values.clusterDomain }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,756 @@
+"""Offline tests of the Helm chart charts/qwen-image-serve.
+
+The chart is rendered with Helm's own Go SDK (helm_python) for its defaults and for every
+values file in tests/chart_values/, linted in strict mode, every object is validated against
+the Kubernetes (strict) or shared CRD schemas, and the semantics that matter in a cluster are
+asserted: GPU requests, model storage, probes, the adapter's predictor URLs, security.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+
+from tests.k8s_schemas import core_errors, custom_errors, is_custom, load_documents
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART_DIR = ROOT / "charts" / "qwen-image-serve"
+VALUES_DIR = Path(__file__).parent / "chart_values"
+RELEASE = "qis"
+NAMESPACE = "imaging"
+FULLNAME = "qis-qwen-image-serve"
+GENERATION = f"{FULLNAME}-generation"
+EDIT = f"{FULLNAME}-edit"
+ADAPTER = f"{FULLNAME}-adapter"
+
+# The chart's defaults ("defaults") and every values file; a new file is tested automatically.
+CASES = ["defaults", *sorted(path.stem for path in VALUES_DIR.glob("*.yaml"))]
+
+
+@cache
+def chart() -> helm_python.Chart:
+    """The chart, loaded once."""
+    return helm_python.Chart.load(CHART_DIR)
+
+
+def case_values(case: str) -> dict[str, Any]:
+    """The user values of a case ({} for the defaults)."""
+    if case == "defaults":
+        return {}
+    return yaml.safe_load((VALUES_DIR / f"{case}.yaml").read_text()) or {}
+
+
+@cache
+def _render(case: str) -> tuple[tuple[str, str], ...]:
+    rendered = chart().render(case_values(case), name=RELEASE, namespace=NAMESPACE)
+    return tuple(sorted(rendered.items()))
+
+
+def render_text(case: str) -> dict[str, str]:
+    """Template path -> rendered text for a case."""
+    return dict(_render(case))
+
+
+def objects(case: str) -> list[dict[str, Any]]:
+    """Every Kubernetes object the case renders (fresh copies, safe to modify)."""
+    return [
+        obj
+        for path, text in _render(case)
+        if path.endswith(".yaml")
+        for obj in load_documents(text)
+    ]
+
+
+def render_values(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Objects rendered from ad-hoc values."""
+    rendered = chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    return [
+        obj
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for obj in load_documents(text)
+    ]
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """Objects of one kind, by name."""
+    return {obj["metadata"]["name"]: obj for obj in objs if obj["kind"] == kind}
+
+
+def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The object of a kind and name; fails when absent."""
+    found = by_kind(objs, kind)
+    assert name in found, f"no {kind}/{name} among {sorted(found)}"
+    return found[name]
+
+
+def predictor(isvc: dict[str, Any]) -> dict[str, Any]:
+    """spec.predictor of an InferenceService."""
+    return isvc["spec"]["predictor"]
+
+
+def container(isvc: dict[str, Any]) -> dict[str, Any]:
+    """The kserve-container of an InferenceService."""
+    (main,) = predictor(isvc)["containers"]
+    return main
+
+
+def env_of(cont: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A container's environment, by variable name."""
+    return {item["name"]: item for item in cont.get("env", [])}
+
+
+def env_values(cont: dict[str, Any]) -> dict[str, str]:
+    """The literal values of a container's environment."""
+    return {name: item["value"] for name, item in env_of(cont).items() if "value" in item}
+
+
+def volumes_of(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A pod spec's volumes, by name."""
+    return {volume["name"]: volume for volume in spec.get("volumes", [])}
+
+
+def mounts_of(cont: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A container's volume mounts, by mount path."""
+    return {mount["mountPath"]: mount for mount in cont.get("volumeMounts", [])}
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod spec the release creates, directly or through KServe."""
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            yield f"Deployment/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            yield f"Pod/{obj['metadata']['name']}", obj["spec"]
+        elif obj["kind"] == "InferenceService":
+            yield f"InferenceService/{obj['metadata']['name']}", predictor(obj)
+
+
+def location_env(isvc: dict[str, Any]) -> str:
+    """The model location variable of an InferenceService's predictor."""
+    return (
+        "QWEN_IMAGE_EDIT_LOCATION"
+        if "edit" in container(isvc)["command"][0]
+        else "QWEN_IMAGE_LOCATION"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Lint, render, schema validation: every case.
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_strict(case: str) -> None:
+    report = helm_python.lint(CHART_DIR, case_values(case), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    problems = [message for message in report["messages"] if message["severity"] >= 2]
+    assert problems == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_core_objects_are_valid(case: str) -> None:
+    objs = [obj for obj in objects(case) if not is_custom(obj)]
+    assert objs
+    errors = [error for obj in objs for error in core_errors(obj)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_custom_objects_are_valid(case: str) -> None:
+    objs = [obj for obj in objects(case) if is_custom(obj)]
+    assert any(obj["kind"] == "InferenceService" for obj in objs)
+    errors = [error for obj in objs for error in custom_errors(obj)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_objects_are_namespaced_and_labelled(case: str) -> None:
+    for obj in objects(case):
+        meta = obj["metadata"]
+        assert meta["namespace"] == NAMESPACE, obj["kind"]
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/name"] == "qwen-image-serve"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == chart().metadata["appVersion"]
+        assert labels["helm.sh/chart"] == f"qwen-image-serve-{chart().version}"
+        assert all(isinstance(value, str) for value in labels.values())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_restricted_pod_security_everywhere(case: str) -> None:
+    for where, spec in pod_specs(objects(case)):
+        pod_context = spec.get("securityContext", {})
+        assert pod_context.get("runAsNonRoot") is True, where
+        assert pod_context.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        assert spec.get("automountServiceAccountToken") is False, where
+        writable = {
+            path
+            for path, mount in mounts_of(spec["containers"][0]).items()
+            if not mount.get("readOnly")
+        }
+        for cont in spec["containers"]:
+            context = cont["securityContext"]
+            assert context["runAsNonRoot"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert "privileged" not in context, where
+        if not where.startswith("Pod/"):  # the test Pod runs one short Python command
+            assert "/tmp" in writable, where
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_urls_point_at_the_inference_services(case: str) -> None:
+    objs = objects(case)
+    values = chart().merge_values(case_values(case))
+    env = env_values(one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0])
+    isvcs = by_kind(objs, "InferenceService")
+    for component in ("generation", "edit"):
+        key = component.upper()
+        if not values[component]["enabled"]:
+            assert f"QWEN_ADAPTER_{key}_URL" not in env
+            assert f"QWEN_ADAPTER_{key}_MODEL" not in env
+            continue
+        (isvc,) = (
+            obj
+            for obj in isvcs.values()
+            if obj["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        )
+        name = isvc["metadata"]["name"]
+        assert (
+            env[f"QWEN_ADAPTER_{key}_URL"]
+            == f"http://{name}-predictor.{NAMESPACE}.svc.cluster.local"
+        )
+        args = container(isvc)["args"]
+        assert env[f"QWEN_ADAPTER_{key}_MODEL"] == args[args.index("--model_name") + 1]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predictor_probes_and_ports(case: str) -> None:
+    for isvc in by_kind(objects(case), "InferenceService").values():
+        main = container(isvc)
+        args = main["args"]
+        model = args[args.index("--model_name") + 1]
+        assert args[args.index("--http_port") + 1] == "8080"
+        assert args[args.index("--grpc_port") + 1] == "8081"
+        assert main["name"] == "kserve-container"
+        assert main["ports"][0] == {"name": "http1", "containerPort": 8080, "protocol": "TCP"}
+        assert main["readinessProbe"]["httpGet"] == {
+            "path": f"/v2/models/{model}/ready",
+            "port": 8080,
+        }
+        assert main["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        assert main["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        startup = main["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "loads take minutes"
+        assert predictor(isvc)["timeout"] >= 600
+        limits = main["resources"]["limits"]
+        assert {"cpu", "memory"} <= set(limits), (
+            "KServe would default a missing limit to 1 CPU / 2Gi"
+        )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predictor_caches_are_writable(case: str) -> None:
+    for isvc in by_kind(objects(case), "InferenceService").values():
+        main = container(isvc)
+        env = env_values(main)
+        writable = [path for path, mount in mounts_of(main).items() if not mount.get("readOnly")]
+        for variable in ("HF_HOME", "QWEN_TINY_CACHE_DIR"):
+            assert any(env[variable].startswith(path) for path in writable), variable
+
+
+# ----------------------------------------------------------------------------------------
+# The defaults.
+
+
+def test_defaults_deploy_both_predictors_on_one_gpu_each() -> None:
+    objs = objects("defaults")
+    isvcs = by_kind(objs, "InferenceService")
+    assert sorted(isvcs) == sorted([GENERATION, EDIT])
+    for name, command, model, repo in (
+        (GENERATION, "qwen-image-predictor", "qwen-image", "Qwen/Qwen-Image"),
+        (EDIT, "qwen-image-edit-predictor", "qwen-image-edit", "Qwen/Qwen-Image-Edit"),
+    ):
+        isvc = isvcs[name]
+        assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+        annotations = isvc["metadata"]["annotations"]
+        assert annotations["serving.kserve.io/deploymentMode"] == "Standard"
+        assert "serving.kserve.io/autoscalerClass" not in annotations
+        assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+        spec = predictor(isvc)
+        assert spec["timeout"] == 600
+        assert (spec["minReplicas"], spec["maxReplicas"]) == (1, 1)
+        assert spec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        main = container(isvc)
+        assert main["command"] == [command]
+        assert main["args"][:2] == ["--model_name", model]
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+        env = env_values(main)
+        assert env[location_env(isvc)] == repo
+        assert "HF_TOKEN" not in env_of(main)
+        assert "STORAGE_URI" not in env
+        assert env["QWEN_MAX_QUEUE_SIZE"] == "4"
+        assert env["QWEN_MAX_SIZE"] == "2048"
+        shm = volumes_of(spec)["dshm"]["emptyDir"]
+        assert shm["medium"] == "Memory"
+        assert mounts_of(main)["/dev/shm"]["name"] == "dshm"
+
+
+def test_defaults_network_policy_admits_only_the_adapter() -> None:
+    objs = objects("defaults")
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    selector = policy["spec"]["podSelector"]["matchExpressions"]
+    assert selector == [
+        {
+            "key": "serving.kserve.io/inferenceservice",
+            "operator": "In",
+            "values": [GENERATION, EDIT],
+        }
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    adapter_labels = one(objs, "Deployment", ADAPTER)["spec"]["template"]["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= adapter_labels.items()
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+
+
+def test_defaults_adapter_service_pdb_and_test_hook() -> None:
+    objs = objects("defaults")
+    deployment = one(objs, "Deployment", ADAPTER)
+    pod = deployment["spec"]["template"]
+    main = pod["spec"]["containers"][0]
+    assert main["command"] == ["qwen-image-adapter"]
+    assert main["args"] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert main["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert main["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert main["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert env_values(main)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"] == "600"
+    assert "QWEN_ADAPTER_API_KEY" not in env_of(main)
+    assert deployment["spec"]["replicas"] == 2
+    assert pod["spec"]["serviceAccountName"] == ADAPTER
+    assert one(objs, "ServiceAccount", ADAPTER)["automountServiceAccountToken"] is False
+
+    service = one(objs, "Service", ADAPTER)
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    pdb = one(objs, "PodDisruptionBudget", ADAPTER)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+    (test_pod,) = by_kind(objs, "Pod").values()
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    test_env = env_values(test_pod["spec"]["containers"][0])
+    assert test_env["MODELS_URL"] == f"http://{ADAPTER}:8000/v1/models"
+    assert test_env["EXPECTED_MODELS"] == '["qwen-image","qwen-image-edit"]'
+    for absent in ("Secret", "HorizontalPodAutoscaler", "Ingress", "HTTPRoute", "ServiceMonitor"):
+        assert not by_kind(objs, absent), absent
+
+
+def test_notes_give_port_forward_and_first_requests() -> None:
+    notes = render_text("defaults")["qwen-image-serve/templates/NOTES.txt"]
+    assert f"kubectl port-forward -n {NAMESPACE} svc/{ADAPTER} 8000:8000" in notes
+    assert "curl -s http://localhost:8000/v1/images/generations" in notes
+    assert 'OpenAI(base_url="http://localhost:8000/v1"' in notes
+    assert 'client.images.generate(model="qwen-image"' in notes
+    assert f"helm test {RELEASE}" in notes
+
+
+def test_names_stay_dns_labels_for_long_release_names() -> None:
+    rendered = chart().render({}, name="a" * 53, namespace=NAMESPACE)
+    objs = [
+        obj
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for obj in load_documents(text)
+    ]
+    for name in by_kind(objs, "InferenceService"):
+        assert len(f"{name}-predictor") <= 63, name
+    assert all(len(obj["metadata"]["name"]) <= 63 for obj in objs)
+
+
+# ----------------------------------------------------------------------------------------
+# Storage choices.
+
+
+def test_pvc_storage_mounts_the_claim_read_only() -> None:
+    objs = objects("pvc")
+    for name, sub_path, mount_path in (
+        (GENERATION, "Qwen-Image", "/models/qwen-image"),
+        (EDIT, "Qwen-Image-Edit", "/mnt/models"),
+    ):
+        isvc = one(objs, "InferenceService", name)
+        volume = volumes_of(predictor(isvc))["model"]
+        assert volume["persistentVolumeClaim"] == {
+            "claimName": "qwen-image-weights",
+            "readOnly": True,
+        }
+        mount = mounts_of(container(isvc))[mount_path]
+        assert mount == {
+            "name": "model",
+            "mountPath": mount_path,
+            "readOnly": True,
+            "subPath": sub_path,
+        }
+        env = env_values(container(isvc))
+        assert env[location_env(isvc)] == mount_path
+        assert "STORAGE_URI" not in env
+        assert predictor(isvc)["deploymentStrategy"] == {"type": "Recreate"}
+
+
+def test_pvc_case_creates_the_api_key_secret() -> None:
+    objs = objects("pvc")
+    secret = one(objs, "Secret", f"{FULLNAME}-api-key")
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == "test-key-not-secret"
+    main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(main)["QWEN_ADAPTER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-api-key",
+        "key": "api-key",
+    }
+    (test_pod,) = by_kind(objs, "Pod").values()
+    assert env_of(test_pod["spec"]["containers"][0])["API_KEY"]["valueFrom"]["secretKeyRef"][
+        "name"
+    ] == (f"{FULLNAME}-api-key")
+
+
+def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
+    objs = objects("storage-uri")
+    for name, uri in (
+        (GENERATION, "pvc://qwen-image-weights/Qwen-Image"),
+        (EDIT, "hf://Qwen/Qwen-Image-Edit"),
+    ):
+        isvc = one(objs, "InferenceService", name)
+        env = env_values(container(isvc))
+        assert env["STORAGE_URI"] == uri
+        assert env[location_env(isvc)] == "/mnt/models"
+        assert "model" not in volumes_of(predictor(isvc))
+        assert predictor(isvc)["serviceAccountName"] == "qwen-image-storage"
+
+
+def test_host_path_storage() -> None:
+    objs = objects("hostpath")
+    for name, path, mount_path in (
+        (GENERATION, "/data/models/Qwen-Image", "/mnt/models"),
+        (EDIT, "/data/models/Qwen-Image-Edit", "/models/edit"),
+    ):
+        isvc = one(objs, "InferenceService", name)
+        assert volumes_of(predictor(isvc))["model"]["hostPath"] == {
+            "path": path,
+            "type": "Directory",
+        }
+        assert mounts_of(container(isvc))[mount_path]["readOnly"] is True
+        assert env_values(container(isvc))[location_env(isvc)] == mount_path
+
+
+def test_hugging_face_storage_with_token_and_cache_claim() -> None:
+    objs = objects("huggingface")
+    generation = one(objs, "InferenceService", GENERATION)
+    edit = one(objs, "InferenceService", EDIT)
+    assert env_values(container(generation))["QWEN_IMAGE_LOCATION"] == "Qwen/Qwen-Image"
+    assert env_values(container(edit))["QWEN_IMAGE_EDIT_LOCATION"] == "Qwen/Qwen-Image-Edit"
+    assert env_of(container(generation))["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "token",
+    }
+    assert env_of(container(edit))["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "HF_TOKEN",
+    }
+    hf_home = env_values(container(generation))["HF_HOME"]
+    assert mounts_of(container(generation))[hf_home] == {
+        "name": "hf-cache",
+        "mountPath": hf_home,
+        "subPath": "hub-cache",
+    }
+    assert volumes_of(predictor(generation))["hf-cache"]["persistentVolumeClaim"] == {
+        "claimName": "hf-cache"
+    }
+    assert "hf-cache" not in volumes_of(predictor(edit))
+
+
+def test_tiny_storage_runs_without_gpu_or_weights() -> None:
+    for isvc in by_kind(objects("tiny"), "InferenceService").values():
+        main = container(isvc)
+        env = env_values(main)
+        assert "QWEN_IMAGE_LOCATION" not in env
+        assert "QWEN_IMAGE_EDIT_LOCATION" not in env
+        assert (env["QWEN_DEVICE"], env["QWEN_DTYPE"]) == ("cpu", "float32")
+        assert set(main["resources"]["limits"]) == {"cpu", "memory"}
+        assert "tolerations" not in predictor(isvc)
+        assert "dshm" not in volumes_of(predictor(isvc))
+        assert "/dev/shm" not in mounts_of(main)
+
+
+# ----------------------------------------------------------------------------------------
+# Deployment mode, GPUs, exposure, overrides.
+
+
+def test_knative_mode() -> None:
+    objs = objects("knative")
+    for isvc in by_kind(objs, "InferenceService").values():
+        annotations = isvc["metadata"]["annotations"]
+        assert annotations["serving.kserve.io/deploymentMode"] == "Knative"
+        assert "serving.kserve.io/autoscalerClass" not in annotations
+        assert isvc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
+        spec = predictor(isvc)
+        assert spec["annotations"]["serving.knative.dev/progress-deadline"] == "1800s"
+        assert spec["containerConcurrency"] == 4
+        assert (spec["minReplicas"], spec["maxReplicas"]) == (0, 3)
+        assert (spec["scaleMetric"], spec["scaleTarget"]) == ("concurrency", 2)
+        # Fields Knative Serving rejects in a pod spec.
+        assert "deploymentStrategy" not in spec
+        assert "terminationGracePeriodSeconds" not in spec
+        assert "fsGroupChangePolicy" not in spec["securityContext"]
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    (rule,) = policy["spec"]["ingress"]
+    namespaces = [
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in rule["from"]
+        if "namespaceSelector" in peer
+    ]
+    assert namespaces == ["knative-serving", "kourier-system", "istio-system"]
+    assert "ports" not in rule, "Knative traffic arrives on the queue-proxy port"
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert sorted(monitors) == [ADAPTER], "KServe's Knative Services have no http1 port to scrape"
+
+
+def test_legacy_raw_deployment_name_is_standard_mode() -> None:
+    objs = render_values(
+        {
+            "deploymentMode": "RawDeployment",
+            "predictor": {"deploymentStrategy": {"type": "Recreate"}},
+        }
+    )
+    for isvc in by_kind(objs, "InferenceService").values():
+        assert (
+            isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+        )
+        assert predictor(isvc)["deploymentStrategy"] == {"type": "Recreate"}
+        assert "containerConcurrency" not in predictor(isvc)
+        assert predictor(isvc)["terminationGracePeriodSeconds"] == 120
+        assert predictor(isvc)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_mig_slices_and_gpu_scheduling() -> None:
+    for isvc in by_kind(objects("mig"), "InferenceService").values():
+        spec = predictor(isvc)
+        limits = container(isvc)["resources"]["limits"]
+        assert limits["nvidia.com/mig-3g.71gb"] == 1
+        assert "nvidia.com/gpu" not in limits
+        assert spec["nodeSelector"] == {
+            "nvidia.com/mig.strategy": "mixed",
+            "nvidia.com/gpu.product": "NVIDIA-H200",
+        }
+        assert spec["runtimeClassName"] == "nvidia"
+        assert spec["priorityClassName"] == "inference-high"
+        assert len(spec["tolerations"]) == 2
+        assert "podAntiAffinity" in spec["affinity"]
+
+
+def test_ingress_httproute_hpa_and_monitoring() -> None:
+    objs = objects("ingress-httproute")
+    service = one(objs, "Service", ADAPTER)
+    port_names = {port["name"]: port["port"] for port in service["spec"]["ports"]}
+
+    ingress = one(objs, "Ingress", ADAPTER)
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]
+        == "630"
+    )
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "images.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == ADAPTER
+    assert backend["port"]["name"] in port_names
+    assert ingress["spec"]["tls"][0]["secretName"] == "images-example-com-tls"
+
+    route = one(objs, "HTTPRoute", ADAPTER)
+    (route_rule,) = route["spec"]["rules"]
+    assert route_rule["timeouts"] == {"request": "15m", "backendRequest": "15m"}
+    assert route_rule["backendRefs"] == [{"name": ADAPTER, "port": port_names["http"]}]
+    assert route["spec"]["parentRefs"][0]["name"] == "public-gateway"
+
+    deployment = one(objs, "Deployment", ADAPTER)
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    hpa = one(objs, "HorizontalPodAutoscaler", ADAPTER)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": ADAPTER,
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+
+    main = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert env_values(main)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"] == "840"
+    assert env_of(main)["QWEN_ADAPTER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "qwen-image-api-key",
+        "key": "key",
+    }
+    assert not by_kind(objs, "Secret"), "an existing Secret is referenced, not created"
+    for isvc in by_kind(objs, "InferenceService").values():
+        assert predictor(isvc)["timeout"] == 900
+
+    monitors = by_kind(objs, "ServiceMonitor")
+    predictors_monitor = monitors[f"{FULLNAME}-predictors"]
+    assert predictors_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = predictors_monitor["spec"]["selector"]
+    assert selector["matchLabels"] == {"component": "predictor"}
+    assert selector["matchExpressions"][0]["values"] == [GENERATION, EDIT]
+    isvc_port = container(one(objs, "InferenceService", GENERATION))["ports"][0]["name"]
+    assert predictors_monitor["spec"]["endpoints"][0]["port"] == isvc_port
+    assert predictors_monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    adapter_monitor = monitors[ADAPTER]
+    assert adapter_monitor["spec"]["endpoints"][0]["port"] in port_names
+    assert (
+        adapter_monitor["spec"]["selector"]["matchLabels"].items()
+        <= service["metadata"]["labels"].items()
+    )
+
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    } in peers
+
+
+def test_service_monitor_defaults_to_the_predictors_only() -> None:
+    objs = render_values({"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert sorted(by_kind(objs, "ServiceMonitor")) == [f"{FULLNAME}-predictors"]
+
+
+def test_network_policy_off_and_one_predictor() -> None:
+    objs = objects("no-networkpolicy")
+    assert not by_kind(objs, "NetworkPolicy")
+    assert sorted(by_kind(objs, "InferenceService")) == [GENERATION]
+    env = env_values(one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0])
+    assert "QWEN_ADAPTER_EDIT_URL" not in env
+    assert not by_kind(objs, "Pod"), "tests.enabled=false drops the test hook"
+
+
+def test_per_predictor_overrides() -> None:
+    objs = objects("overrides")
+    generation = one(objs, "InferenceService", "txt2img")
+    edit = one(objs, "InferenceService", EDIT)
+
+    assert generation["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+    assert (predictor(generation)["minReplicas"], predictor(generation)["maxReplicas"]) == (2, 4)
+    assert predictor(generation)["autoScaling"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert container(generation)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nodeSelector" not in predictor(generation)
+
+    assert "serving.kserve.io/autoscalerClass" not in edit["metadata"]["annotations"]
+    assert container(edit)["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert predictor(edit)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    env = env_values(container(edit))
+    assert (env["QWEN_DTYPE"], env["QWEN_MAX_QUEUE_SIZE"], env["QWEN_MAX_SIZE"]) == (
+        "bfloat16",
+        "2",
+        "1536",
+    )
+    assert env["QWEN_IMAGE_EDIT_LOCATION"] == "Qwen/Qwen-Image-Edit-2509"
+    assert (
+        container(edit)["readinessProbe"]["httpGet"]["path"]
+        == "/v2/models/qwen-image-edit-2509/ready"
+    )
+
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["txt2img", EDIT]
+
+
+# ----------------------------------------------------------------------------------------
+# values.schema.json rejects bad values.
+
+BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
+    "string GPU count": ({"predictor": {"gpu": {"count": "2"}}}, "/predictor/gpu/count"),
+    "string GPU count in an override": (
+        {"edit": {"overrides": {"gpu": {"count": "one", "resourceName": "nvidia.com/gpu"}}}},
+        "/edit/overrides/gpu/count",
+    ),
+    "unknown storage kind": (
+        {"generation": {"storage": {"kind": "s3"}}},
+        "/generation/storage/kind",
+    ),
+    "pvc without a claim": ({"edit": {"storage": {"kind": "pvc"}}}, "claimName"),
+    "storageUri without a scheme": (
+        {"generation": {"storage": {"kind": "storageUri", "storageUri": {"uri": "models/qwen"}}}},
+        "uri",
+    ),
+    "unknown deployment mode": ({"deploymentMode": "Serverful"}, "/deploymentMode"),
+    "misspelt top-level key": ({"predictors": {}}, "predictors"),
+    "misspelt predictor key": (
+        {"predictor": {"tolerations": [], "nodeSelecter": {}}},
+        "nodeSelecter",
+    ),
+    "HTTPRoute without a Gateway": ({"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
+    "bad dtype": ({"predictor": {"settings": {"dtype": "int4"}}}, "/predictor/settings/dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_schema_rejects_bad_values(case: str) -> None:
+    values, where = BAD_VALUES[case]
+    with pytest.raises(helm_python.HelmValuesError, match=where):
+        chart().validate_schema(values)
+    with pytest.raises(helm_python.HelmValuesError):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_schema_accepts_every_values_file(case: str) -> None:
+    chart().validate_schema(case_values(case))
+
+
+def test_every_values_field_is_documented() -> None:
+    """Every value in values.yaml carries a ``# --`` comment (helm-docs style).
+
+    Structural sections (a key whose children are keys) need none; everything inside a
+    documented value (a default map or list) is that value's content.
+    """
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    undocumented = []
+    stack: list[tuple[int, bool]] = []  # (indent, is a documented value) of the open keys
+    for index, line in enumerate(lines):
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if stripped.startswith("- ") or any(documented for _, documented in stack):
+            continue
+        comments = []
+        for above in reversed(lines[:index]):
+            if not above.strip().startswith("#"):
+                break
+            comments.append(above.strip())
+        documented = any(comment.startswith("# --") for comment in comments)
+        following = [
+            other
+            for other in lines[index + 1 :]
+            if other.strip() and not other.strip().startswith("#")
+        ]
+        is_section = (
+            stripped.endswith(":")
+            and bool(following)
+            and len(following[0]) - len(following[0].lstrip()) > indent
+            and not following[0].lstrip().startswith("- ")
+        )
+        if not documented and not is_section:
+            undocumented.append(f"values.yaml:{index + 1}: {stripped}")
+        stack.append((indent, documented))
+    assert undocumented == []

