@@ -217,8 +217,8 @@ def test_adapter_urls_point_at_the_inference_services(case: str) -> None:
     for component in ("generation", "edit"):
         key = component.upper()
         if not values[component]["enabled"]:
-            assert f"QWEN_ADAPTER_{key}_URL" not in env
-            assert f"QWEN_ADAPTER_{key}_MODEL" not in env
+            # Set and empty, so the adapter does not fall back to its local default URL.
+            assert env[f"QWEN_ADAPTER_{key}_URL"] == ""
             continue
         (isvc,) = (
             obj
@@ -638,7 +638,7 @@ def test_network_policy_off_and_one_predictor() -> None:
     assert not by_kind(objs, "NetworkPolicy")
     assert sorted(by_kind(objs, "InferenceService")) == [GENERATION]
     env = env_values(one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0])
-    assert "QWEN_ADAPTER_EDIT_URL" not in env
+    assert env["QWEN_ADAPTER_EDIT_URL"] == "", "an empty URL switches the model off"
     assert not by_kind(objs, "Pod"), "tests.enabled=false drops the test hook"
 
 

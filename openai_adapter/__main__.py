@@ -1,0 +1,46 @@
+"""``qwen-image-adapter``: serve the OpenAI Images API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from openai_adapter.app import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve until stopped (configuration: QWEN_ADAPTER_* env)."""
+    parser = argparse.ArgumentParser(
+        prog="qwen-image-adapter",
+        description="OpenAI Images API in front of the Qwen-Image KServe predictors. "
+        "Configure it with QWEN_ADAPTER_* environment variables.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=65,
+        help="seconds an idle client connection stays open (longer than a proxy's idle timeout)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from openai_adapter.errors import install_error_handlers
+from openai_adapter.middleware import RequestIdMiddleware
+from openai_adapter.predictor_client import PredictorClient
+from openai_adapter.routes import health, v1
+from openai_adapter.serving import ImageService
+from openai_adapter.settings import Settings
+
+
+def _version() -> str:
+    try:
+        return version("qwen-image-serve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(
+    settings: Settings | None = None, transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    """The adapter app; ``transport`` replaces the network in tests."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = PredictorClient(settings, transport)
+        app.state.service = ImageService(settings, client)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(
+        title="Qwen-Image OpenAI Images API",
+        description="OpenAI-compatible image generation and editing, served by KServe "
+        "predictors for Qwen-Image and Qwen-Image-Edit.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(v1)
+    app.include_router(health)
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without its 422 answers, which this app never gives."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

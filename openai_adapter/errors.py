@@ -1,0 +1,136 @@
+"""Errors in OpenAI's shape, and the handlers that give every failure that shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openai_adapter.middleware import REQUEST_ID_HEADER, request_id_of
+from openai_adapter.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+# The codes of this adapter's errors; OpenAI's own where one exists.
+INVALID_VALUE = "invalid_value"
+MISSING_PARAMETER = "missing_required_parameter"
+UNKNOWN_PARAMETER = "unknown_parameter"
+UNSUPPORTED_VALUE = "unsupported_value"
+INVALID_JSON = "invalid_json"
+INVALID_IMAGE_FORMAT = "invalid_image_format"
+IMAGE_TOO_LARGE = "image_too_large"
+INVALID_API_KEY = "invalid_api_key"
+MODEL_NOT_FOUND = "model_not_found"
+PREDICTOR_UNAVAILABLE = "predictor_unavailable"
+PREDICTOR_BUSY = "predictor_busy"
+PREDICTOR_TIMEOUT = "predictor_timeout"
+PREDICTOR_ERROR = "predictor_error"
+INFERENCE_ERROR = "inference_error"
+INTERNAL_ERROR = "internal_error"
+NOT_READY = "not_ready"
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_VALIDATION_CODES = {
+    "missing": MISSING_PARAMETER,
+    "extra_forbidden": UNKNOWN_PARAMETER,
+    "json_invalid": INVALID_JSON,
+}
+
+
+class OpenAIError(Exception):
+    """A failure to answer with ``status`` and an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(
+            message=message,
+            type=INVALID_REQUEST if status < 500 else SERVER_ERROR,
+            param=param,
+            code=code,
+        )
+        self.headers = dict(headers or {})
+
+
+def bad_request(message: str, param: str | None, code: str = INVALID_VALUE) -> OpenAIError:
+    """A 400 about ``param``."""
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    """A 404 for a model id that no enabled predictor serves."""
+    return OpenAIError(
+        404, f"The model '{model}' does not exist", param="model", code=MODEL_NOT_FOUND
+    )
+
+
+def error_response(
+    request: Request, status: int, info: ErrorInfo, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The JSON answer for an error; it carries the request id even outside the middleware."""
+    all_headers = {REQUEST_ID_HEADER: request_id_of(request), **(headers or {})}
+    body = ErrorResponse(error=info).model_dump()
+    return JSONResponse(body, status_code=status, headers=all_headers)
+
+
+def _validation_info(exc: RequestValidationError) -> ErrorInfo:
+    """The first validation problem as an OpenAI error, pointing at its field."""
+    error = exc.errors()[0]
+    fields = [part for part in error.get("loc", ()) if isinstance(part, str) and part != "body"]
+    param = fields[0] if fields else None
+    code = _VALIDATION_CODES.get(error.get("type", ""), INVALID_VALUE)
+    reason = str(error.get("msg", "")).removeprefix("Value error, ")
+    if code == UNKNOWN_PARAMETER:
+        message = f"Unrecognized request argument supplied: {param}"
+    elif code == MISSING_PARAMETER:
+        message = f"Missing required parameter: '{param}'"
+    elif param is None:
+        message = f"Invalid request body: {reason}"
+    else:
+        message = f"Invalid value for '{param}': {reason}"
+    return ErrorInfo(message=message, type=INVALID_REQUEST, param=param, code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, including FastAPI's own, with an OpenAI error body."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(request, exc.status, exc.info, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 400, _validation_info(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code in _HTTP_CODES:
+            message = f"{message}: {request.method} {request.url.path}"
+        info = ErrorInfo(
+            message=message,
+            type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR,
+            code=_HTTP_CODES.get(exc.status_code),
+        )
+        return error_response(request, exc.status_code, info, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request_id=%s unexpected error", request_id_of(request))
+        info = ErrorInfo(message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR)
+        return error_response(request, 500, info)

@@ -1,0 +1,63 @@
+"""Request ids and access logs for every request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("openai_adapter.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_HEADER = REQUEST_ID_HEADER.encode()
+_STATE_KEY = "request_id"
+# A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
+_VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id_of(request: Request) -> str:
+    """The id that ``RequestIdMiddleware`` gave this request."""
+    return request.scope.get("state", {}).get(_STATE_KEY, "")
+
+
+class RequestIdMiddleware:
+    """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
+    response, and log one access line with it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
+        request_id = sent if _VALID_ID.match(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})[_STATE_KEY] = request_id
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k != _HEADER]
+                headers.append((_HEADER, request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info(
+                "request_id=%s %s %s %d %.1fms",
+                request_id,
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - start) * 1000,
+            )

@@ -1,0 +1,151 @@
+"""Request and response models of the OpenAI Images API, as this adapter serves it.
+
+They mirror OpenAI's spec (``/v1/images/generations``, ``/v1/images/edits``, ``/v1/models``
+and the error body) plus the original Qwen-Image service's fields, which the ``openai`` SDK
+sends through ``extra_body``. Unknown fields are rejected, so a typo is a 400, not a no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from predictors.contract import SIZE_MULTIPLE
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
+
+_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+class ImageRequest(BaseModel):
+    """The fields that generations and edits share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw, or how to change the image.")
+    model: str | None = Field(None, description="A model id from /v1/models.")
+    n: int | None = Field(None, ge=1, le=10, description="Number of images (1-10).")
+    size: str | None = Field(
+        None,
+        description="'WIDTHxHEIGHT' (multiples of 16) or 'auto' (the model's default). "
+        "'width'/'height' override the matching side.",
+        examples=["1024x1024", "1664x928", "auto"],
+    )
+    quality: Quality | None = Field(
+        None,
+        description="Sets num_inference_steps (see the adapter's quality table); "
+        "an explicit num_inference_steps wins.",
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="Only 'b64_json' is supported."
+    )
+    output_format: OutputFormat | None = Field(None, description="Encoding of the images.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="Quality (0-100) of jpeg and webp images."
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="'transparent' is not supported."
+    )
+    stream: bool | None = Field(None, description="Streaming is not supported.")
+    user: str | None = Field(None, description="End-user id; accepted and ignored.")
+    # The original Qwen-Image service's fields (``extra_body`` in the openai SDK).
+    width: int | None = Field(None, description="Image width in pixels (multiple of 16).")
+    height: int | None = Field(None, description="Image height in pixels (multiple of 16).")
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    num_inference_steps: int | None = Field(None, description="Denoising steps.")
+    true_cfg_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, description="Seed of the first image; image i uses seed + i.")
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: str | None) -> str | None:
+        if size is None or size == "auto":
+            return size
+        match = _SIZE.match(size)
+        if not match or any(int(side) % SIZE_MULTIPLE for side in match.groups()):
+            raise ValueError(
+                f"must be 'auto' or 'WIDTHxHEIGHT' with sides that are multiples of "
+                f"{SIZE_MULTIPLE}, got {size!r}"
+            )
+        return size
+
+    @property
+    def size_pixels(self) -> tuple[int, int] | None:
+        """``(width, height)`` of ``size``, or None for 'auto' or no size."""
+        match = _SIZE.match(self.size or "")
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+class ImageGenerationRequest(ImageRequest):
+    """``POST /v1/images/generations`` (JSON)."""
+
+    moderation: Literal["low", "auto"] | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+
+
+class ImageEditRequest(ImageRequest):
+    """``POST /v1/images/edits`` (multipart form)."""
+
+    image: list[UploadFile] | None = Field(
+        None, description="The PNG, JPEG or WebP image to edit (one for now)."
+    )
+    image_list: list[UploadFile] | None = Field(
+        None, alias="image[]", description="The same, as the openai SDK sends a list."
+    )
+    mask: UploadFile | None = Field(None, description="Not supported yet.")
+
+    @property
+    def images(self) -> list[UploadFile]:
+        """Every uploaded image, whichever field carried it."""
+        return [*(self.image or ()), *(self.image_list or ())]
+
+
+class ImageData(BaseModel):
+    """One image of a response."""
+
+    b64_json: str = Field(description="The encoded image, base64.")
+    seed: int = Field(description="The seed this image was made with (an extension).")
+
+
+class ImagesResponse(BaseModel):
+    """The answer to a generation or an edit."""
+
+    created: int = Field(description="Unix time of the answer.")
+    data: list[ImageData]
+    output_format: OutputFormat
+    size: str = Field(description="'WIDTHxHEIGHT' of the images.", examples=["1664x928"])
+
+
+class ModelCard(BaseModel):
+    """One entry of ``/v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong, in OpenAI's terms."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: ``{"error": {...}}``."""
+
+    error: ErrorInfo

@@ -1,0 +1,118 @@
+"""HTTP routes: parse the request, hand it to the image service, return its answer."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from openai_adapter.errors import INVALID_API_KEY, NOT_READY, OpenAIError
+from openai_adapter.middleware import request_id_of
+from openai_adapter.protocol import (
+    ErrorResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
+from openai_adapter.serving import ImageService
+
+_bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        500: "Inference failed",
+        502: "Invalid answer from a predictor",
+        503: "Predictor unreachable or busy (see Retry-After)",
+        504: "Predictor timed out",
+    }.items()
+}
+
+
+async def require_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse the request with a 401 unless it carries the configured API key."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    if credentials is None:
+        raise OpenAIError(
+            401, "Missing API key: send 'Authorization: Bearer <key>'", code=INVALID_API_KEY
+        )
+    if not secrets.compare_digest(
+        credentials.credentials.encode(), expected.get_secret_value().encode()
+    ):
+        raise OpenAIError(401, "Incorrect API key provided", code=INVALID_API_KEY)
+
+
+def get_service(request: Request) -> ImageService:
+    """The application's image service."""
+    return request.app.state.service
+
+
+Service = Annotated[ImageService, Depends(get_service)]
+
+
+def _json(model: ImagesResponse) -> Response:
+    """Serialize a (large, base64-laden) response in one pass."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+
+
+@v1.post("/images/generations", response_model=ImagesResponse, tags=["images"])
+async def create_image(
+    body: ImageGenerationRequest, request: Request, service: Service
+) -> Response:
+    """Create images from a prompt (OpenAI ``images.generate``)."""
+    return _json(await service.generate(body, request_id_of(request)))
+
+
+@v1.post("/images/edits", response_model=ImagesResponse, tags=["images"])
+async def create_image_edit(
+    form: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")],
+    request: Request,
+    service: Service,
+) -> Response:
+    """Edit an image following a prompt (OpenAI ``images.edit``, multipart form)."""
+    return _json(await service.edit(form, request_id_of(request)))
+
+
+@v1.get("/models", tags=["models"])
+async def list_models(service: Service) -> ModelList:
+    """The enabled models."""
+    return service.models()
+
+
+@v1.get("/models/{model_id:path}", tags=["models"])
+async def retrieve_model(model_id: str, service: Service) -> ModelCard:
+    """One model."""
+    return service.model(model_id)
+
+
+health = APIRouter(prefix="/health", tags=["health"])
+
+
+@health.get("/live")
+async def live() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "alive"}
+
+
+@health.get("/ready", responses={503: {"model": ErrorResponse, "description": "Not ready"}})
+async def ready(service: Service) -> dict[str, Any]:
+    """Every enabled model's predictor reports its model ready."""
+    not_ready = await service.not_ready()
+    if not_ready:
+        reasons = ", ".join(f"{model}: {why}" for model, why in not_ready.items())
+        raise OpenAIError(503, f"Not ready ({reasons})", code=NOT_READY)
+    return {"status": "ready", "models": service.model_ids}

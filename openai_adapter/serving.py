@@ -1,0 +1,187 @@
+"""Translation between OpenAI image requests and the predictors' v2 contract."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from openai_adapter.errors import (
+    IMAGE_TOO_LARGE,
+    INVALID_IMAGE_FORMAT,
+    MISSING_PARAMETER,
+    PREDICTOR_ERROR,
+    UNSUPPORTED_VALUE,
+    OpenAIError,
+    bad_request,
+    model_not_found,
+)
+from openai_adapter.media import describe_image, detect_image_format
+from openai_adapter.predictor_client import PredictorClient
+from openai_adapter.protocol import (
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
+from openai_adapter.settings import Settings
+from predictors.contract import (
+    HEIGHT,
+    NUM_IMAGES,
+    NUM_INFERENCE_STEPS,
+    WIDTH,
+    ImageResult,
+    build_rest_body,
+)
+
+OWNER = "qwen-image-serve"
+
+
+class ImageService:
+    """Serves the OpenAI image endpoints with the configured predictors."""
+
+    def __init__(self, settings: Settings, client: PredictorClient):
+        self._settings = settings
+        self._client = client
+        self._created = int(time.time())
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The ids of the enabled models."""
+        return self._settings.models
+
+    async def not_ready(self) -> dict[str, str]:
+        """The enabled models whose predictors are not ready, with the reason."""
+        return await self._client.not_ready_models(self._settings.models)
+
+    def models(self) -> ModelList:
+        """The enabled models."""
+        return ModelList(data=[self.model(model) for model in self._settings.models])
+
+    def model(self, model: str) -> ModelCard:
+        """One enabled model, or a 404."""
+        if model not in self._settings.models:
+            raise model_not_found(model)
+        return ModelCard(id=model, created=self._created, owned_by=OWNER)
+
+    async def generate(self, request: ImageGenerationRequest, request_id: str) -> ImagesResponse:
+        """``POST /v1/images/generations``."""
+        model = self._resolve_model(request.model, self._settings.generation_model)
+        return await self._run(model, request, request_id, image=None)
+
+    async def edit(self, request: ImageEditRequest, request_id: str) -> ImagesResponse:
+        """``POST /v1/images/edits``."""
+        model = self._resolve_model(request.model, self._settings.edit_model)
+        return await self._run(model, request, request_id, image=await self._read_image(request))
+
+    def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
+        """The model to call: the endpoint's own, which ``requested`` may only name."""
+        model = requested or endpoint_model
+        if model not in self._settings.models:
+            raise model_not_found(model)
+        if model != endpoint_model:
+            raise bad_request(
+                f"The model '{model}' does not serve this endpoint; use '{endpoint_model}'",
+                "model",
+            )
+        return model
+
+    async def _read_image(self, request: ImageEditRequest) -> bytes:
+        """The one uploaded image, checked to be a PNG, JPEG or WebP file of allowed size."""
+        if request.mask is not None:
+            raise bad_request("'mask' is not supported yet", "mask", UNSUPPORTED_VALUE)
+        images = request.images
+        if not images:
+            raise bad_request("Missing required parameter: 'image'", "image", MISSING_PARAMETER)
+        if len(images) > 1:
+            raise bad_request(
+                f"Editing several images is not supported yet (got {len(images)}); send one",
+                "image",
+                UNSUPPORTED_VALUE,
+            )
+        limit = self._settings.max_upload_bytes
+        data = await images[0].read(limit + 1)
+        if len(data) > limit:
+            raise bad_request(f"The image is larger than {limit} bytes", "image", IMAGE_TOO_LARGE)
+        if detect_image_format(data) is None:
+            raise bad_request(
+                "The image must be a PNG, JPEG or WebP file", "image", INVALID_IMAGE_FORMAT
+            )
+        return data
+
+    async def _run(
+        self, model: str, request: ImageRequest, request_id: str, image: bytes | None
+    ) -> ImagesResponse:
+        """Call the predictor with the request's fields and answer in OpenAI's shape."""
+        _reject_unsupported(request)
+        size = request.size_pixels or (None, None)
+        quality_steps = self._settings.quality_steps.get(request.quality or "auto")
+        width = _first(request.width, size[0])
+        height = _first(request.height, size[1])
+        steps = _first(request.num_inference_steps, quality_steps)
+        # Where each contract field came from, so that a predictor's 400 names the client's field.
+        param_names = {
+            NUM_IMAGES: "n",
+            WIDTH: "size" if request.width is None and size[0] is not None else WIDTH,
+            HEIGHT: "size" if request.height is None and size[1] is not None else HEIGHT,
+            NUM_INFERENCE_STEPS: "quality"
+            if request.num_inference_steps is None and quality_steps is not None
+            else NUM_INFERENCE_STEPS,
+        }
+        body = build_rest_body(
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            image=image,
+            request_id=request_id,
+            binary_output=True,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            true_cfg_scale=request.true_cfg_scale,
+            seed=request.seed,
+            num_images=request.n,
+            output_format=request.output_format,
+            output_compression=request.output_compression,
+        )
+        results = await self._client.infer(model, body, request_id, param_names)
+        return _images_response(results)
+
+
+def _reject_unsupported(request: ImageRequest) -> None:
+    """Clear 400s for the OpenAI features that this service does not offer yet."""
+    if request.response_format == "url":
+        raise bad_request(
+            "response_format 'url' is not supported yet; use 'b64_json'",
+            "response_format",
+            UNSUPPORTED_VALUE,
+        )
+    if request.background == "transparent":
+        raise bad_request(
+            "background 'transparent' is not supported; use 'opaque' or 'auto'",
+            "background",
+            UNSUPPORTED_VALUE,
+        )
+    if request.stream:
+        raise bad_request("Streaming is not supported yet", "stream", UNSUPPORTED_VALUE)
+
+
+def _first(*values: int | None) -> int | None:
+    return next((value for value in values if value is not None), None)
+
+
+def _images_response(results: list[ImageResult]) -> ImagesResponse:
+    described = describe_image(results[0].data) if results else None
+    if described is None:
+        raise OpenAIError(502, "The predictor returned no usable image", code=PREDICTOR_ERROR)
+    output_format, width, height = described
+    return ImagesResponse(
+        created=int(time.time()),
+        data=[
+            ImageData(b64_json=base64.b64encode(r.data).decode("ascii"), seed=r.seed)
+            for r in results
+        ],
+        output_format=output_format,
+        size=f"{width}x{height}",
+    )

@@ -1,0 +1,69 @@
+"""Adapter configuration: one settings object read from ``QWEN_ADAPTER_*`` variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from predictors.contract import EDIT_MODEL_NAME, GENERATION_MODEL_NAME
+
+
+class Settings(BaseSettings):
+    """Where the predictors are and how the adapter talks to them and to its clients."""
+
+    model_config = SettingsConfigDict(env_prefix="QWEN_ADAPTER_", frozen=True)
+
+    generation_url: str = Field(
+        "http://127.0.0.1:8081",
+        description="Base URL of the text-to-image predictor; empty switches the model off.",
+    )
+    edit_url: str = Field(
+        "http://127.0.0.1:8082",
+        description="Base URL of the image-edit predictor; empty switches the model off.",
+    )
+    generation_model: str = Field(
+        GENERATION_MODEL_NAME, description="Model id of the text-to-image predictor."
+    )
+    edit_model: str = Field(EDIT_MODEL_NAME, description="Model id of the image-edit predictor.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, clients must send 'Authorization: Bearer <key>'."
+    )
+    request_timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest wait for a predictor's answer (then 504)."
+    )
+    connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait to connect to a predictor (then 503)."
+    )
+    ready_timeout_seconds: float = Field(
+        2.0, gt=0, description="Longest wait for a predictor's readiness answer."
+    )
+    max_connections: int = Field(
+        64,
+        ge=1,
+        description="Most open (pooled, reused) connections to the predictors; more requests "
+        "wait for one.",
+    )
+    retry_after_seconds: int = Field(5, ge=0, description="Retry-After sent with 503 answers.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest accepted image upload."
+    )
+    quality_steps: dict[str, int] = Field(
+        {"low": 20, "medium": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100},
+        description="num_inference_steps for each OpenAI 'quality' (JSON object; 'auto' also "
+        "applies when no quality is sent); a quality not listed uses the predictor's default.",
+    )
+
+    @field_validator("generation_url", "edit_url")
+    @classmethod
+    def _strip_slash(cls, url: str) -> str:
+        return url.strip().rstrip("/")
+
+    def predictor_url(self, model: str) -> str | None:
+        """The base URL serving ``model``, or None when no enabled predictor serves it."""
+        urls = {self.generation_model: self.generation_url, self.edit_model: self.edit_url}
+        return urls.get(model) or None
+
+    @property
+    def models(self) -> list[str]:
+        """The ids of the enabled models."""
+        return [m for m in (self.generation_model, self.edit_model) if self.predictor_url(m)]

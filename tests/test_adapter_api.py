@@ -1,0 +1,279 @@
+"""The OpenAI Images API end to end: the real ``openai`` SDK against the running local stack.
+
+Most requests ask for 2 steps and small sizes through ``extra_body`` so that the tiny CPU
+pipelines answer quickly; the test about defaults uses none (the test stack runs 2 steps
+when no quality is given, see ``tests/adapter_stack.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from tests.adapter_stack import API_KEY, Stack, encode_image
+
+FAST = {"num_inference_steps": 2}
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
+
+
+def image_bytes(item: Any) -> bytes:
+    return base64.b64decode(item.b64_json)
+
+
+def open_image(item: Any) -> Image.Image:
+    return Image.open(io.BytesIO(image_bytes(item)))
+
+
+def small(client: OpenAI, **kwargs: Any) -> Any:
+    """A quick 64x64 generation (2 steps unless ``quality`` is given); ``extra_body`` fields
+    go in ``kwargs['extra']``."""
+    extra = kwargs.pop("extra", {})
+    if "quality" not in kwargs:
+        extra = {**FAST, **extra}
+    return client.images.generate(
+        prompt=kwargs.pop("prompt", "a red square"),
+        size=kwargs.pop("size", "64x64"),
+        extra_body=extra,
+        **kwargs,
+    )
+
+
+def test_generate_defaults(client: OpenAI):
+    result = client.images.generate(prompt="A cute cat sleeping on a sofa")
+    assert (result.size, result.output_format) == ("1664x928", "png")
+    assert len(result.data) == 1 and result.data[0].seed == 42
+    image = open_image(result.data[0])
+    assert (image.format, image.size) == ("PNG", (1664, 928))
+    assert result.created > 0
+
+
+def test_generate_size_n_and_extra_body(client: OpenAI):
+    result = client.images.generate(
+        model="qwen-image",
+        prompt="two cats",
+        size="128x64",
+        n=2,
+        quality="auto",
+        user="test-user",
+        extra_body={**FAST, "seed": 11, "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+    )
+    assert result.size == "128x64"
+    assert [item.seed for item in result.data] == [11, 12]
+    images = [open_image(item) for item in result.data]
+    assert all((image.format, image.size) == ("PNG", (128, 64)) for image in images)
+    assert image_bytes(result.data[0]) != image_bytes(result.data[1])
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_generate_output_formats(client: OpenAI, fmt: str, pil_format: str):
+    result = small(client, size="96x64", output_format=fmt, output_compression=50)
+    assert result.output_format == fmt
+    data = image_bytes(result.data[0])
+    assert data.startswith(MAGIC[fmt])
+    image = open_image(result.data[0])
+    assert (image.format, image.size) == (pil_format, (96, 64))
+
+
+def test_width_and_height_override_size(client: OpenAI):
+    result = small(client, size="128x128", extra={"width": 64})
+    assert result.size == "64x128"
+    assert open_image(result.data[0]).size == (64, 128)
+
+
+def test_seed_reproducibility(client: OpenAI):
+    first = small(client, extra={"seed": 5})
+    again = small(client, extra={"seed": 5})
+    other = small(client, extra={"seed": 6})
+    pair = small(client, n=2, extra={"seed": 5})
+    assert image_bytes(first.data[0]) == image_bytes(again.data[0])
+    assert image_bytes(first.data[0]) != image_bytes(other.data[0])
+    assert [image_bytes(item) for item in pair.data] == [
+        image_bytes(first.data[0]),
+        image_bytes(other.data[0]),
+    ]
+
+
+def test_request_id_and_quality_reach_the_predictor(client: OpenAI, stack: Stack):
+    raw = client.images.with_raw_response.generate(
+        prompt="a cat", size="64x64", quality="low", extra_headers={"x-request-id": "req-e2e-1"}
+    )
+    assert raw.headers["x-request-id"] == "req-e2e-1"
+    assert raw.parse().size == "64x64"
+    log = stack.log().splitlines()
+    predictor_lines = [line for line in log if line.startswith("[generation-predictor]")]
+    adapter_lines = [line for line in log if line.startswith("[adapter]")]
+    assert any("request_id=req-e2e-1" in line and "steps=20" in line for line in predictor_lines)
+    assert any("request_id=req-e2e-1" in line for line in adapter_lines)
+    generated = client.images.with_raw_response.generate(
+        prompt="a cat", size="64x64", extra_body=FAST
+    )
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_edit_file_handle_keeps_the_aspect_ratio(client: OpenAI, image_path):
+    with image_path.open("rb") as image:
+        result = client.images.edit(
+            image=image, prompt="make the cat wear a party hat", extra_body=FAST
+        )
+    width, height = map(int, result.size.split("x"))
+    assert abs(width / height - 320 / 192) < 0.05
+    assert open_image(result.data[0]).size == (width, height)
+    assert (result.output_format, result.data[0].seed) == ("png", 42)
+
+
+def test_edit_raw_bytes(client: OpenAI):
+    result = client.images.edit(
+        image=encode_image((200, 200), "JPEG"),
+        prompt="add a hat",
+        size="128x128",
+        output_format="webp",
+        extra_body={**FAST, "seed": 3},
+    )
+    assert (result.size, result.output_format, result.data[0].seed) == ("128x128", "webp", 3)
+    assert open_image(result.data[0]).format == "WEBP"
+
+
+def test_edit_one_item_list(client: OpenAI):
+    result = client.images.edit(
+        image=[encode_image((128, 96), "WEBP")],
+        prompt="add a hat",
+        size="64x64",
+        n=2,
+        extra_body=FAST,
+    )
+    assert result.size == "64x64"
+    assert [item.seed for item in result.data] == [42, 43]
+
+
+def test_models(client: OpenAI):
+    assert {model.id for model in client.models.list()} == {"qwen-image", "qwen-image-edit"}
+    model = client.models.retrieve("qwen-image-edit")
+    assert (model.id, model.object) == ("qwen-image-edit", "model")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("dall-e-3")
+    assert caught.value.code == "model_not_found"
+
+
+def assert_api_error(caught: pytest.ExceptionInfo, cls: type, status: int, code: str, param):
+    error = caught.value
+    assert isinstance(error, cls), repr(error)
+    assert (error.status_code, error.code, error.param) == (status, code, param), error.body
+    assert error.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "param"),
+    [
+        ({"n": 11}, 400, "invalid_value", "n"),
+        ({"n": 5}, 400, "invalid_value", "n"),  # over the predictor's QWEN_MAX_IMAGES=4
+        ({"size": "100x100"}, 400, "invalid_value", "size"),
+        ({"size": "4096x4096"}, 400, "invalid_value", "size"),
+        ({"extra": {"width": 32}}, 400, "invalid_value", "width"),
+        ({"quality": "max"}, 400, "invalid_value", "quality"),  # 100 steps > QWEN_MAX_STEPS
+        ({"extra": {"num_inference_steps": 61}}, 400, "invalid_value", "num_inference_steps"),
+        ({"extra": {"seed": -1}}, 400, "invalid_value", "seed"),
+        ({"extra": {"true_cfg_scale": 50}}, 400, "invalid_value", "true_cfg_scale"),
+        ({"prompt": "   "}, 400, "invalid_value", "prompt"),
+        ({"prompt": ""}, 400, "invalid_value", "prompt"),
+        ({"output_format": "gif"}, 400, "invalid_value", "output_format"),
+        ({"response_format": "url"}, 400, "unsupported_value", "response_format"),
+        ({"background": "transparent"}, 400, "unsupported_value", "background"),
+        ({"stream": True}, 400, "unsupported_value", "stream"),
+        ({"extra": {"guidance": 3}}, 400, "unknown_parameter", "guidance"),
+        ({"model": "dall-e-3"}, 404, "model_not_found", "model"),
+        ({"model": "qwen-image-edit"}, 400, "invalid_value", "model"),
+    ],
+)
+def test_generation_errors(client: OpenAI, kwargs, status, code, param):
+    cls = openai.NotFoundError if status == 404 else openai.BadRequestError
+    with pytest.raises(openai.APIStatusError) as caught:
+        small(client, **kwargs)
+    assert_api_error(caught, cls, status, code, param)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "param"),
+    [
+        ({"image": "two"}, "unsupported_value", "image"),
+        ({"mask": "png"}, "unsupported_value", "mask"),
+        ({"image": b"just some text"}, "invalid_image_format", "image"),
+        ({"model": "qwen-image"}, "invalid_value", "model"),
+        ({"size": "64x48"}, "invalid_value", "size"),
+        ({"extra_body": {"height": 64}}, "invalid_value", "width"),
+    ],
+)
+def test_edit_errors(client: OpenAI, kwargs, code, param):
+    png = encode_image((64, 64))
+    image = kwargs.pop("image", png)
+    if image == "two":
+        image = [png, png]
+    if kwargs.get("mask") == "png":
+        kwargs["mask"] = png
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=image, prompt="a hat", **kwargs)
+    assert_api_error(caught, openai.BadRequestError, 400, code, param)
+
+
+def test_busy_predictor_answers_503(client: OpenAI):
+    """More requests than the predictor queues (1 running + QWEN_MAX_QUEUE_SIZE=4)."""
+
+    def attempt(_: int) -> int | openai.APIStatusError:
+        try:
+            small(client, size="128x128", extra={"num_inference_steps": 4})
+        except openai.APIStatusError as error:
+            return error
+        return 200
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(attempt, range(12)))
+    busy = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
+    assert 200 in outcomes and busy, outcomes
+    for error in busy:
+        assert isinstance(error, openai.InternalServerError)
+        assert (error.status_code, error.code) == (503, "predictor_busy")
+        assert error.response.headers["retry-after"] == "5"
+
+
+def test_predictor_down_is_503(down_adapter: str):
+    client = OpenAI(base_url=down_adapter, api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        small(client)
+    assert_api_error(caught, openai.InternalServerError, 503, "predictor_unavailable", None)
+    assert caught.value.response.headers["retry-after"] == "5"
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.edit(image=encode_image((64, 64)), prompt="a hat")
+    assert caught.value.status_code == 503
+    ready = httpx.get(down_adapter.removesuffix("/v1") + "/health/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+
+
+def test_api_key_is_required_when_set(down_adapter: str):
+    client = OpenAI(base_url=down_adapter, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.models.list()
+    assert_api_error(caught, openai.AuthenticationError, 401, "invalid_api_key", None)
+    missing = httpx.get(f"{down_adapter}/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    client = OpenAI(base_url=down_adapter, api_key=API_KEY, max_retries=0)
+    assert [model.id for model in client.models.list()] == ["qwen-image", "qwen-image-edit"]
+
+
+def test_predictor_timeout_is_504(impatient_adapter: str):
+    client = OpenAI(base_url=impatient_adapter, api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        small(client, size="256x256")
+    assert_api_error(caught, openai.InternalServerError, 504, "predictor_timeout", None)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    # This adapter has the edit model switched off.
+    assert [model.id for model in client.models.list()] == ["qwen-image"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.edit(image=encode_image((64, 64)), prompt="a hat")
+    assert_api_error(caught, openai.NotFoundError, 404, "model_not_found", "model")

@@ -1,0 +1,86 @@
+"""The README's curl and SDK examples, run as written against the local stack.
+
+Only the port (the stack runs on a free one) and the curl example's image path change.
+The curl examples ask for the defaults (1664x928 for generation; the test stack maps "no
+quality" to 2 steps), so this is the slowest adapter test; the examples run concurrently,
+which the predictors allow (one CPU thread each).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.adapter_stack import Stack
+from tests.servers import PROJECT_ROOT
+
+README = PROJECT_ROOT / "README.md"
+README_PORT = "127.0.0.1:8000"
+README_IMAGE = "/path/to/your/image.png"
+
+
+def fenced_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
+
+
+def curl_examples() -> list[str]:
+    return [block for block in fenced_blocks("bash") if block.lstrip().startswith("curl ")]
+
+
+def sdk_examples() -> list[str]:
+    return [block for block in fenced_blocks("python") if "from openai import OpenAI" in block]
+
+
+def decode(item: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_readme_has_the_examples():
+    examples = curl_examples()
+    assert len(examples) == 2 and len(sdk_examples()) == 1
+    assert "/v1/images/generations" in examples[0] and "/v1/images/edits" in examples[1]
+    assert '-F "prompt=make the cat wear a party hat"' in examples[1]
+    assert all(README_PORT in block for block in [*examples, *sdk_examples()])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_examples_run(stack: Stack, image_path: Path, tmp_path: Path):
+    port = f"127.0.0.1:{stack.port}"
+    curls = [
+        block.replace(README_PORT, port).replace(README_IMAGE, str(image_path))
+        for block in curl_examples()
+    ]
+    (sdk,) = sdk_examples()
+    commands = [["bash", "-c", block] for block in curls]
+    commands.append([sys.executable, "-c", sdk.replace(README_PORT, port)])
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        generation, edit, sdk_run = pool.map(run, commands)
+
+    for done in (generation, edit, sdk_run):
+        assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(generation.stdout)
+    assert (answer["size"], answer["output_format"]) == ("1664x928", "png")
+    assert answer["data"][0]["seed"] == 42
+    assert decode(answer["data"][0]).size == (1664, 928)
+    answer = json.loads(edit.stdout)
+    width, height = decode(answer["data"][0]).size
+    assert abs(width / height - 320 / 192) < 0.05  # the input's aspect ratio
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert len(written) == 2, written
+    for name in written:
+        assert Image.open(tmp_path / name).format == "PNG"

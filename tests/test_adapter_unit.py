@@ -1,0 +1,461 @@
+"""The adapter in-process, with a fake predictor behind httpx's MockTransport (no network)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, get_args
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from openai_adapter.app import create_app
+from openai_adapter.media import detect_image_format
+from openai_adapter.protocol import OutputFormat
+from openai_adapter.settings import Settings
+from predictors import contract
+from tests.servers import PROJECT_ROOT
+
+Handler = Callable[[httpx.Request], httpx.Response]
+RETRY_LATER = {"retry-after": "5"}
+NO_RETRY = {"x-should-retry": "false"}
+
+
+def encode(size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def v2_answer(request: httpx.Request) -> httpx.Response:
+    """A well-formed v2 JSON answer: one PNG per requested image, of the requested size."""
+    body = json.loads(request.content)
+    params = body["parameters"]
+    count = params.get(contract.NUM_IMAGES, 1)
+    seed = params.get(contract.SEED, 42)
+    image = encode((params.get(contract.WIDTH, 64), params.get(contract.HEIGHT, 48)))
+    outputs = [
+        {
+            "name": contract.IMAGES,
+            "shape": [count],
+            "datatype": "BYTES",
+            "data": [contract.encode_bytes_for_rest(image)] * count,
+        },
+        {
+            "name": contract.SEEDS,
+            "shape": [count],
+            "datatype": "INT64",
+            "data": [seed + i for i in range(count)],
+        },
+    ]
+    return httpx.Response(200, json={"id": body.get("id"), "outputs": outputs})
+
+
+def v2_images(data: bytes) -> httpx.Response:
+    """A v2 JSON answer carrying ``data`` as its one image."""
+    outputs = [
+        {"name": contract.IMAGES, "data": [contract.encode_bytes_for_rest(data)]},
+        {"name": contract.SEEDS, "data": [1]},
+    ]
+    return httpx.Response(200, json={"outputs": outputs})
+
+
+class FakePredictor:
+    """Records the requests it gets and answers with ``handler``."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.handler: Handler = v2_answer
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.handler(request)
+
+    @property
+    def last_body(self) -> dict[str, Any]:
+        return json.loads(self.requests[-1].content)
+
+
+@pytest.fixture
+def predictor() -> FakePredictor:
+    return FakePredictor()
+
+
+@pytest.fixture
+def make_client(predictor: FakePredictor) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(**settings: Any) -> TestClient:
+        app = create_app(Settings(**settings), transport=httpx.MockTransport(predictor))
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None, param: str | None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["code"], error["param"]) == (code, param), error
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert error["message"]
+    return error
+
+
+def test_generation_translates_openai_fields(client: TestClient, predictor: FakePredictor):
+    response = client.post(
+        "/v1/images/generations",
+        json={
+            "prompt": "a cat",
+            "n": 2,
+            "size": "512x256",
+            "quality": "low",
+            "output_format": "webp",
+            "output_compression": 70,
+            "negative_prompt": "dogs",
+            "true_cfg_scale": 2.5,
+            "seed": 9,
+            "user": "someone",
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = predictor.last_body
+    assert body["parameters"] == {
+        contract.WIDTH: 512,
+        contract.HEIGHT: 256,
+        contract.NUM_INFERENCE_STEPS: 20,
+        contract.TRUE_CFG_SCALE: 2.5,
+        contract.SEED: 9,
+        contract.NUM_IMAGES: 2,
+        contract.OUTPUT_FORMAT: "webp",
+        contract.OUTPUT_COMPRESSION: 70,
+        contract.BINARY_DATA_OUTPUT: True,
+    }
+    inputs = {item["name"]: item["data"] for item in body["inputs"]}
+    assert inputs == {contract.PROMPT: ["a cat"], contract.NEGATIVE_PROMPT: ["dogs"]}
+    answer = response.json()
+    assert answer["size"] == "512x256"
+    assert answer["output_format"] == "png"  # what the bytes are, whatever was asked
+    assert [item["seed"] for item in answer["data"]] == [9, 10]
+
+
+def test_defaults_are_left_to_the_predictor(client: TestClient, predictor: FakePredictor):
+    assert client.post("/v1/images/generations", json={"prompt": "x", "size": "auto"}).is_success
+    assert predictor.last_body["parameters"] == {contract.BINARY_DATA_OUTPUT: True}
+    assert predictor.last_body["inputs"] == [
+        {"name": contract.PROMPT, "shape": [1], "datatype": "BYTES", "data": ["x"]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"size": "1024x512", "width": 256}, {contract.WIDTH: 256, contract.HEIGHT: 512}),
+        ({"height": 320}, {contract.HEIGHT: 320}),
+        ({"quality": "high", "num_inference_steps": 7}, {contract.NUM_INFERENCE_STEPS: 7}),
+        ({"quality": "max"}, {contract.NUM_INFERENCE_STEPS: 100}),
+        ({"quality": "standard"}, {}),
+    ],
+)
+def test_size_and_quality_precedence(client, predictor, fields, expected):
+    assert client.post("/v1/images/generations", json={"prompt": "x", **fields}).is_success
+    params = dict(predictor.last_body["parameters"])
+    params.pop(contract.BINARY_DATA_OUTPUT)
+    assert params == expected
+
+
+def test_quality_steps_are_configurable(make_client, predictor, monkeypatch):
+    monkeypatch.setenv("QWEN_ADAPTER_QUALITY_STEPS", '{"auto": 4, "high": 8}')
+    client = make_client()
+    for quality, steps in (("high", 8), ("auto", 4), (None, 4), ("low", None)):
+        assert client.post(
+            "/v1/images/generations", json={"prompt": "x", "quality": quality}
+        ).is_success
+        assert predictor.last_body["parameters"].get(contract.NUM_INFERENCE_STEPS) == steps
+
+
+def test_binary_outputs_are_read(client: TestClient, predictor: FakePredictor):
+    image = encode((32, 16), "JPEG")
+    header = json.dumps(
+        {
+            "outputs": [
+                {
+                    "name": contract.IMAGES,
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(image) + 4},
+                },
+                {"name": contract.SEEDS, "shape": [1], "datatype": "INT64", "data": [5]},
+            ]
+        }
+    ).encode()
+    content = header + len(image).to_bytes(4, "little") + image
+    predictor.handler = lambda request: httpx.Response(
+        200, content=content, headers={contract.BINARY_HEADER_LENGTH: str(len(header))}
+    )
+    answer = client.post("/v1/images/generations", json={"prompt": "x"}).json()
+    assert (answer["size"], answer["output_format"], answer["data"][0]["seed"]) == (
+        "32x16",
+        "jpeg",
+        5,
+    )
+
+
+def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakePredictor):
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "x"}, headers={"x-request-id": "abc-1"}
+    )
+    assert response.headers["x-request-id"] == "abc-1"
+    assert predictor.requests[-1].headers["x-request-id"] == "abc-1"
+    assert predictor.last_body["id"] == "abc-1"
+    generated = client.get("/v1/models", headers={"x-request-id": "bad id\twith spaces"})
+    assert len(generated.headers["x-request-id"]) == 32
+    assert client.get("/nowhere").headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"n": 11}, "n", "invalid_value"),
+        ({"n": "many"}, "n", "invalid_value"),
+        ({"size": "100x100"}, "size", "invalid_value"),
+        ({"size": "big"}, "size", "invalid_value"),
+        ({"output_format": "gif"}, "output_format", "invalid_value"),
+        ({"output_compression": 101}, "output_compression", "invalid_value"),
+        ({"quality": "ultra"}, "quality", "invalid_value"),
+        ({"prompt": ""}, "prompt", "invalid_value"),
+        ({"prompt": None}, "prompt", "invalid_value"),
+        ({"seeds": 3}, "seeds", "unknown_parameter"),
+        ({"response_format": "url"}, "response_format", "unsupported_value"),
+        ({"background": "transparent"}, "background", "unsupported_value"),
+        ({"stream": True}, "stream", "unsupported_value"),
+    ],
+)
+def test_generation_validation_errors(client, predictor, fields, param, code):
+    response = client.post("/v1/images/generations", json={"prompt": "x", **fields})
+    assert_error(response, 400, code, param)
+    assert not predictor.requests
+
+
+def test_missing_prompt_and_bad_json(client: TestClient):
+    assert_error(
+        client.post("/v1/images/generations", json={}), 400, "missing_required_parameter", "prompt"
+    )
+    response = client.post(
+        "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json", None)
+
+
+@pytest.mark.parametrize(
+    ("predictor_message", "fields", "param", "message_start"),
+    [
+        ("'num_images' must be between 1 and 4, got 5", {"n": 5}, "n", "'n' must be"),
+        ("'width' must be between 256 and 2048, got 4096", {"size": "4096x512"}, "size", "'size'"),
+        ("'width' must be between 256 and 2048, got 4096", {"width": 4096}, "width", "'width'"),
+        ("'width' is required when the other side is given", {"height": 64}, "width", "'width'"),
+        ("'num_inference_steps' must be ...", {"quality": "max"}, "quality", "'quality'"),
+        ("'seed' must be between 0 and 9, got -1", {"seed": -1}, "seed", "'seed'"),
+        ("something odd", {}, None, "something odd"),
+    ],
+)
+def test_predictor_400_names_the_clients_field(
+    client, predictor, predictor_message, fields, param, message_start
+):
+    predictor.handler = lambda request: httpx.Response(400, json={"error": predictor_message})
+    response = client.post("/v1/images/generations", json={"prompt": "x", **fields})
+    error = assert_error(response, 400, "invalid_value", param)
+    assert error["message"].startswith(message_start)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "code", "headers"),
+    [
+        (httpx.Response(503, json={"error": "Server is busy"}), 503, "predictor_busy", RETRY_LATER),
+        (httpx.Response(500, json={"error": "CUDA OOM"}), 500, "inference_error", NO_RETRY),
+        (httpx.Response(404, text="no such model"), 502, "predictor_error", {}),
+        (httpx.Response(200, json={"outputs": []}), 502, "predictor_error", {}),
+        (v2_images(b"not an image"), 502, "predictor_error", {}),
+        (v2_images(b"\x89PNG\r\n\x1a\n but not really"), 502, "predictor_error", {}),
+    ],
+)  # fmt: skip
+def test_predictor_failures(client, predictor, answer, status, code, headers):
+    predictor.handler = lambda request: answer
+    response = client.post("/v1/images/generations", json={"prompt": "x"})
+    assert_error(response, status, code, None)
+    for name, value in headers.items():
+        assert response.headers[name] == value
+
+
+@pytest.mark.parametrize(
+    ("exception", "status", "code"),
+    [
+        (httpx.ConnectError("refused"), 503, "predictor_unavailable"),
+        (httpx.ConnectTimeout("slow"), 503, "predictor_unavailable"),
+        (httpx.PoolTimeout("full"), 503, "predictor_unavailable"),
+        (httpx.RemoteProtocolError("closed"), 503, "predictor_unavailable"),
+        (httpx.ReadTimeout("slow"), 504, "predictor_timeout"),
+    ],
+)
+def test_transport_failures(client, predictor, exception, status, code):
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise exception
+
+    predictor.handler = fail
+    response = client.post("/v1/images/generations", json={"prompt": "x"})
+    assert_error(response, status, code, None)
+    if status == 503:
+        assert response.headers["retry-after"] == "5"
+    else:
+        assert response.headers["x-should-retry"] == "false"
+
+
+def test_models_and_switched_off_model(make_client, predictor):
+    client = make_client(edit_url="")
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["qwen-image"]
+    assert client.get("/v1/models/qwen-image").json()["object"] == "model"
+    assert_error(client.get("/v1/models/qwen-image-edit"), 404, "model_not_found", "model")
+    files = {"image": ("upload", encode(), "application/octet-stream")}
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=files)
+    assert_error(response, 404, "model_not_found", "model")
+    response = client.post("/v1/images/generations", json={"prompt": "x", "model": "dall-e-3"})
+    assert_error(response, 404, "model_not_found", "model")
+    response = make_client().post(
+        "/v1/images/generations", json={"prompt": "x", "model": "qwen-image-edit"}
+    )
+    assert_error(response, 400, "invalid_value", "model")
+    assert not predictor.requests
+
+
+def test_edit_sends_the_image(client: TestClient, predictor: FakePredictor):
+    image = encode((96, 64), "WEBP")
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "hat", "n": "2", "seed": "3", "true_cfg_scale": "1.5"},
+        files=[("image[]", ("upload", image, "application/octet-stream"))],
+    )
+    assert response.status_code == 200, response.text
+    assert predictor.requests[-1].url.path == "/v2/models/qwen-image-edit/infer"
+    body = predictor.last_body
+    inputs = {item["name"]: item["data"][0] for item in body["inputs"]}
+    assert contract.decode_bytes_from_rest(contract.IMAGE, inputs[contract.IMAGE]) == image
+    assert body["parameters"][contract.TRUE_CFG_SCALE] == 1.5
+    assert [item["seed"] for item in response.json()["data"]] == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("files", "param", "code"),
+    [
+        ([], "image", "missing_required_parameter"),
+        ([("image", b"GIF89a....")], "image", "invalid_image_format"),
+        ([("image", b"")], "image", "invalid_image_format"),
+        ([("image", encode()), ("image", encode())], "image", "unsupported_value"),
+        ([("image[]", encode()), ("image[]", encode())], "image", "unsupported_value"),
+        ([("image", encode()), ("mask", encode())], "mask", "unsupported_value"),
+        ([("image", b"\x89PNG\r\n\x1a\n" + bytes(60_000))], "image", "image_too_large"),
+    ],
+)
+def test_edit_errors(make_client, predictor, files, param, code):
+    client = make_client(max_upload_bytes=50_000)
+    parts = [(name, ("upload", data, "application/octet-stream")) for name, data in files]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts or None)
+    assert_error(response, 400, code, param)
+    assert not predictor.requests
+
+
+def test_api_key(make_client: Callable[..., TestClient]):
+    client = make_client(api_key="s3cret")
+    assert_error(client.get("/v1/models"), 401, "invalid_api_key", None)
+    wrong = {"Authorization": "Bearer nope"}
+    assert_error(client.get("/v1/models", headers=wrong), 401, "invalid_api_key", None)
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).is_success
+    assert client.get("/health/live").is_success
+
+
+def test_http_errors_have_openai_shape(client: TestClient):
+    assert_error(client.get("/v1/nothing"), 404, "not_found", None)
+    assert_error(client.delete("/v1/models"), 405, "method_not_allowed", None)
+    assert_error(client.get("/v1/images/generations"), 405, "method_not_allowed", None)
+
+
+def test_unexpected_exception_is_a_500(make_client, predictor):
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug")
+
+    predictor.handler = explode
+    app = create_app(Settings(), transport=httpx.MockTransport(predictor))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(
+            "/v1/images/generations", json={"prompt": "x"}, headers={"x-request-id": "r1"}
+        )
+    assert_error(response, 500, "internal_error", None)
+    assert response.headers["x-request-id"] == "r1"
+
+
+def test_health(client: TestClient, predictor: FakePredictor):
+    predictor.handler = lambda request: httpx.Response(200)
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").json()["models"] == ["qwen-image", "qwen-image-edit"]
+    paths = {request.url.path for request in predictor.requests}
+    assert paths == {"/v2/models/qwen-image/ready", "/v2/models/qwen-image-edit/ready"}
+    predictor.handler = lambda request: httpx.Response(503 if "edit" in request.url.path else 200)
+    error = assert_error(client.get("/health/ready"), 503, "not_ready", None)
+    assert "qwen-image-edit" in error["message"]
+
+
+def test_openapi_documents_openai_errors_only(client: TestClient):
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/images/generations", "/v1/images/edits", "/v1/models"):
+        assert path in schema["paths"]
+    text = json.dumps(schema)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    assert "image[]" in text
+    edit_body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert list(edit_body) == ["multipart/form-data"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_protocol_formats_match_the_contract():
+    assert set(get_args(OutputFormat)) == set(contract.OUTPUT_FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_detect_image_format(fmt: str):
+    assert detect_image_format(encode(fmt=fmt)) == fmt.lower()
+    assert detect_image_format(b"RIFF0000WAVE") is None
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("QWEN_ADAPTER_GENERATION_URL", "http://gen:8080/")
+    monkeypatch.setenv("QWEN_ADAPTER_EDIT_URL", "")
+    monkeypatch.setenv("QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS", "30")
+    settings = Settings()
+    assert settings.predictor_url("qwen-image") == "http://gen:8080"
+    assert settings.models == ["qwen-image"]
+    assert settings.request_timeout_seconds == 30
+
+
+def test_adapter_does_not_import_torch():
+    """The adapter's image has no torch: nothing it imports may pull it in."""
+    code = (
+        "import sys, openai_adapter.__main__, openai_adapter.local_stack; "
+        "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
