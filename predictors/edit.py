@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from diffusers import QwenImageEditPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
 from predictors.contract import EDIT_DEFAULTS, EDIT_MODEL_NAME, IMAGE, ContractError, ImageRequest
+from predictors.denoise import EDIT_CONDITION_AREA, Job
 from predictors.images import decode_image
 from predictors.model import QwenImageModel
 from predictors.server import serve
-
-# The edit pipeline works at about this many pixels, keeping the input's aspect ratio.
-EDIT_TARGET_AREA = 1024 * 1024
 
 
 class QwenImageEditModel(QwenImageModel):
@@ -27,21 +24,21 @@ class QwenImageEditModel(QwenImageModel):
     location_env = "QWEN_IMAGE_EDIT_LOCATION"
     needs_image = True
 
-    def prepare(self, request: ImageRequest) -> dict[str, Any]:
-        """Decode the input image and check the output size it implies."""
+    def prepare(self, request: ImageRequest) -> Job:
+        """Decode the input image; without an explicit size, the output keeps its aspect
+        ratio at the pipeline's ~1024x1024 area, which must fit the size limits."""
         image = decode_image(request.image, self.options.limits.max_input_pixels)
-        if request.width is None:
-            width, height, _ = calculate_dimensions(EDIT_TARGET_AREA, image.width / image.height)
-            limits = self.options.limits
-            if not (
-                limits.min_size <= min(width, height) and max(width, height) <= limits.max_size
-            ):
-                raise ContractError(
-                    IMAGE,
-                    f"'image' has an aspect ratio of {image.width}:{image.height}, which would "
-                    f"give a {width}x{height} output, outside {limits.min_size}-{limits.max_size}",
-                )
-        return {"image": image}
+        if request.width is not None:
+            return self.job(request, request.width, request.height, image)
+        width, height, _ = calculate_dimensions(EDIT_CONDITION_AREA, image.width / image.height)
+        limits = self.options.limits
+        if not (limits.min_size <= min(width, height) and max(width, height) <= limits.max_size):
+            raise ContractError(
+                IMAGE,
+                f"'image' has an aspect ratio of {image.width}:{image.height}, which would "
+                f"give a {width}x{height} output, outside {limits.min_size}-{limits.max_size}",
+            )
+        return self.job(request, width, height, image)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

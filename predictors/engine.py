@@ -1,71 +1,194 @@
-"""Runs pipeline calls off the event loop, one at a time, behind a bounded queue."""
+"""Runs pipeline work off the event loop on one worker thread, in batches, behind a bounded
+queue."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
-from typing import TypeVar
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from kserve.errors import ServerNotReady
 
-from predictors.metrics import QUEUE_DEPTH
+from predictors.metrics import BATCH_REQUESTS, QUEUE_DEPTH
 
-T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+class Batchable(Protocol):
+    """A unit of work that may share a pipeline call with others of the same key."""
+
+    @property
+    def batch_key(self) -> Hashable: ...
+
+    @property
+    def num_images(self) -> int: ...
+
+
+JobT = TypeVar("JobT", bound=Batchable)
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How requests are grouped into one pipeline call.
+
+    A batch takes the oldest waiting request, then later ones with the same batch key (same
+    size, steps and CFG) while its images total at most ``max_batch_size``; one request with
+    more images than that runs alone. The oldest request waits at most ``batch_wait_ms``
+    after its arrival for others to join (requests that queued while the GPU was busy join at
+    once). ``max_batch_size=1`` turns cross-request batching off.
+    """
+
+    max_batch_size: int = 1
+    batch_wait_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms must be >= 0")
 
 
 class ServerBusy(ServerNotReady):
     """The queue is full. KServe answers it with 503 (gRPC UNAVAILABLE); clients retry later."""
 
-    def __init__(self, model_name: str, running: int, max_queue_size: int):
+    def __init__(self, model_name: str, in_flight: int, capacity: int):
         super().__init__()
         self.error_msg = (
-            f"Server is busy: model {model_name} has {running} request running and "
-            f"{max_queue_size} waiting, the most it queues. Retry later."
+            f"Server is busy: model {model_name} has {in_flight} requests running or waiting, "
+            f"the most it accepts ({capacity}). Retry later."
         )
 
 
-class PipelineRunner:
-    """One worker thread per GPU: pipeline calls never overlap and never block the loop.
+@dataclass
+class _Waiting(Generic[JobT]):
+    job: JobT
+    arrived: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
-    Up to ``max_queue_size`` requests wait behind the running one; past that, ``run``
-    raises ``ServerBusy`` at once instead of queueing without bound. A request counts as
-    pending until its work has really finished, even when its caller gave up earlier, so
-    the count always matches what the GPU still has to do.
+
+class PipelineRunner(Generic[JobT, ResultT]):
+    """One worker thread per GPU: pipeline calls never overlap and never block the event loop.
+
+    ``process`` turns a batch of jobs into one result per job. Requests are counted, whatever
+    their number of images: at most ``max_batch_size + max_queue_size`` may be accepted and
+    unfinished (running or waiting; with batching off, one running and ``max_queue_size``
+    waiting). Past that, ``run`` raises ``ServerBusy`` at once instead of queueing without
+    bound. A request counts until its work has really finished, even when its caller gave up
+    earlier, so the count always matches what the GPU still has to do; a request cancelled
+    before its batch starts is dropped.
     """
 
-    def __init__(self, model_name: str, max_queue_size: int):
+    def __init__(
+        self,
+        model_name: str,
+        process: Callable[[list[JobT]], list[ResultT]],
+        max_queue_size: int,
+        policy: BatchPolicy | None = None,
+    ):
         if max_queue_size < 0:
             raise ValueError("max_queue_size must be >= 0")
         self.model_name = model_name
-        self.max_queue_size = max_queue_size
+        self.process = process
+        self.policy = policy or BatchPolicy()
+        self.capacity = self.policy.max_batch_size + max_queue_size
         self._pending = 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"pipeline-{model_name}"
-        )
+        self._waiting: deque[_Waiting[JobT]] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
         self._depth = QUEUE_DEPTH.labels(model_name=model_name)
         self._depth.set(0)
+        self._batch_sizes = BATCH_REQUESTS.labels(model_name=model_name)
+        self._worker = threading.Thread(
+            target=self._work, name=f"pipeline-{model_name}", daemon=True
+        )
+        self._worker.start()
 
     @property
     def pending(self) -> int:
-        """Requests accepted and not finished (the running one included)."""
+        """Requests accepted and not finished (the running ones included)."""
         return self._pending
 
-    async def run(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on the worker thread once its turn comes; raise ``ServerBusy`` if full."""
-        if self._pending > self.max_queue_size:
-            raise ServerBusy(self.model_name, 1, self.max_queue_size)
+    async def run(self, job: JobT) -> ResultT:
+        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full."""
+        if self._pending >= self.capacity:
+            raise ServerBusy(self.model_name, self._pending, self.capacity)
         loop = asyncio.get_running_loop()
+        waiting = _Waiting(job, time.monotonic())
         self._pending += 1
         self._depth.set(self._pending)
-        future = self._executor.submit(work)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
-        return await asyncio.wrap_future(future)
+        waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
+        with self._condition:
+            self._waiting.append(waiting)
+            self._condition.notify()
+        return await asyncio.wrap_future(waiting.future)
+
+    def shutdown(self) -> None:
+        """Finish the queued work, then stop the worker thread."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._worker.join()
 
     def _finish(self) -> None:
         self._pending -= 1
         self._depth.set(self._pending)
 
-    def shutdown(self) -> None:
-        """Finish the queued work, then stop the worker thread."""
-        self._executor.shutdown(wait=True)
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            started = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if started:
+                self._execute(started)
+
+    def _next_batch(self) -> list[_Waiting[JobT]] | None:
+        """The next batch once it is full or its oldest request has waited long enough."""
+        wait_s = self.policy.batch_wait_ms / 1000
+        with self._condition:
+            while True:
+                while not self._waiting and not self._closed:
+                    self._condition.wait()
+                if not self._waiting:
+                    return None
+                batch = self._select()
+                images = sum(item.job.num_images for item in batch)
+                remaining = self._waiting[0].arrived + wait_s - time.monotonic()
+                if images >= self.policy.max_batch_size or remaining <= 0 or self._closed:
+                    break
+                self._condition.wait(remaining)
+            for item in batch:
+                self._waiting.remove(item)
+        return batch
+
+    def _select(self) -> list[_Waiting[JobT]]:
+        """The oldest request and the later compatible ones that fit beside it."""
+        first = self._waiting[0]
+        batch, images = [first], first.job.num_images
+        for item in list(self._waiting)[1:]:
+            fits = images + item.job.num_images <= self.policy.max_batch_size
+            if fits and item.job.batch_key == first.job.batch_key:
+                batch.append(item)
+                images += item.job.num_images
+        return batch
+
+    def _execute(self, batch: list[_Waiting[JobT]]) -> None:
+        """Run a batch; if a batch of several fails, run its requests one by one, so that
+        one bad request (or a batch too big for the GPU) does not fail the others."""
+        self._batch_sizes.observe(len(batch))
+        try:
+            results = self.process([item.job for item in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), exc)
+            for item in batch:
+                self._execute([item])
+            return
+        for item, result in zip(batch, results, strict=True):
+            item.future.set_result(result)

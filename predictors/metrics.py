@@ -12,7 +12,7 @@ REQUEST_LATENCY = Histogram(
 )
 QUEUE_DEPTH = Gauge(
     "qwen_image_queue_depth",
-    "Requests accepted and not finished: the one running plus those waiting for the GPU.",
+    "Requests accepted and not finished: those running (one batch) and those waiting.",
     LABELS,
 )
 IMAGES_GENERATED = Counter(
@@ -22,4 +22,10 @@ REQUESTS_REJECTED = Counter(
     "qwen_image_requests_rejected_total",
     "Requests refused before running: 'invalid' (400) or 'busy' (queue full, 503).",
     [*LABELS, "reason"],
+)
+BATCH_REQUESTS = Histogram(
+    "qwen_image_batch_requests",
+    "Requests run together in one pipeline call (1 unless cross-request batching is on).",
+    LABELS,
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )

@@ -1,8 +1,9 @@
 """The KServe model shared by both predictors: load a pipeline, answer v2 infer calls.
 
-A subclass names its pipeline class and defaults and says how a request becomes pipeline
-inputs (``prepare``); loading, queueing, the pipeline call, encoding, metrics and the v2
-response are the same for both and live here.
+A subclass names its pipeline class and defaults and says how a request becomes a
+``denoise.Job`` (``prepare``); loading with its speed modes, queueing and cross-request
+batching, the denoising loop, encoding, metrics and the v2 response are the same for both
+and live here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -23,9 +24,11 @@ from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferInput, to_http_parameters
 from PIL import Image
 
-from predictors import contract
+from predictors import acceleration, contract, denoise
+from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.contract import ContractError, Defaults, ImageRequest, Limits
-from predictors.engine import PipelineRunner, ServerBusy
+from predictors.denoise import Job
+from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy
 from predictors.images import encode_image
 from predictors.loading import load_pipeline, resolve_device, resolve_dtype, resolve_location
 from predictors.metrics import IMAGES_GENERATED, REQUEST_LATENCY, REQUESTS_REJECTED
@@ -44,6 +47,8 @@ class PredictorOptions:
     max_queue_size: int = 4
     limits: Limits = field(default_factory=Limits)
     tiny_cache_dir: Path | None = None
+    batching: BatchPolicy = field(default_factory=BatchPolicy)
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 class QwenImageModel(Model):
@@ -62,10 +67,15 @@ class QwenImageModel(Model):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.pipeline: DiffusionPipeline | None = None
-        self.runner = PipelineRunner(name, options.max_queue_size)
+        self.runner = PipelineRunner(name, self.generate, options.max_queue_size, options.batching)
 
     def load(self) -> bool:
-        """Load the pipeline (tiny when no location is set); raises ``ModelLocationError``."""
+        """Load the pipeline (tiny when no location is set) and apply the speed modes.
+
+        Raises ``ModelLocationError`` or ``AccelerationError``. With a step-distilled LoRA,
+        requests that name no steps or CFG scale get the LoRA's (8 steps, no CFG). With
+        compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes.
+        """
         location = resolve_location(
             self.options.location, self.tiny_kind, self.options.tiny_cache_dir
         )
@@ -74,17 +84,67 @@ class QwenImageModel(Model):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
         started = time.perf_counter()
         self.pipeline = load_pipeline(self.pipeline_class, location, self.device, self.dtype)
+        modes = self.options.acceleration
+        acceleration.apply(self.pipeline, modes)
+        if modes.lora:
+            self.defaults = replace(
+                self.defaults,
+                num_inference_steps=modes.lora_steps,
+                true_cfg_scale=LIGHTNING.true_cfg_scale,
+            )
+        if modes.compiles(self.device):
+            acceleration.warm_up(self.pipeline, self.warmup_batches(), modes.attention)
         logger.info("Model %s ready in %.1f s", self.name, time.perf_counter() - started)
         self.ready = True
         return self.ready
+
+    def warmup_batches(self) -> list[list[Job]]:
+        """Short runs per warm-up size that take every path the compiled blocks will see:
+        other text lengths, a batch of two, and a batch without padding."""
+        sizes = self.options.acceleration.warmup_sizes
+        if sizes is None:
+            sizes = ((self.defaults.width or 1024, self.defaults.height or 1024),)
+        batches = []
+        for width, height in sizes:
+            image = Image.new("RGB", (width, height), "gray") if self.needs_image else None
+            short = Job(
+                prompt="a cube",
+                negative_prompt=self.defaults.negative_prompt,
+                seeds=(0,),
+                width=width,
+                height=height,
+                num_inference_steps=2,
+                true_cfg_scale=self.defaults.true_cfg_scale,
+                image=image,
+            )
+            longer = replace(short, prompt="a red cube on a wooden table in the morning light")
+            # A prompt as long as the negative one needs no padding mask: the mask-free path.
+            unpadded = replace(short, prompt=short.negative_prompt)
+            batches += [[short], [longer, short], [unpadded]]
+        return batches
 
     def stop(self) -> None:
         """Let accepted requests finish before the server goes away."""
         self.runner.shutdown()
 
-    def prepare(self, request: ImageRequest) -> dict[str, Any]:
-        """Pipeline keyword arguments specific to this model (beyond the shared ones)."""
-        return {}
+    def prepare(self, request: ImageRequest) -> Job:
+        """The denoising job of a request (runs off the event loop, before queueing)."""
+        return self.job(request, request.width, request.height)
+
+    def job(
+        self, request: ImageRequest, width: int, height: int, image: Image.Image | None = None
+    ) -> Job:
+        """A request as a ``denoise.Job`` of the given output size (and edit image)."""
+        return Job(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seeds=tuple(request.seeds),
+            width=width,
+            height=height,
+            num_inference_steps=request.num_inference_steps,
+            true_cfg_scale=request.true_cfg_scale,
+            image=image,
+        )
 
     async def predict(
         self,
@@ -99,14 +159,12 @@ class QwenImageModel(Model):
         request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
         try:
             request = self.parse(payload)
-            pipeline_inputs = await asyncio.to_thread(self.prepare, request)
+            job = await asyncio.to_thread(self.prepare, request)
         except ContractError as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
             raise InvalidInput(exc.message) from None
         try:
-            images = await self.runner.run(
-                lambda: self.generate(request, pipeline_inputs, request_id)
-            )
+            images = await self.runner.run(job)
         except ServerBusy:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="busy").inc()
             raise
@@ -166,35 +224,19 @@ class QwenImageModel(Model):
             needs_image=self.needs_image,
         )
 
-    def generate(
-        self, request: ImageRequest, pipeline_inputs: dict[str, Any], request_id: str
-    ) -> list[Image.Image]:
-        """Run the pipeline (on the worker thread). Image ``i`` is seeded with ``seed + i``.
+    def generate(self, jobs: list[Job]) -> list[list[Image.Image]]:
+        """Run one batch of jobs on the worker thread: the images of each job, in order."""
+        steps = jobs[0].num_inference_steps
 
-        Generators live on the CPU, so a seed gives the same starting noise on any device.
-        """
-        steps = request.num_inference_steps
+        def log_step(step: int) -> None:
+            logger.debug("batch of %d requests: step %d/%d", len(jobs), step + 1, steps)
 
-        def log_step(pipeline: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
-            logger.debug("request_id=%s step %d/%d", request_id, step + 1, steps)
-            return {}
-
-        size = {}
-        if request.width is not None:
-            size = {"width": request.width, "height": request.height}
-        with torch.inference_mode():
-            output = self.pipeline(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                true_cfg_scale=request.true_cfg_scale,
-                num_inference_steps=steps,
-                num_images_per_prompt=request.num_images,
-                generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
-                callback_on_step_end=log_step,
-                **size,
-                **pipeline_inputs,
-            )
-        return output.images
+        return denoise.generate(
+            self.pipeline,
+            jobs,
+            attention=self.options.acceleration.attention,
+            on_step_end=log_step if logger.isEnabledFor(logging.DEBUG) else None,
+        )
 
     def respond(
         self, payload: InferRequest, request_id: str, request: ImageRequest, images: list[bytes]

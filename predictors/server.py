@@ -16,7 +16,11 @@ from pathlib import Path
 from kserve import ModelServer
 from kserve import model_server as kserve_server
 
+from predictors import acceleration
+from predictors.acceleration import Acceleration, AccelerationError
 from predictors.contract import Limits
+from predictors.denoise import AttentionBackends
+from predictors.engine import BatchPolicy
 from predictors.loading import ModelLocationError
 from predictors.model import PredictorOptions, QwenImageModel
 
@@ -25,6 +29,23 @@ logger = logging.getLogger(__name__)
 
 def _env_default(name: str, default: object) -> object:
     return os.environ.get(name, default)
+
+
+def parse_sizes(value: str) -> tuple[tuple[int, int], ...] | None:
+    """``auto`` (None: the predictor's default size), ``none``, or ``WxH[,WxH...]``."""
+    if value == "auto":
+        return None
+    if value == "none":
+        return ()
+    try:
+        return tuple(
+            (int(width), int(height))
+            for width, height in (size.lower().split("x") for size in value.split(","))
+        )
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid sizes {value!r}: use auto, none or WxH[,WxH...] such as 1328x1328"
+        ) from None
 
 
 def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
@@ -46,7 +67,14 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
     options = (
         ("--device", "QWEN_DEVICE", str, "auto", "auto, cpu, cuda or cuda:N"),
         ("--dtype", "QWEN_DTYPE", str, "auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, ..."),
-        ("--max_queue_size", "QWEN_MAX_QUEUE_SIZE", int, 4, "requests waiting for the GPU"),
+        (
+            "--max_queue_size",
+            "QWEN_MAX_QUEUE_SIZE",
+            int,
+            4,
+            "requests that may wait beyond a full batch: at most max_batch_size + this are "
+            "accepted and unfinished, then 503",
+        ),
         ("--min_size", "QWEN_MIN_SIZE", int, limits.min_size, "smallest width/height"),
         ("--max_size", "QWEN_MAX_SIZE", int, limits.max_size, "largest width/height"),
         ("--max_steps", "QWEN_MAX_STEPS", int, limits.max_steps, "most inference steps"),
@@ -59,10 +87,73 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "largest input image (pixels)",
         ),
         ("--tiny_cache_dir", "QWEN_TINY_CACHE_DIR", Path, None, "where tiny pipelines are saved"),
+        # Cross-request batching (docs/performance.md).
+        (
+            "--max_batch_size",
+            "QWEN_MAX_BATCH_SIZE",
+            int,
+            1,
+            "most images run together across requests of the same size, steps and CFG "
+            "(1: no cross-request batching)",
+        ),
+        (
+            "--batch_wait_ms",
+            "QWEN_BATCH_WAIT_MS",
+            float,
+            50.0,
+            "how long the oldest request waits for others to join its batch",
+        ),
+        # Speed modes, applied at load time (docs/performance.md).
+        (
+            "--attention_backend",
+            "QWEN_ATTENTION_BACKEND",
+            str,
+            "native",
+            "diffusers attention backend for batches without padding: "
+            + ", ".join(acceleration.MASK_FREE_BACKENDS),
+        ),
+        (
+            "--masked_attention_backend",
+            "QWEN_MASKED_ATTENTION_BACKEND",
+            str,
+            "native",
+            "attention backend for batches whose prompts need a padding mask: "
+            + ", ".join(acceleration.MASK_CAPABLE_BACKENDS),
+        ),
+        ("--compile", "QWEN_COMPILE", str, "off", "regional torch.compile: off, on, auto (CUDA)"),
+        (
+            "--warmup_sizes",
+            "QWEN_WARMUP_SIZES",
+            parse_sizes,
+            "auto",
+            "sizes compiled at load: auto (the default size), none, or WxH[,WxH...]",
+        ),
+        ("--quantization", "QWEN_QUANTIZATION", str, "none", "none, or fp8 (torchao, GPU)"),
+        ("--cache", "QWEN_CACHE", str, "none", "step cache: none or first_block"),
+        ("--cache_threshold", "QWEN_CACHE_THRESHOLD", float, 0.05, "first_block threshold"),
+        (
+            "--lora",
+            "QWEN_LORA",
+            str,
+            None,
+            "step-distilled LoRA (file, directory or Hub repo), fused at load; requests "
+            "default to its steps and no CFG",
+        ),
+        ("--lora_weight_name", "QWEN_LORA_WEIGHT_NAME", str, None, "file name in --lora"),
+        ("--lora_steps", "QWEN_LORA_STEPS", int, 8, "default steps with --lora"),
     )
+    choices = {
+        "--compile": acceleration.COMPILE_CHOICES,
+        "--quantization": acceleration.QUANTIZATIONS,
+        "--cache": tuple(acceleration.CACHES),
+    }
     for flag, env, kind, default, help_text in options:
         parser.add_argument(
-            flag, type=kind, default=_env_default(env, default), help=f"{help_text} (env {env})"
+            flag,
+            type=kind,
+            default=_env_default(env, default),
+            choices=choices.get(flag),
+            help=f"{help_text} (env {env})",
         )
     return parser
 
@@ -82,24 +173,46 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
             max_input_pixels=int(args.max_input_pixels),
         ),
         tiny_cache_dir=Path(args.tiny_cache_dir) if args.tiny_cache_dir else None,
+        batching=BatchPolicy(
+            max_batch_size=int(args.max_batch_size), batch_wait_ms=float(args.batch_wait_ms)
+        ),
+        acceleration=Acceleration(
+            attention=AttentionBackends(
+                masked=args.masked_attention_backend, unmasked=args.attention_backend
+            ),
+            compile=args.compile,
+            warmup_sizes=args.warmup_sizes,
+            quantization=args.quantization,
+            cache=args.cache,
+            cache_threshold=float(args.cache_threshold),
+            lora=args.lora or None,
+            lora_weight_name=args.lora_weight_name or None,
+            lora_steps=int(args.lora_steps),
+        ),
     )
 
 
 def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) -> None:
     """Parse flags, load the model and serve it until SIGINT/SIGTERM.
 
-    A location that cannot be loaded ends the process with a one-line error and exit code 2.
+    A location that cannot be loaded, or a speed mode that cannot be applied, ends the
+    process with a one-line error and exit code 2.
     """
-    args = build_parser(model_class).parse_args(argv)
+    parser = build_parser(model_class)
+    args = parser.parse_args(argv)
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:  # a value from the environment that the flags would refuse
+        parser.error(str(exc))
     if args.configure_logging:
         logging.basicConfig(
             level=args.log_level if hasattr(args, "log_level") else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    model = model_class(args.model_name, options_from_args(args))
+    model = model_class(args.model_name, options)
     try:
         model.load()
-    except ModelLocationError as exc:
+    except (ModelLocationError, AccelerationError) as exc:
         logger.error("%s", exc)
         sys.exit(2)
     ModelServer(

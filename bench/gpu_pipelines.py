@@ -1,0 +1,762 @@
+"""Qwen-Image and Qwen-Image-Edit on one GPU: diffusers' plain pipeline call (the original
+service) against this project's engine (``predictors.denoise``) and speed modes
+(``predictors.acceleration``), side by side in one run.
+
+No weights are downloaded: the pipelines are full size with random bf16 weights (the real
+transformer and VAE configs, Qwen2.5-VL-7B-Instruct's published config for the text
+encoder, the offline byte-level tokenizer of ``predictors.tiny``). A step's compute does not
+depend on the weights' values, so the timings are real; the images are noise.
+
+Per case and mode: seconds per image (median), seconds per step, peak GPU memory, and the
+difference from the baseline's image on the same seed. Per case: the bf16 compute floor of a
+step (FLOPs from the model config / the matmul rate measured here). Then the throughput of 8
+requests as one batch against 8 in turn, and an attention-backend sweep at the cases' shapes.
+
+    python bench/gpu_pipelines.py                       # every case and mode (too long for
+                                                        # one 10-minute call: see docs)
+    python bench/gpu_pipelines.py --cases 1328x1328 --modes baseline,engine,engine+compile
+    python bench/gpu_pipelines.py --smoke               # tiny pipelines on the CPU, seconds
+
+Imports: torch, diffusers, transformers, numpy, PIL and the kserve-free ``predictors``
+modules, so it runs on a GPU host from carried wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from predictors import acceleration, tiny
+from predictors.acceleration import LIGHTNING, Acceleration
+from predictors.denoise import AttentionBackends, Job, condition, generate
+
+# Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
+# The special token ids are set from the byte-level tokenizer at build time.
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "text_config": {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "max_window_layers": 28,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "attention_dropout": 0.0,
+    },
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "vocab_size": 152064,
+}
+# Qwen-Image-Edit's image processor: the tiny one's settings with the real pixel bounds.
+IMAGE_PROCESSOR_CONFIG = {
+    **tiny.TINY_IMAGE_PROCESSOR_CONFIG,
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 16384,
+}
+
+PROMPT = (
+    "A coffee shop entrance with a chalkboard sign reading 'Qwen Coffee $2 per cup', a neon "
+    "light beside it reading 'Open', and a poster of a girl drinking coffee; photorealistic"
+)
+NEGATIVE_PROMPT = " "
+EDIT_PROMPT = "Change the sign to read 'Closed' and make the light blue"
+SEED = 42
+TRUE_CFG_SCALE = 4.0
+# Prompts of different lengths for the batching case.
+BATCH_PROMPTS = (
+    "a red cube",
+    "a lighthouse on a cliff at dusk, oil painting",
+    "a bowl of ramen",
+    "an astronaut riding a horse on the moon, 35mm photo, film grain",
+    "a cat",
+    "a city street in the rain at night with neon reflections",
+    "a watercolor fox",
+    "a mountain lake at sunrise with mist over the water",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: an output size, for generation or for an edit."""
+
+    name: str
+    width: int
+    height: int
+    edit: bool = False
+
+
+FULL_CASES = (
+    Case("1328x1328", 1328, 1328),
+    Case("1664x928", 1664, 928),
+    Case("1024x1024", 1024, 1024),
+    Case("edit-1024x1024", 1024, 1024, edit=True),
+)
+SMOKE_CASES = (Case("64x64", 64, 64), Case("edit-64x64", 64, 64, edit=True))
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a case is run. Modes run in this order: compilation, the fused LoRA and FP8 stay
+    applied once a mode has applied them (as in a deployment); the cache is removed again.
+    The harness's LoRA has B = 0 (see ``zero_lora``), so it leaves the weights unchanged and
+    the exact modes after it still compare with the baseline."""
+
+    name: str
+    engine: bool = True  # False: the plain diffusers pipeline call
+    cache: bool = False
+    compile: bool = False
+    lightning: bool = False  # 8 steps, no CFG, Lightning scheduler, a fused LoRA
+    fp8: bool = False
+    exact: bool = True  # same outputs as the baseline up to bf16 noise
+    batching: bool = False  # also measure 8 requests batched against 8 in turn
+
+
+MODES = (
+    Mode("baseline", engine=False),
+    Mode("engine", batching=True),
+    Mode("engine+first_block_cache", cache=True, exact=False),
+    Mode("lightning", lightning=True, exact=False),
+    Mode("engine+compile", compile=True, batching=True),
+    Mode("lightning+compile", compile=True, lightning=True, exact=False),
+    Mode("fp8+compile", compile=True, fp8=True, exact=False),
+    Mode("lightning+fp8+compile", compile=True, lightning=True, fp8=True, exact=False),
+)
+
+
+@dataclass
+class Row:
+    """One measured line of the results table."""
+
+    case: str
+    mode: str
+    steps: int
+    seconds_per_image: float | None = None
+    seconds_per_step: float | None = None
+    first_run_seconds: float | None = None
+    peak_memory_gib: float | None = None
+    max_abs_diff: float | None = None
+    psnr_db: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Results:
+    environment: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    floors: list[dict[str, Any]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def text_encoder_config(tokenizer) -> Qwen2_5_VLConfig:
+    """The published config with the special token ids of the offline tokenizer."""
+    token_id = tokenizer.convert_tokens_to_ids
+    eos = token_id("<|endoftext|>")
+    ids = {
+        "image_token_id": token_id("<|image_pad|>"),
+        "video_token_id": token_id("<|video_pad|>"),
+        "vision_start_token_id": token_id("<|vision_start|>"),
+        "vision_end_token_id": token_id("<|vision_end|>"),
+        "bos_token_id": None,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+    }
+    text = {**TEXT_ENCODER_CONFIG["text_config"], "bos_token_id": None, "eos_token_id": eos}
+    return Qwen2_5_VLConfig(**{**TEXT_ENCODER_CONFIG, "text_config": text, **ids})
+
+
+def build_full_pipelines(
+    device: torch.device, scratch: Path
+) -> tuple[QwenImagePipeline, QwenImageEditPipeline]:
+    """Full-size pipelines with random bf16 weights, built on the device (one set of weights,
+    shared by both pipelines: Qwen-Image-Edit has Qwen-Image's architecture)."""
+    tokenizer = tiny.build_tokenizer(scratch / "tokenizer")
+    with torch.device(device), default_dtype(torch.bfloat16):
+        components = {
+            "scheduler": FlowMatchEulerDiscreteScheduler(**tiny.QWEN_IMAGE_SCHEDULER_CONFIG),
+            "vae": AutoencoderKLQwenImage(),
+            "text_encoder": Qwen2_5_VLForConditionalGeneration(
+                text_encoder_config(tokenizer)
+            ).eval(),
+            "tokenizer": tokenizer,
+            "transformer": QwenImageTransformer2DModel(),
+        }
+    config_dir = scratch / "image_processor"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR_CONFIG))
+    processor = tiny.ImageOnlyQwen2VLProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(config_dir), tokenizer=tokenizer
+    )
+    for model in (components["transformer"], components["vae"]):
+        model.eval()
+    return QwenImagePipeline(**components), QwenImageEditPipeline(processor=processor, **components)
+
+
+def build_smoke_pipelines(scratch: Path) -> tuple[QwenImagePipeline, QwenImageEditPipeline]:
+    """The tiny offline pipelines of ``predictors.tiny`` in float32, sharing their weights."""
+    edit = tiny.build_tiny_pipeline("edit", scratch)
+    shared = {name: part for name, part in edit.components.items() if name != "processor"}
+    return QwenImagePipeline(**shared), edit
+
+
+def zero_lora(transformer: torch.nn.Module, path: Path, rank: int = 16) -> Path:
+    """A PEFT-format LoRA on every block projection with B = 0 (PEFT's own initialisation):
+    it goes through the real load-and-fuse path and leaves the weights as they were, so the
+    modes after it still compare with the baseline. Its compute cost after fusing is zero."""
+    state = {}
+    for name, module in transformer.named_modules():
+        if acceleration.is_block_projection(module, name):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(
+                rank, module.in_features, dtype=torch.bfloat16
+            )
+            state[f"transformer.{name}.lora_B.weight"] = torch.zeros(
+                module.out_features, rank, dtype=torch.bfloat16
+            )
+    save_file(state, path)
+    return path
+
+
+class StepTimer:
+    """Marks the end of each step without synchronising: CUDA events on a GPU, the clock on
+    a CPU. Usable as ``denoise.generate``'s ``on_step_end`` and as a diffusers callback."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self, *args: Any) -> dict:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return {}
+
+    def seconds_per_step(self) -> float:
+        if len(self.marks) < 2:
+            return math.nan
+        if self.cuda:
+            self.marks[-1].synchronize()
+            total = self.marks[0].elapsed_time(self.marks[-1]) / 1000
+        else:
+            total = self.marks[-1] - self.marks[0]
+        return total / (len(self.marks) - 1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_baseline(pipeline, job: Job, timer: StepTimer | None = None) -> np.ndarray:
+    """The original service: one plain pipeline call with diffusers' defaults, image i
+    seeded with its own generator."""
+    extra = {} if job.image is None else {"image": job.image}
+    return pipeline(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        true_cfg_scale=job.true_cfg_scale,
+        width=job.width,
+        height=job.height,
+        num_inference_steps=job.num_inference_steps,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
+        output_type="np",
+        callback_on_step_end=timer.mark if timer else None,
+        **extra,
+    ).images
+
+
+def run_engine(pipeline, job: Job, timer: StepTimer, attention: AttentionBackends) -> np.ndarray:
+    return generate(pipeline, [job], attention=attention, output_type="np", on_step_end=timer.mark)[
+        0
+    ]
+
+
+def compare(image: np.ndarray, reference: np.ndarray | None) -> tuple[float | None, float | None]:
+    """Max abs difference and PSNR (dB) of images in [0, 1]."""
+    if reference is None or image.shape != reference.shape:
+        return None, None
+    diff = np.abs(image.astype(np.float64) - reference.astype(np.float64))
+    mse = float((diff**2).mean())
+    return float(diff.max()), (math.inf if mse == 0 else 10 * math.log10(1 / mse))
+
+
+def measure(
+    call: Callable[[StepTimer], np.ndarray],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> tuple[list[float], float, float, float | None, np.ndarray]:
+    """Seconds per run, seconds per step (median), first run's seconds, peak GiB, output."""
+    first = None
+    for _ in range(warmup):
+        synchronize(device)
+        started = time.perf_counter()
+        call(StepTimer(device))
+        synchronize(device)
+        first = first if first is not None else time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, steps, output = [], [], None
+    for _ in range(repeats):
+        timer = StepTimer(device)
+        synchronize(device)
+        started = time.perf_counter()
+        result = call(timer)
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+        steps.append(timer.seconds_per_step())
+        output = result if output is None else output
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    first = first if first is not None else seconds[0]
+    return seconds, statistics.median(steps), first, peak, output
+
+
+def transformer_flops(config: Any, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs of one transformer forward for one sample (matmuls only: the linear layers of
+    both streams, attention's two products, the input/output projections)."""
+    dim = config.num_attention_heads * config.attention_head_dim
+    tokens = image_tokens + text_tokens
+    block = 2 * 12 * dim * dim * tokens + 2 * 2 * tokens * tokens * dim + 2 * 2 * 6 * dim * dim
+    embed = 2 * (
+        config.in_channels * dim * image_tokens
+        + config.joint_attention_dim * dim * text_tokens
+        + dim * config.patch_size**2 * config.out_channels * image_tokens
+    )
+    return config.num_layers * block + embed
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    """The measured rate (TFLOP/s) of an ``m x k @ k x n`` matrix product."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 20 if device.type == "cuda" else 3
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * m * k * n * repeats / (time.perf_counter() - started) / 1e12
+
+
+def text_lengths(pipeline, job: Job) -> tuple[int, int]:
+    """Tokens of the prompt and negative prompt as the transformer sees them."""
+    conditioning = condition(pipeline, job, pipeline._execution_device, pipeline.text_encoder.dtype)
+    negative = conditioning.negative_text
+    return conditioning.text.shape[0], (0 if negative is None else negative.shape[0])
+
+
+def step_floor(pipeline, job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The compute floor of one CFG step: FLOPs / the matmul rate at the step's GEMM shape."""
+    config = pipeline.transformer.config
+    factor = pipeline.vae_scale_factor * 2
+    image_tokens = (job.width // factor) * (job.height // factor)
+    if job.image is not None:
+        condition_width, condition_height = job.condition_size
+        image_tokens += (condition_width // factor) * (condition_height // factor)
+    text, negative = text_lengths(pipeline, job)
+    flops = transformer_flops(config, image_tokens, text) + transformer_flops(
+        config, image_tokens, negative
+    )
+    dim = config.num_attention_heads * config.attention_head_dim
+    rows = 2 * (image_tokens + text)
+    rate = matmul_tflops(device, dtype, rows, dim, 4 * dim)
+    return {
+        "image_tokens": image_tokens,
+        "text_tokens": [text, negative],
+        "tflops_per_step": flops / 1e12,
+        "matmul_tflops": rate,
+        "matmul_shape": [rows, dim, 4 * dim],
+        "floor_seconds_per_step": flops / 1e12 / rate,
+    }
+
+
+def attention_sweep(
+    device: torch.device, dtype: torch.dtype, tokens: int, text: int, heads: int, head_dim: int
+) -> list[dict[str, Any]]:
+    """Time each backend on a CFG batch's joint attention, with and without a padding mask."""
+    shape = (2, tokens, heads, head_dim)
+    query, key, value = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, tokens, dtype=torch.bool, device=device)
+    mask[1, text // 2 : text] = False  # the shorter (negative) prompt's padding
+    results = []
+    for name in acceleration.MASK_FREE_BACKENDS:
+        for masked in (False, True):
+            if masked and name not in acceleration.MASK_CAPABLE_BACKENDS:
+                continue
+            entry = {"backend": name, "masked": masked}
+            try:
+                with attention_backend(name):
+                    attn_mask = mask[:, None, None, :] if masked else None
+
+                    def attend(mask_4d=attn_mask) -> torch.Tensor:
+                        return dispatch_attention_fn(query, key, value, attn_mask=mask_4d)
+
+                    attend()
+                    synchronize(device)
+                    started = time.perf_counter()
+                    repeats = 10 if device.type == "cuda" else 2
+                    for _ in range(repeats):
+                        attend()
+                    synchronize(device)
+                entry["ms"] = (time.perf_counter() - started) / repeats * 1000
+            except Exception as exc:  # report and go on: backends are optional
+                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            results.append(entry)
+    return results
+
+
+class Bench:
+    """Runs the selected cases through the selected modes, in order."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+        self.args = args
+        self.device = device
+        self.dtype = dtype
+        self.scratch = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
+        started = time.perf_counter()
+        if args.smoke:
+            self.generation, self.edit = build_smoke_pipelines(self.scratch)
+        else:
+            self.generation, self.edit = build_full_pipelines(device, self.scratch)
+        for pipeline in (self.generation, self.edit):
+            pipeline.to(device)
+            pipeline.set_progress_bar_config(disable=True)
+        synchronize(device)
+        self.build_seconds = time.perf_counter() - started
+        self.schedulers = {"qwen": self.generation.scheduler}
+        self.applied: set[str] = set()
+        self.lightning_later = False
+        self.attention = AttentionBackends(
+            masked=args.masked_attention_backend, unmasked=args.attention_backend
+        )
+        self.baselines: dict[str, np.ndarray] = {}
+        self.results = Results(environment=environment(device, self.build_seconds))
+
+    def pipeline(self, case: Case):
+        return self.edit if case.edit else self.generation
+
+    def job(self, case: Case, mode: Mode) -> Job:
+        image = None
+        if case.edit:
+            noise = np.random.default_rng(0).integers(0, 255, (case.height, case.width, 3))
+            image = Image.fromarray(noise.astype(np.uint8))
+        steps, cfg = self.args.steps, TRUE_CFG_SCALE
+        if mode.lightning:
+            steps, cfg = LIGHTNING.num_inference_steps, LIGHTNING.true_cfg_scale
+        return Job(
+            prompt=EDIT_PROMPT if case.edit else PROMPT,
+            negative_prompt=NEGATIVE_PROMPT,
+            seeds=(SEED,),
+            width=case.width,
+            height=case.height,
+            num_inference_steps=steps,
+            true_cfg_scale=cfg,
+            image=image,
+        )
+
+    def skip_reason(self, mode: Mode) -> str | None:
+        if self.device.type != "cuda" and mode.compile:
+            return "skipped: compilation is for the GPU (minutes on a CPU)"
+        if mode.fp8 and (
+            self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9)
+        ):
+            return "skipped: FP8 needs a CUDA GPU of compute capability >= 8.9"
+        return None
+
+    def prepare(self, mode: Mode) -> None:
+        """Bring the shared transformer and schedulers into ``mode``'s state."""
+        transformer = self.generation.transformer
+        if mode.compile and "compile" not in self.applied:
+            acceleration.apply(self.generation, Acceleration(compile="on"))
+            self.applied.add("compile")
+        # The LoRA is fused before FP8 takes the weights, as in a deployment.
+        lightning = mode.lightning or (mode.fp8 and self.lightning_later)
+        if lightning and "lightning" not in self.applied:
+            lora = zero_lora(transformer, self.scratch / "zero_lora.safetensors")
+            acceleration.apply(self.generation, Acceleration(compile="off", lora=str(lora)))
+            self.schedulers["lightning"] = self.generation.scheduler
+            self.applied.add("lightning")
+        if mode.fp8 and "fp8" not in self.applied:
+            acceleration.quantize_fp8(transformer)
+            self.applied.add("fp8")
+        if mode.cache:
+            acceleration.apply(self.generation, Acceleration(compile="off", cache="first_block"))
+        scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
+        self.generation.scheduler = self.edit.scheduler = scheduler
+
+    def run(self, cases: list[Case], modes: list[Mode]) -> Results:
+        self.lightning_later = any(mode.lightning for mode in modes)
+        floor_done: set[str] = set()
+        for mode in modes:
+            if reason := self.skip_reason(mode):
+                for case in cases:
+                    self.results.rows.append(Row(case.name, mode.name, 0, note=reason))
+                    print_row(self.results.rows[-1])
+                continue
+            self.prepare(mode)
+            try:
+                for case in cases:
+                    self.results.rows.append(self.run_case(case, mode))
+                    if case.name not in floor_done:
+                        self.results.floors.append(self.floor(case))
+                        floor_done.add(case.name)
+                if mode.batching:
+                    for size in self.args.batch_sizes:
+                        self.results.rows.append(self.run_batching(size, mode))
+            finally:
+                if mode.cache:
+                    self.generation.transformer.disable_cache()
+        return self.results
+
+    def run_case(self, case: Case, mode: Mode) -> Row:
+        pipeline, job = self.pipeline(case), self.job(case, mode)
+
+        def call(timer: StepTimer) -> np.ndarray:
+            if mode.engine:
+                return run_engine(pipeline, job, timer, self.attention)
+            return run_baseline(pipeline, job, timer)
+
+        warmup = max(self.args.warmup, 1 if mode.compile else 0)
+        seconds, per_step, first, peak, output = measure(
+            call, self.device, warmup, self.args.repeats
+        )
+        if not mode.engine:
+            self.baselines[case.name] = output
+        diff, psnr = compare(output, self.baselines.get(case.name))
+        row = Row(
+            case=case.name,
+            mode=mode.name,
+            steps=job.num_inference_steps,
+            seconds_per_image=statistics.median(seconds) / job.num_images,
+            seconds_per_step=per_step,
+            first_run_seconds=first,
+            peak_memory_gib=peak,
+            max_abs_diff=diff,
+            psnr_db=psnr,
+            note="" if mode.exact else "outputs change by design",
+        )
+        print_row(row)
+        return row
+
+    def floor(self, case: Case) -> dict[str, Any]:
+        job = self.job(case, MODES[1])
+        result = {
+            "case": case.name,
+            **step_floor(self.pipeline(case), job, self.device, self.dtype),
+        }
+        print(f"floor {case.name}: {json.dumps(result)}", flush=True)
+        config = self.generation.transformer.config
+        tokens = result["image_tokens"] + result["text_tokens"][0]
+        for entry in attention_sweep(
+            self.device,
+            self.dtype,
+            tokens,
+            result["text_tokens"][0],
+            config.num_attention_heads,
+            config.attention_head_dim,
+        ):
+            entry = {"case": case.name, **entry}
+            self.results.attention.append(entry)
+            print(f"attention {json.dumps(entry)}", flush=True)
+        return result
+
+    def run_batching(self, size: int, mode: Mode) -> Row:
+        """Eight requests of different prompts: in turn, then as one batch."""
+        jobs = [
+            Job(prompt, NEGATIVE_PROMPT, (SEED + i,), size, size, self.args.steps, TRUE_CFG_SCALE)
+            for i, prompt in enumerate(BATCH_PROMPTS)
+        ]
+
+        def in_turn(timer: StepTimer) -> np.ndarray:
+            outputs = [
+                generate(self.generation, [job], attention=self.attention, output_type="np")[0]
+                for job in jobs
+            ]
+            return np.concatenate(outputs)
+
+        def batched(timer: StepTimer) -> np.ndarray:
+            outputs = generate(self.generation, jobs, attention=self.attention, output_type="np")
+            return np.concatenate(outputs)
+
+        warmup = max(self.args.warmup, 1 if mode.compile else 0)
+        turn_seconds, _, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
+        batch_seconds, _, _, peak, batch_output = measure(batched, self.device, warmup, 1)
+        diff, psnr = compare(batch_output, turn_output)
+        speedup = turn_seconds[0] / batch_seconds[0]
+        row = Row(
+            case=f"batch8-{size}x{size}",
+            mode=mode.name,
+            steps=self.args.steps,
+            seconds_per_image=batch_seconds[0] / len(jobs),
+            peak_memory_gib=peak,
+            max_abs_diff=diff,
+            psnr_db=psnr,
+            note=f"in turn {turn_seconds[0] / len(jobs):.3f} s/image; batched {speedup:.2f}x",
+        )
+        print_row(row)
+        return row
+
+
+def environment(device: torch.device, build_seconds: float) -> dict[str, Any]:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "build_seconds": round(build_seconds, 1),
+    }
+    if device.type == "cuda":
+        info["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 1)
+        info["gpu_total_gib"] = round(
+            torch.cuda.get_device_properties(device).total_memory / 2**30, 1
+        )
+    print(f"environment {json.dumps(info)}", flush=True)
+    return info
+
+
+def print_row(row: Row) -> None:
+    def fmt(value: float | None, digits: int = 3) -> str:
+        return (
+            "-"
+            if value is None or (isinstance(value, float) and math.isnan(value))
+            else (f"{value:.{digits}f}")
+        )
+
+    print(
+        f"| {row.case} | {row.mode} | {row.steps} | {fmt(row.seconds_per_image)} | "
+        f"{fmt(row.seconds_per_step, 4)} | {fmt(row.first_run_seconds, 1)} | "
+        f"{fmt(row.peak_memory_gib, 1)} | {fmt(row.max_abs_diff, 5)} | {fmt(row.psnr_db, 1)} | "
+        f"{row.note} |",
+        flush=True,
+    )
+
+
+def select(names: str | None, known: tuple, kind: str) -> list:
+    if not names:
+        return list(known)
+    if names == "none":
+        return []
+    by_name = {item.name: item for item in known}
+    unknown = [name for name in names.split(",") if name not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown {kind}: {', '.join(unknown)}; known: {', '.join(by_name)}")
+    wanted = set(names.split(","))
+    return [item for item in known if item.name in wanted]  # canonical order
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny pipelines on the CPU")
+    parser.add_argument("--cases", help="comma-separated case names, or none (default: all)")
+    parser.add_argument("--modes", help="comma-separated mode names (default: all)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case and mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument(
+        "--batch-sizes",
+        default="512,1024",
+        help="square sizes of the 8-request batching case, or none",
+    )
+    parser.add_argument("--attention-backend", default="native")
+    parser.add_argument("--masked-attention-backend", default="native")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.repeats, args.warmup = 2, 1, 0
+        args.batch_sizes = "64,128" if args.batch_sizes == "512,1024" else args.batch_sizes
+    args.batch_sizes = (
+        [] if args.batch_sizes == "none" else [int(size) for size in args.batch_sizes.split(",")]
+    )
+    return args
+
+
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    cases = select(args.cases, SMOKE_CASES if args.smoke else FULL_CASES, "cases")
+    modes = select(args.modes, MODES, "modes")
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --smoke to check the harness on a CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    bench = Bench(args, device, dtype)
+    print(
+        "| case | mode | steps | s/image | s/step | first run s | peak GiB | max abs diff "
+        "| PSNR dB | note |\n|---|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    results = bench.run(cases, modes)
+    if args.json:
+        args.json.write_text(json.dumps(asdict(results), indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

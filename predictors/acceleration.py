@@ -1,0 +1,196 @@
+"""Load-time speed modes of a predictor, each chosen per deployment (flags in ``server.py``).
+
+- attention backends for masked and mask-free batches (exact);
+- regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise);
+- a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
+  scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
+- FP8 weights and activations through torchao (fast mode: changes the outputs slightly);
+- a step cache through diffusers' hooks (fast mode: skips work when steps change little).
+
+It imports no kserve, so the benchmark harness applies the same modes on a bare GPU host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.models.attention_dispatch import attention_backend
+
+from predictors.denoise import AttentionBackends, Job, generate
+
+logger = logging.getLogger(__name__)
+
+# diffusers attention backends that take the padding mask of Qwen's joint [text, image]
+# sequence. `flash`, `_flash_3`, `_native_flash` and `sage` refuse masks; the varlen backends
+# mis-pack Qwen's layout (diffusers #14139), so neither kind is offered for masked batches.
+MASK_CAPABLE_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_math", "xformers")
+MASK_FREE_BACKENDS = (*MASK_CAPABLE_BACKENDS, "_native_flash", "flash", "_flash_3", "sage")
+
+QUANTIZATIONS = ("none", "fp8")
+# Step caches that worked with Qwen-Image's true CFG (PyramidAttentionBroadcast and
+# FasterCache do not); the value builds diffusers' config from the threshold.
+CACHES = {"none": None, "first_block": lambda threshold: FirstBlockCacheConfig(threshold=threshold)}
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class StepDistillation:
+    """How a step-distilled LoRA is run: its scheduler settings and request defaults."""
+
+    scheduler: dict[str, Any]
+    num_inference_steps: int
+    true_cfg_scale: float
+
+
+# Qwen-Image-Lightning: a constant shift of 3 (base_shift = max_shift = ln 3), no terminal
+# stretch, 8 steps (4 for its 4-step variant) and no CFG.
+LIGHTNING = StepDistillation(
+    scheduler={"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None},
+    num_inference_steps=8,
+    true_cfg_scale=1.0,
+)
+
+
+class AccelerationError(RuntimeError):
+    """A speed mode cannot be applied here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The speed modes of one deployment. The defaults change nothing but the loop."""
+
+    attention: AttentionBackends = field(default_factory=AttentionBackends)
+    # Off until a GPU run has validated it (see docs/performance.md); auto: on for CUDA only.
+    compile: str = "off"
+    warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
+    quantization: str = "none"
+    cache: str = "none"
+    cache_threshold: float = 0.05
+    lora: str | None = None
+    lora_weight_name: str | None = None
+    lora_steps: int = LIGHTNING.num_inference_steps
+
+    def __post_init__(self) -> None:
+        for name, value, known in (
+            ("compile", self.compile, COMPILE_CHOICES),
+            ("quantization", self.quantization, QUANTIZATIONS),
+            ("cache", self.cache, tuple(CACHES)),
+        ):
+            if value not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, not {value!r}")
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether the transformer blocks are compiled on ``device``."""
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+
+
+def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
+    """Apply every mode of ``acceleration`` to a loaded pipeline, in the order they compose:
+    the LoRA is fused into bf16 weights before FP8 takes them, and compilation comes last."""
+    check_attention(acceleration.attention)
+    if acceleration.lora:
+        fuse_lora(pipeline, acceleration.lora, acceleration.lora_weight_name)
+    if acceleration.quantization == "fp8":
+        quantize_fp8(pipeline.transformer)
+    if acceleration.cache != "none":
+        pipeline.transformer.enable_cache(CACHES[acceleration.cache](acceleration.cache_threshold))
+    if acceleration.compiles(pipeline.transformer.device):
+        # The cache hooks decide on the host whether to skip blocks: a graph break.
+        fullgraph = acceleration.cache == "none"
+        pipeline.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+
+
+def check_attention(backends: AttentionBackends) -> None:
+    """Refuse backends that would mis-handle Qwen's masks or cannot run in this environment."""
+    if backends.masked not in MASK_CAPABLE_BACKENDS:
+        raise AccelerationError(
+            f"attention backend {backends.masked!r} cannot take the padding mask of batched "
+            f"prompts: use one of {', '.join(MASK_CAPABLE_BACKENDS)}"
+        )
+    if backends.unmasked not in MASK_FREE_BACKENDS:
+        raise AccelerationError(
+            f"attention backend {backends.unmasked!r} is not supported for Qwen-Image: use one "
+            f"of {', '.join(MASK_FREE_BACKENDS)}"
+        )
+    for name in {backends.masked, backends.unmasked}:
+        try:
+            with attention_backend(name):
+                pass
+        except (RuntimeError, ValueError, ImportError) as exc:
+            raise AccelerationError(f"attention backend {name!r} is not usable: {exc}") from exc
+
+
+def fuse_lora(
+    pipeline: DiffusionPipeline,
+    source: str,
+    weight_name: str | None = None,
+    distillation: StepDistillation = LIGHTNING,
+) -> None:
+    """Load a LoRA (a file, a directory or a Hub repo id), fuse it into the transformer's
+    weights, drop the adapter layers, and switch the scheduler to the distilled settings."""
+    try:
+        pipeline.load_lora_weights(source, weight_name=weight_name, adapter_name="fast")
+    except (OSError, ValueError, KeyError) as exc:
+        raise AccelerationError(f"cannot load the LoRA {source!r}: {exc}") from exc
+    pipeline.fuse_lora(adapter_names=["fast"], lora_scale=1.0)
+    pipeline.unload_lora_weights()
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipeline.scheduler.config, **distillation.scheduler
+    )
+    logger.info("Fused the LoRA %s; scheduler set to %s", source, distillation.scheduler)
+
+
+def quantize_fp8(transformer: torch.nn.Module) -> None:
+    """FP8 weights and dynamically scaled FP8 activations (per row) for the linear layers of
+    the transformer blocks, through torchao. Needs a GPU of compute capability >= 8.9."""
+    device = next(transformer.parameters()).device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise AccelerationError(
+            f"--quantization fp8 needs a CUDA GPU of compute capability 8.9 or newer "
+            f"(Ada, Hopper, Blackwell); the model is on {device}"
+        )
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError as exc:
+        raise AccelerationError(
+            f"--quantization fp8 needs torchao (pip install torchao): {exc}"
+        ) from exc
+    quantize_(
+        transformer,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=is_block_projection,
+    )
+
+
+def is_block_projection(module: torch.nn.Module, name: str) -> bool:
+    """The attention and MLP projections of the blocks: nearly all of a step's FLOPs. The
+    per-sample modulation layers (one row per image) stay in bf16."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith("transformer_blocks.")
+        and not name.split(".")[2].endswith("_mod")
+    )
+
+
+def warm_up(
+    pipeline: DiffusionPipeline, batches: Iterable[list[Job]], attention: AttentionBackends
+) -> float:
+    """Run each batch once (compiling what the batches' shapes need); the seconds it took."""
+    started = time.perf_counter()
+    for jobs in batches:
+        generate(pipeline, jobs, attention=attention)
+    seconds = time.perf_counter() - started
+    logger.info("Warm-up done in %.1f s", seconds)
+    return seconds

@@ -1,0 +1,90 @@
+"""The explicit denoising loop against diffusers' own pipeline calls, in float32 on tiny pipelines.
+
+Batched CFG (one forward for both texts, padded and masked) and cross-request batches must
+give the images of the plain pipeline call on the same seeds, to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline, QwenImagePipeline
+from PIL import Image
+
+from bench.gpu_pipelines import run_baseline
+from predictors.denoise import Job, generate, pad_text
+from predictors.loading import load_pipeline, resolve_location
+
+TOLERANCE = 1e-5  # images in [0, 1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory) -> QwenImagePipeline:
+    location = resolve_location(None, "generation", tmp_path_factory.mktemp("tiny"))
+    return load_pipeline(QwenImagePipeline, location, CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def edit(tmp_path_factory) -> QwenImageEditPipeline:
+    location = resolve_location(None, "edit", tmp_path_factory.mktemp("tiny"))
+    return load_pipeline(QwenImageEditPipeline, location, CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative_prompt", "cfg"),
+    [
+        ("a red cube on a wooden table", " ", 4.0),  # texts of different lengths: masked
+        ("abc", "xyz", 2.5),  # same length: no mask, the mask-free path
+        ("a cat", None, 4.0),  # no negative prompt: no CFG, one pass
+    ],
+    ids=["masked", "unmasked", "no-cfg"],
+)
+def test_batched_cfg_equals_the_pipelines_two_passes(generation, prompt, negative_prompt, cfg):
+    job = Job(prompt, negative_prompt, (7,), 64, 48, 3, cfg)
+    expected = run_baseline(generation, job)
+    (actual,) = generate(generation, [job], output_type="np")
+    assert np.abs(actual - expected).max() < TOLERANCE
+
+
+def test_edit_equals_the_edit_pipeline(edit):
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, image=Image.fromarray(pixels))
+    expected = run_baseline(edit, job)
+    (actual,) = generate(edit, [job], output_type="np")
+    assert np.abs(actual - expected).max() < TOLERANCE
+
+
+def test_a_batch_of_requests_equals_each_request_alone(generation):
+    """Prompts of different lengths and two images in one request: the case where diffusers'
+    num_images_per_prompt misorders masks."""
+    jobs = [
+        Job("a lighthouse on a cliff at dusk, oil painting", "", (5, 6), 64, 64, 3, 4.0),
+        Job("a cat", "", (9,), 64, 64, 3, 4.0),
+        Job("a bowl of ramen", "blurry", (11,), 64, 64, 3, 4.0),
+    ]
+    batched = generate(generation, jobs, output_type="np")
+    for job, images in zip(jobs, batched, strict=True):
+        assert images.shape == (job.num_images, 64, 64, 3)
+        for image, seed in zip(images, job.seeds, strict=True):
+            single = Job(job.prompt, job.negative_prompt, (seed,), 64, 64, 3, 4.0)
+            assert np.abs(image - run_baseline(generation, single)[0]).max() < TOLERANCE
+
+
+def test_pil_output_and_mixed_batches_refused(generation):
+    (images,) = generate(generation, [Job("a cat", "", (1, 2), 64, 32, 2, 4.0)])
+    assert [image.size for image in images] == [(64, 32), (64, 32)]
+    with pytest.raises(ValueError, match="must share size, steps, CFG"):
+        generate(
+            generation, [Job("a", "", (1,), 64, 64, 2, 4.0), Job("b", "", (1,), 64, 32, 2, 4.0)]
+        )
+
+
+def test_pad_text_masks_only_padding():
+    short, long = torch.ones(2, 4), torch.ones(5, 4)
+    padded, mask = pad_text([short, long])
+    assert padded.shape == (2, 5, 4)
+    assert padded[0, 2:].abs().sum() == 0
+    assert mask.tolist() == [[True, True, False, False, False], [True] * 5]
+    assert pad_text([long, long])[1] is None

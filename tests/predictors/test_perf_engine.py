@@ -1,0 +1,128 @@
+"""The batching runner with a fake pipeline: grouping, limits, backpressure, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy
+
+
+@dataclass(frozen=True)
+class FakeJob:
+    name: str
+    batch_key: str = "512x512"
+    num_images: int = 1
+    fail: bool = False
+
+
+class FakePipeline:
+    """Records the batches it is given; a job with ``fail`` fails its whole batch."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.batches: list[list[str]] = []
+        self.gate = gate
+
+    def __call__(self, jobs: list[FakeJob]) -> list[str]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append([job.name for job in jobs])
+        if any(job.fail for job in jobs):
+            raise RuntimeError("bad job")
+        return [f"done {job.name}" for job in jobs]
+
+
+async def run_all(runner: PipelineRunner, jobs: list[FakeJob]) -> list:
+    return await asyncio.gather(*(runner.run(job) for job in jobs), return_exceptions=True)
+
+
+def test_compatible_requests_share_a_batch_up_to_its_image_limit():
+    pipeline = FakePipeline()
+    runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=4, batch_wait_ms=200))
+    jobs = [
+        FakeJob("a"),
+        FakeJob("b", num_images=2),
+        FakeJob("other-size", batch_key="1024x1024"),
+        FakeJob("c"),
+        FakeJob("d"),
+    ]
+    results = asyncio.run(run_all(runner, jobs))
+    runner.shutdown()
+    assert results == [f"done {job.name}" for job in jobs]
+    assert pipeline.batches == [["a", "b", "c"], ["other-size"], ["d"]]
+
+
+def test_batching_off_runs_one_request_at_a_time():
+    pipeline = FakePipeline()
+    runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=1))
+    asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("b"), FakeJob("big", num_images=3)]))
+    runner.shutdown()
+    assert pipeline.batches == [["a"], ["b"], ["big"]]
+
+
+def test_a_full_queue_refuses_at_once():
+    """Batching off and no queue: one request runs, the next is refused (as before)."""
+    gate = threading.Event()
+    runner = PipelineRunner("m", FakePipeline(gate), 0, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        first = asyncio.create_task(runner.run(FakeJob("a")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServerBusy, match="has 1 requests running or waiting"):
+            await runner.run(FakeJob("b"))
+        gate.set()
+        assert await first == "done a"
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    runner.shutdown()
+
+
+def test_capacity_counts_requests_batch_plus_queue():
+    gate = threading.Event()
+    runner = PipelineRunner("m", FakePipeline(gate), 1, BatchPolicy(max_batch_size=2))
+    assert runner.capacity == 3
+
+    async def scenario() -> list:
+        tasks = [asyncio.create_task(runner.run(FakeJob(str(i)))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServerBusy):
+            await runner.run(FakeJob("one too many"))
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(scenario()) == ["done 0", "done 1", "done 2"]
+    runner.shutdown()
+
+
+def test_a_failing_batch_is_retried_one_by_one():
+    pipeline = FakePipeline()
+    runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=8, batch_wait_ms=100))
+    results = asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("bad", fail=True), FakeJob("c")]))
+    runner.shutdown()
+    assert results[0] == "done a" and results[2] == "done c"
+    assert isinstance(results[1], RuntimeError)
+    assert pipeline.batches == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+
+def test_a_request_cancelled_while_waiting_never_runs():
+    gate = threading.Event()
+    pipeline = FakePipeline(gate)
+    runner = PipelineRunner("m", pipeline, 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        first = asyncio.create_task(runner.run(FakeJob("a")))
+        second = asyncio.create_task(runner.run(FakeJob("cancelled")))
+        await asyncio.sleep(0.05)
+        second.cancel()
+        await asyncio.sleep(0.01)
+        gate.set()
+        await first
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    runner.shutdown()
+    assert pipeline.batches == [["a"]]

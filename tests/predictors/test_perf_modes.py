@@ -1,0 +1,131 @@
+"""Speed-mode flags reach the pipeline: a tiny predictor is built from parsed flags and loaded
+in-process, through the same path as the server."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+from safetensors.torch import save_file
+
+from predictors.acceleration import AccelerationError
+from predictors.denoise import Job, generate
+from predictors.generation import QwenImageGenerationModel
+from predictors.server import build_parser, options_from_args, serve
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    """A CPU predictor's load() leaves one core to the event loop; undo it for later tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_model(tiny_cache_env: dict[str, str], *flags: str) -> QwenImageGenerationModel:
+    args = build_parser(QwenImageGenerationModel).parse_args(
+        ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], *flags]
+    )
+    model = QwenImageGenerationModel("qwen-image", options_from_args(args))
+    model.load()
+    model.stop()
+    return model
+
+
+def tiny_lora(path: Path, rank: int = 4) -> Path:
+    """A random PEFT-format LoRA on the tiny transformer's attention projections."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for block in range(2):
+        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+            prefix = f"transformer.transformer_blocks.{block}.attn.{projection}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, 32, generator=generator)
+            state[f"{prefix}.lora_B.weight"] = torch.randn(32, rank, generator=generator)
+    save_file(state, path)
+    return path
+
+
+def test_defaults_change_nothing(tiny_cache_env):
+    model = load_model(tiny_cache_env)
+    blocks = model.pipeline.transformer.transformer_blocks
+    assert model.runner.policy.max_batch_size == 1
+    assert model.runner.capacity == 5  # one running and --max_queue_size=4 waiting, as before
+    assert model.defaults.num_inference_steps == 50 and model.defaults.true_cfg_scale == 4.0
+    assert blocks[0]._compiled_call_impl is None  # --compile is off by default
+    assert not HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
+
+
+def test_lora_flag_fuses_the_weights_and_sets_lightning(tiny_cache_env, tmp_path):
+    base = load_model(tiny_cache_env)
+    lora = tiny_lora(tmp_path / "lightning.safetensors")
+    fast = load_model(tiny_cache_env, "--lora", str(lora), "--lora_steps", "4")
+
+    base_q = base.pipeline.transformer.transformer_blocks[0].attn.to_q
+    fast_q = fast.pipeline.transformer.transformer_blocks[0].attn.to_q
+    assert type(fast_q) is torch.nn.Linear, "the adapter layers are gone once fused"
+    assert not torch.allclose(base_q.weight, fast_q.weight)
+    assert torch.equal(  # the LoRA only touches the attention projections
+        base.pipeline.transformer.transformer_blocks[0].img_mlp.net[2].weight,
+        fast.pipeline.transformer.transformer_blocks[0].img_mlp.net[2].weight,
+    )
+
+    scheduler = fast.pipeline.scheduler.config
+    assert scheduler.base_shift == scheduler.max_shift == pytest.approx(math.log(3))
+    assert scheduler.shift_terminal is None
+    assert (fast.defaults.num_inference_steps, fast.defaults.true_cfg_scale) == (4, 1.0)
+
+    job = Job("a cat", "", (1,), 64, 64, 4, 1.0)
+    (base_image,) = generate(base.pipeline, [job], output_type="np")
+    (fast_image,) = generate(fast.pipeline, [job], output_type="np")
+    assert np.abs(base_image - fast_image).max() > 1e-3
+
+
+def test_a_missing_lora_is_a_clear_error(tiny_cache_env, tmp_path):
+    with pytest.raises(AccelerationError, match="cannot load the LoRA"):
+        load_model(tiny_cache_env, "--lora", str(tmp_path / "missing.safetensors"))
+
+
+def test_cache_and_compile_flags_reach_the_transformer(tiny_cache_env):
+    model = load_model(
+        tiny_cache_env, "--cache", "first_block", "--compile", "on", "--warmup_sizes", "none"
+    )
+    blocks = model.pipeline.transformer.transformer_blocks
+    assert "fbc_leader_block_hook" in HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
+    assert all(block._compiled_call_impl is not None for block in blocks)
+
+
+def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
+    caplog.set_level(logging.ERROR)
+    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--quantization", "fp8"]
+    with pytest.raises(SystemExit) as exit_info:
+        serve(QwenImageGenerationModel, argv)
+    assert exit_info.value.code == 2
+    assert "--quantization fp8 needs a CUDA GPU of compute capability 8.9" in caplog.text
+
+
+def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(tiny_cache_env):
+    with pytest.raises(AccelerationError, match="cannot take the padding mask"):
+        load_model(tiny_cache_env, "--masked_attention_backend", "flash")
+
+
+def test_flags_read_their_environment_variables(monkeypatch):
+    monkeypatch.setenv("QWEN_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("QWEN_BATCH_WAIT_MS", "25")
+    monkeypatch.setenv("QWEN_WARMUP_SIZES", "1328x1328,1664x928")
+    monkeypatch.setenv("QWEN_CACHE", "first_block")
+    options = options_from_args(build_parser(QwenImageGenerationModel).parse_args([]))
+    assert (options.batching.max_batch_size, options.batching.batch_wait_ms) == (8, 25.0)
+    assert options.acceleration.warmup_sizes == ((1328, 1328), (1664, 928))
+    assert options.acceleration.cache == "first_block"
+    with pytest.raises(SystemExit):
+        build_parser(QwenImageGenerationModel).parse_args(["--quantization", "int3"])
+    monkeypatch.setenv("QWEN_COMPILE", "yes")  # argparse does not check defaults' choices
+    with pytest.raises(SystemExit) as exit_info:
+        serve(QwenImageGenerationModel, [])
+    assert exit_info.value.code == 2

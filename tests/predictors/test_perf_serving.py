@@ -1,0 +1,93 @@
+"""Cross-request batching through a real predictor server: concurrent requests with different
+prompts give the pixels they get alone; and the benchmark harness runs end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from predictors import contract
+from tests.servers import PROJECT_ROOT, run_predictor
+
+REQUESTS = (
+    {"prompt": "a lighthouse on a cliff at dusk, oil painting", "seed": 1, "num_images": 2},
+    {"prompt": "a cat", "seed": 2},
+    {"prompt": "a bowl of ramen", "seed": 3, "negative_prompt": "blurry"},
+)
+FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def post(url: str, fields: dict) -> list[np.ndarray]:
+    fields = {**fields}
+    body = contract.build_rest_body(fields.pop("prompt"), **FAST, **fields)
+    response = httpx.post(url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [
+        np.asarray(Image.open(io.BytesIO(result.data)), dtype=np.int16)
+        for result in contract.parse_rest_response(response.json())
+    ]
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(batches, requests) counted by the server's batch-size histogram."""
+    metrics = httpx.get(f"{url}/metrics").text
+    count = re.search(r'qwen_image_batch_requests_count\{model_name="qwen-image"\} (\S+)', metrics)
+    total = re.search(r'qwen_image_batch_requests_sum\{model_name="qwen-image"\} (\S+)', metrics)
+    return float(count.group(1)), float(total.group(1))
+
+
+def test_concurrent_requests_are_batched_and_match_sequential_ones(tiny_cache_env, log_dir):
+    flags = ("--min_size=64", "--max_batch_size=8", "--batch_wait_ms=1000")
+    with run_predictor(
+        "predictors.generation", "qwen-image", log_dir, *flags, env=tiny_cache_env
+    ) as predictor:
+        concurrent: dict[int, list[np.ndarray]] = {}
+
+        def send(index: int) -> None:
+            concurrent[index] = post(predictor.infer_url, REQUESTS[index])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(REQUESTS))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert batch_histogram(predictor.url) == (1.0, 3.0), "one batch of three requests"
+
+        for index, fields in enumerate(REQUESTS):
+            alone = post(predictor.infer_url, fields)
+            assert len(alone) == len(concurrent[index]) == fields.get("num_images", 1)
+            for batched, single in zip(concurrent[index], alone, strict=True):
+                assert np.abs(batched - single).max() <= 1
+        assert batch_histogram(predictor.url) == (4.0, 6.0)
+
+
+def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    results_path = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/gpu_pipelines.py", "--smoke", "--json", str(results_path)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(results_path.read_text())
+    rows = {(row["case"], row["mode"]): row for row in results["rows"]}
+    for case in ("64x64", "edit-64x64"):
+        assert rows[(case, "baseline")]["seconds_per_image"] > 0
+        assert rows[(case, "engine")]["max_abs_diff"] < 1e-5  # batched CFG = two passes
+        assert rows[(case, "lightning")]["steps"] == 8
+        assert "skipped" in rows[(case, "engine+compile")]["note"]
+    assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
+    assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
+    assert all(floor["floor_seconds_per_step"] > 0 for floor in results["floors"])
+    assert any(entry["backend"] == "native" and "ms" in entry for entry in results["attention"])
+    assert "| 64x64 | engine |" in completed.stdout
