@@ -27,7 +27,6 @@ import base64
 import io
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,28 +50,9 @@ from predictors.contract import (
     parse_rest_binary_response,
 )
 from predictors.images import encode_image
+from tests.servers import free_port, run_predictor, wait_for_ok
 
 PROMPT = "A cute cat sleeping on a sofa"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 @dataclass
@@ -88,45 +68,28 @@ class Services:
 @contextmanager
 def local_services(log_dir: Path) -> Iterator[Services]:
     """A generation predictor and an adapter in front of it, on free loopback ports."""
-    predictor_port, grpc_port, adapter_port = free_port(), free_port(), free_port()
-    services = Services(
-        predictor_url=f"http://127.0.0.1:{predictor_port}",
-        adapter_url=f"http://127.0.0.1:{adapter_port}",
-        predictor_log=log_dir / "predictor.log",
-        adapter_log=log_dir / "adapter.log",
-    )
-    env = {
-        **os.environ,
-        "QWEN_ADAPTER_GENERATION_URL": services.predictor_url,
-        "QWEN_ADAPTER_EDIT_URL": "",
-    }
-    commands = [
-        (
-            [
-                *(sys.executable, "-m", "predictors.generation"),
-                *(f"--http_port={predictor_port}", f"--grpc_port={grpc_port}"),
-            ],
-            services.predictor_log,
-        ),
-        (
-            [sys.executable, "-m", "openai_adapter", "--port", str(adapter_port)],
-            services.adapter_log,
-        ),
-    ]
-    processes = []
-    try:
-        for command, log_path in commands:
-            with log_path.open("w") as log:
-                processes.append(
-                    subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-                )
-        wait_for(f"{services.adapter_url}/health/ready", processes[-1])
-        yield services
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(30)
+    with run_predictor("predictors.generation", GENERATION_MODEL_NAME, log_dir) as predictor:
+        adapter_port = free_port()
+        services = Services(
+            predictor_url=predictor.url,
+            adapter_url=f"http://127.0.0.1:{adapter_port}",
+            predictor_log=predictor.log_path,
+            adapter_log=log_dir / "adapter.log",
+        )
+        env = {
+            **os.environ,
+            "QWEN_ADAPTER_GENERATION_URL": services.predictor_url,
+            "QWEN_ADAPTER_EDIT_URL": "",
+        }
+        command = [sys.executable, "-m", "openai_adapter", "--port", str(adapter_port)]
+        with services.adapter_log.open("w") as log:
+            adapter = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_ok(f"{services.adapter_url}/health/ready", adapter, services.adapter_log)
+            yield services
+        finally:
+            adapter.terminate()
+            adapter.wait(30)
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -38,6 +38,13 @@ EDIT_CONDITION_AREA = 1024 * 1024
 MAX_SEQUENCE_LENGTH = 512
 
 
+def edit_condition_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the input image's aspect ratio at the edit pipeline's ~1024x1024
+    area: what the condition image is resized to, and the default output size."""
+    width, height, _ = calculate_dimensions(EDIT_CONDITION_AREA, image.width / image.height)
+    return width, height
+
+
 @dataclass(frozen=True)
 class Job:
     """One request's share of a batch: its prompts, seeds, size and schedule.
@@ -67,12 +74,7 @@ class Job:
     @property
     def condition_size(self) -> tuple[int, int] | None:
         """(width, height) the edit pipeline resizes the condition image to."""
-        if self.image is None:
-            return None
-        width, height, _ = calculate_dimensions(
-            EDIT_CONDITION_AREA, self.image.width / self.image.height
-        )
-        return width, height
+        return None if self.image is None else edit_condition_size(self.image)
 
     @property
     def batch_key(self) -> Hashable:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from diffusers import QwenImageEditPipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
 from predictors.contract import EDIT_DEFAULTS, EDIT_MODEL_NAME, IMAGE, ContractError, ImageRequest
-from predictors.denoise import EDIT_CONDITION_AREA, Job
+from predictors.denoise import Job, edit_condition_size
 from predictors.images import decode_image
 from predictors.model import QwenImageModel
 from predictors.server import serve
@@ -30,7 +29,7 @@ class QwenImageEditModel(QwenImageModel):
         image = decode_image(request.image, self.options.limits.max_input_pixels)
         if request.width is not None:
             return self.job(request, request.width, request.height, image)
-        width, height, _ = calculate_dimensions(EDIT_CONDITION_AREA, image.width / image.height)
+        width, height = edit_condition_size(image)
         limits = self.options.limits
         if not (limits.min_size <= min(width, height) and max(width, height) <= limits.max_size):
             raise ContractError(

@@ -47,20 +47,28 @@ class RunningPredictor:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_until_ready(predictor: RunningPredictor, timeout: float = 180) -> None:
-    """Block until the model's readiness endpoint answers 200; fail with the log otherwise."""
+def wait_for_ok(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    """Block until ``url`` answers 200; fail with the log's tail if ``process`` exits first or
+    the time runs out."""
     deadline = time.monotonic() + timeout
-    ready_url = f"{predictor.url}/v2/models/{predictor.model_name}/ready"
     while time.monotonic() < deadline:
-        if predictor.process.poll() is not None:
-            raise RuntimeError(f"predictor exited early:\n{predictor.log()[-3000:]}")
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{process.args} exited early:\n{tail}")
         try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"predictor not ready after {timeout} s:\n{predictor.log()[-3000:]}")
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise TimeoutError(f"{url} not ready after {timeout} s:\n{tail}")
+
+
+def wait_until_ready(predictor: RunningPredictor, timeout: float = 180) -> None:
+    """Block until the model's readiness endpoint answers 200; fail with the log otherwise."""
+    ready_url = f"{predictor.url}/v2/models/{predictor.model_name}/ready"
+    wait_for_ok(ready_url, predictor.process, predictor.log_path, timeout)
 
 
 @contextmanager
