@@ -15,6 +15,8 @@ requests as one batch against 8 in turn, and an attention-backend sweep at the c
     python bench/gpu_pipelines.py                       # every case and mode (too long for
                                                         # one 10-minute call: see docs)
     python bench/gpu_pipelines.py --cases 1328x1328 --modes baseline,engine,engine+compile
+    python bench/gpu_pipelines.py --runs 1328x1328=baseline,engine \
+                                  --runs 1024x1024=lightning+fp8+compile   # one build
     python bench/gpu_pipelines.py --smoke               # tiny pipelines on the CPU, seconds
 
 Imports: torch, diffusers, transformers, numpy, PIL and the kserve-free ``predictors``
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -167,7 +170,7 @@ MODES = (
     Mode("engine", batching=True),
     Mode("engine+first_block_cache", cache=True, exact=False),
     Mode("lightning", lightning=True, exact=False),
-    Mode("engine+compile", compile=True, batching=True),
+    Mode("engine+compile", compile=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
     Mode("fp8+compile", compile=True, fp8=True, exact=False),
     Mode("lightning+fp8+compile", compile=True, lightning=True, fp8=True, exact=False),
@@ -490,6 +493,8 @@ class Bench:
         self.schedulers = {"qwen": self.generation.scheduler}
         self.applied: set[str] = set()
         self.lightning_later = False
+        self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
+        self.batching_done: set[str] = set()  # modes whose batching case ran
         self.attention = AttentionBackends(
             masked=args.masked_attention_backend, unmasked=args.attention_backend
         )
@@ -548,29 +553,39 @@ class Bench:
         scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
         self.generation.scheduler = self.edit.scheduler = scheduler
 
-    def run(self, cases: list[Case], modes: list[Mode]) -> Results:
-        self.lightning_later = any(mode.lightning for mode in modes)
-        floor_done: set[str] = set()
+    def run(self, plan: list[tuple[list[Case], list[Mode]]]) -> Results:
+        """Run each (cases, modes) group of ``plan`` in turn, on the same pipelines."""
+        self.lightning_later = any(mode.lightning for _, modes in plan for mode in modes)
+        for cases, modes in plan:
+            self.run_group(cases, modes)
+        return self.results
+
+    def run_group(self, cases: list[Case], modes: list[Mode]) -> None:
         for mode in modes:
             if reason := self.skip_reason(mode):
                 for case in cases:
                     self.results.rows.append(Row(case.name, mode.name, 0, note=reason))
                     print_row(self.results.rows[-1])
                 continue
-            self.prepare(mode)
             try:
+                self.prepare(mode)
                 for case in cases:
                     self.results.rows.append(self.run_case(case, mode))
-                    if case.name not in floor_done:
+                    if case.name not in self.floor_done:
                         self.results.floors.append(self.floor(case))
-                        floor_done.add(case.name)
-                if mode.batching:
+                        self.floor_done.add(case.name)
+                if mode.batching and mode.name not in self.batching_done:
                     for size in self.args.batch_sizes:
                         self.results.rows.append(self.run_batching(size, mode))
+                    self.batching_done.add(mode.name)
+            except Exception as exc:  # one GPU call runs many modes: report and go on
+                traceback.print_exc()
+                note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                self.results.rows.append(Row("-", mode.name, 0, note=note))
+                print_row(self.results.rows[-1])
             finally:
                 if mode.cache:
                     self.generation.transformer.disable_cache()
-        return self.results
 
     def run_case(self, case: Case, mode: Mode) -> Row:
         pipeline, job = self.pipeline(case), self.job(case, mode)
@@ -725,6 +740,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--attention-backend", default="native")
     parser.add_argument("--masked-attention-backend", default="native")
+    parser.add_argument(
+        "--runs",
+        action="append",
+        metavar="CASES=MODES",
+        help="a group of cases and the modes to run them in, e.g. "
+        "'1328x1328=baseline,engine'; repeat it to run several groups on one build of the "
+        "pipelines (replaces --cases and --modes)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -738,8 +761,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
-    cases = select(args.cases, SMOKE_CASES if args.smoke else FULL_CASES, "cases")
-    modes = select(args.modes, MODES, "modes")
+    known_cases = SMOKE_CASES if args.smoke else FULL_CASES
+    groups = [run.split("=", 1) for run in args.runs or []] or [(args.cases, args.modes)]
+    plan = [
+        (select(cases, known_cases, "cases"), select(modes, MODES, "modes"))
+        for cases, modes in groups
+    ]
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
     else:
@@ -752,7 +779,7 @@ def main(argv: list[str] | None = None) -> Results:
         "| PSNR dB | note |\n|---|---|---|---|---|---|---|---|---|---|",
         flush=True,
     )
-    results = bench.run(cases, modes)
+    results = bench.run(plan)
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str))
     return results
