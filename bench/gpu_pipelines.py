@@ -59,6 +59,7 @@ from safetensors.torch import save_file
 from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from predictors import acceleration, tiny
+from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import AttentionBackends, Job, condition, generate
 
@@ -440,30 +441,39 @@ def step_floor(pipeline, job: Job, device: torch.device, dtype: torch.dtype) -> 
 def attention_sweep(
     device: torch.device, dtype: torch.dtype, tokens: int, text: int, heads: int, head_dim: int
 ) -> list[dict[str, Any]]:
-    """Time each backend on a CFG batch's joint attention, with and without a padding mask."""
+    """Time each backend on a CFG pair's joint attention whose second text is shorter: without
+    padding handling (``none``, the cost of equal lengths), with diffusers' padding mask
+    (``mask``), and as ``predictors.attention`` runs it, one call per text length (``split``)."""
     shape = (2, tokens, heads, head_dim)
     query, key, value = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    padding = slice(text // 2, text)  # the shorter (negative) prompt's padding
     mask = torch.ones(2, tokens, dtype=torch.bool, device=device)
-    mask[1, text // 2 : text] = False  # the shorter (negative) prompt's padding
+    mask[1, padding] = False
+    kept = torch.cat([torch.arange(padding.start), torch.arange(padding.stop, tokens)])
+    short = [x[1:2, kept.to(device)] for x in (query, key, value)]
+
+    def attend(padding_kind: str) -> None:
+        if padding_kind == "split":
+            dispatch_attention_fn(query[:1], key[:1], value[:1])
+            dispatch_attention_fn(*short)
+        else:
+            attn_mask = mask[:, None, None, :] if padding_kind == "mask" else None
+            dispatch_attention_fn(query, key, value, attn_mask=attn_mask)
+
     results = []
     for name in acceleration.MASK_FREE_BACKENDS:
-        for masked in (False, True):
-            if masked and name not in acceleration.MASK_CAPABLE_BACKENDS:
+        for padding_kind in ("none", "mask", "split"):
+            if padding_kind == "mask" and name not in acceleration.MASK_CAPABLE_BACKENDS:
                 continue
-            entry = {"backend": name, "masked": masked}
+            entry = {"backend": name, "padding": padding_kind}
             try:
                 with attention_backend(name):
-                    attn_mask = mask[:, None, None, :] if masked else None
-
-                    def attend(mask_4d=attn_mask) -> torch.Tensor:
-                        return dispatch_attention_fn(query, key, value, attn_mask=mask_4d)
-
-                    attend()
+                    attend(padding_kind)
                     synchronize(device)
                     started = time.perf_counter()
                     repeats = 10 if device.type == "cuda" else 2
                     for _ in range(repeats):
-                        attend()
+                        attend(padding_kind)
                     synchronize(device)
                 entry["ms"] = (time.perf_counter() - started) / repeats * 1000
             except Exception as exc:  # report and go on: backends are optional
@@ -488,6 +498,8 @@ class Bench:
         for pipeline in (self.generation, self.edit):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
+        if args.text_padding == "split":  # the baseline's pipeline calls pass no runs
+            padding_free.install(self.generation.transformer)  # (the edit pipeline's too)
         synchronize(device)
         self.build_seconds = time.perf_counter() - started
         self.schedulers = {"qwen": self.generation.scheduler}
@@ -740,6 +752,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--attention-backend", default="native")
     parser.add_argument("--masked-attention-backend", default="native")
+    parser.add_argument(
+        "--text-padding",
+        choices=acceleration.TEXT_PADDINGS,
+        default="split",
+        help="how the engine skips text padding (the predictor's --text_padding)",
+    )
     parser.add_argument(
         "--runs",
         action="append",

@@ -1,6 +1,7 @@
 """Load-time speed modes of a predictor, each chosen per deployment (flags in ``server.py``).
 
-- attention backends for masked and mask-free batches (exact);
+- attention backends for masked and mask-free batches, and padding-free attention for texts
+  of different lengths (exact);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
@@ -24,6 +25,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.attention_dispatch import attention_backend
 
+from predictors import attention as padding_free
 from predictors.denoise import AttentionBackends, Job, generate
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 MASK_CAPABLE_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_math", "xformers")
 MASK_FREE_BACKENDS = (*MASK_CAPABLE_BACKENDS, "_native_flash", "flash", "_flash_3", "sage")
 
+# How batches whose texts differ in length skip the padding: `split` attends each run of
+# equal text lengths on its own with the mask-free backend (predictors.attention); `mask`
+# hands diffusers' padding mask to the masked backend (slower: no flash kernel takes it).
+TEXT_PADDINGS = ("split", "mask")
 QUANTIZATIONS = ("none", "fp8")
 # Step caches that worked with Qwen-Image's true CFG (PyramidAttentionBroadcast and
 # FasterCache do not); the value builds diffusers' config from the threshold.
@@ -68,6 +74,7 @@ class Acceleration:
     """The speed modes of one deployment. The defaults change nothing but the loop."""
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
+    text_padding: str = "split"
     # Off until a GPU run has validated it (see docs/performance.md); auto: on for CUDA only.
     compile: str = "off"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
@@ -81,6 +88,7 @@ class Acceleration:
     def __post_init__(self) -> None:
         for name, value, known in (
             ("compile", self.compile, COMPILE_CHOICES),
+            ("text_padding", self.text_padding, TEXT_PADDINGS),
             ("quantization", self.quantization, QUANTIZATIONS),
             ("cache", self.cache, tuple(CACHES)),
         ):
@@ -95,7 +103,9 @@ class Acceleration:
 def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
     """Apply every mode of ``acceleration`` to a loaded pipeline, in the order they compose:
     the LoRA is fused into bf16 weights before FP8 takes them, and compilation comes last."""
-    check_attention(acceleration.attention)
+    check_attention(acceleration.attention, masks=acceleration.text_padding == "mask")
+    if acceleration.text_padding == "split":
+        padding_free.install(pipeline.transformer)
     if acceleration.lora:
         fuse_lora(pipeline, acceleration.lora, acceleration.lora_weight_name)
     if acceleration.quantization == "fp8":
@@ -108,9 +118,10 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
         pipeline.transformer.compile_repeated_blocks(fullgraph=fullgraph)
 
 
-def check_attention(backends: AttentionBackends) -> None:
-    """Refuse backends that would mis-handle Qwen's masks or cannot run in this environment."""
-    if backends.masked not in MASK_CAPABLE_BACKENDS:
+def check_attention(backends: AttentionBackends, masks: bool = True) -> None:
+    """Refuse backends that would mis-handle Qwen's masks or cannot run in this environment;
+    ``masks``: whether padded batches reach the masked backend (``--text_padding mask``)."""
+    if masks and backends.masked not in MASK_CAPABLE_BACKENDS:
         raise AccelerationError(
             f"attention backend {backends.masked!r} cannot take the padding mask of batched "
             f"prompts: use one of {', '.join(MASK_CAPABLE_BACKENDS)}"
@@ -120,7 +131,7 @@ def check_attention(backends: AttentionBackends) -> None:
             f"attention backend {backends.unmasked!r} is not supported for Qwen-Image: use one "
             f"of {', '.join(MASK_FREE_BACKENDS)}"
         )
-    for name in {backends.masked, backends.unmasked}:
+    for name in {backends.masked, backends.unmasked} if masks else {backends.unmasked}:
         try:
             with attention_backend(name):
                 pass

@@ -6,8 +6,9 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 
 - each prompt is encoded alone (as a single pipeline call encodes it) and repeated per image;
 - the conditional and unconditional text of every image go through the transformer as one
-  batch, the shorter embeddings zero-padded and masked (no mask at all when every text has
-  the same length, which lets a mask-free attention kernel run);
+  batch, the shorter embeddings zero-padded; attention skips the padding by running each
+  group of equal text lengths on its own where ``predictors.attention`` is installed (as
+  ``acceleration.apply`` does), else through diffusers' padding mask;
 - the guided prediction is the pipeline's own norm-rescaled combination;
 - timesteps are prepared once, and the step loop reads nothing back to the host.
 
@@ -29,6 +30,8 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+
+from predictors import attention as padding_free
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +150,10 @@ def generate(
         if first.do_true_cfg:
             texts += [c.negative_text for c in per_image]
         text, text_mask = pad_text(texts)
+        attention_kwargs = None
+        if text_mask is not None and padding_free.installed(transformer):
+            attention_kwargs = {"text_runs": padding_free.text_runs([t.shape[0] for t in texts])}
+            text_mask = None  # the runs replace it
         copies = 2 if first.do_true_cfg else 1
         img_shapes = [_img_shapes(pipeline, first, latent_size)] * (copies * len(seeds))
 
@@ -172,6 +179,7 @@ def generate(
                             encoder_hidden_states=text,
                             encoder_hidden_states_mask=text_mask,
                             img_shapes=img_shapes,
+                            attention_kwargs=attention_kwargs,
                             return_dict=False,
                         )[0]
                     prediction = prediction[:, : latents.shape[1]]

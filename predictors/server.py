@@ -120,6 +120,14 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "attention backend for batches whose prompts need a padding mask: "
             + ", ".join(acceleration.MASK_CAPABLE_BACKENDS),
         ),
+        (
+            "--text_padding",
+            "QWEN_TEXT_PADDING",
+            str,
+            "split",
+            "texts of different lengths in one batch: split (attend each length on its own, "
+            "no mask) or mask (diffusers' padding mask and --masked_attention_backend)",
+        ),
         ("--compile", "QWEN_COMPILE", str, "off", "regional torch.compile: off, on, auto (CUDA)"),
         (
             "--warmup_sizes",
@@ -143,6 +151,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         ("--lora_steps", "QWEN_LORA_STEPS", int, 8, "default steps with --lora"),
     )
     choices = {
+        "--text_padding": acceleration.TEXT_PADDINGS,
         "--compile": acceleration.COMPILE_CHOICES,
         "--quantization": acceleration.QUANTIZATIONS,
         "--cache": tuple(acceleration.CACHES),
@@ -180,6 +189,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
             attention=AttentionBackends(
                 masked=args.masked_attention_backend, unmasked=args.attention_backend
             ),
+            text_padding=args.text_padding,
             compile=args.compile,
             warmup_sizes=args.warmup_sizes,
             quantization=args.quantization,

@@ -1,7 +1,8 @@
 """The explicit denoising loop against diffusers' own pipeline calls, in float32 on tiny pipelines.
 
-Batched CFG (one forward for both texts, padded and masked) and cross-request batches must
-give the images of the plain pipeline call on the same seeds, to float32 rounding.
+Batched CFG (one forward for both texts, padded) and cross-request batches must give the
+images of the plain pipeline call on the same seeds, to float32 rounding: with diffusers'
+padding mask, and with the padding-free attention of ``predictors.attention``.
 """
 
 from __future__ import annotations
@@ -13,23 +14,31 @@ from diffusers import QwenImageEditPipeline, QwenImagePipeline
 from PIL import Image
 
 from bench.gpu_pipelines import run_baseline
-from predictors.denoise import Job, generate, pad_text
+from predictors import attention
+from predictors.denoise import AttentionBackends, Job, generate, pad_text
 from predictors.loading import load_pipeline, resolve_location
 
 TOLERANCE = 1e-5  # images in [0, 1]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def generation(tmp_path_factory) -> QwenImagePipeline:
-    location = resolve_location(None, "generation", tmp_path_factory.mktemp("tiny"))
-    return load_pipeline(QwenImagePipeline, location, CPU, torch.float32)
+def tiny(pipeline_class, kind: str, directory, text_padding: str):
+    pipeline = load_pipeline(
+        pipeline_class, resolve_location(None, kind, directory), CPU, torch.float32
+    )
+    if text_padding == "split":
+        attention.install(pipeline.transformer)
+    return pipeline
 
 
-@pytest.fixture(scope="module")
-def edit(tmp_path_factory) -> QwenImageEditPipeline:
-    location = resolve_location(None, "edit", tmp_path_factory.mktemp("tiny"))
-    return load_pipeline(QwenImageEditPipeline, location, CPU, torch.float32)
+@pytest.fixture(scope="module", params=["mask", "split"])
+def generation(request, tmp_path_factory) -> QwenImagePipeline:
+    return tiny(QwenImagePipeline, "generation", tmp_path_factory.mktemp("tiny"), request.param)
+
+
+@pytest.fixture(scope="module", params=["mask", "split"])
+def edit(request, tmp_path_factory) -> QwenImageEditPipeline:
+    return tiny(QwenImageEditPipeline, "edit", tmp_path_factory.mktemp("tiny"), request.param)
 
 
 @pytest.mark.parametrize(
@@ -88,3 +97,20 @@ def test_pad_text_masks_only_padding():
     assert padded[0, 2:].abs().sum() == 0
     assert mask.tolist() == [[True, True, False, False, False], [True] * 5]
     assert pad_text([long, long])[1] is None
+
+
+def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
+    """``_native_flash`` refuses masks: with the padding split it must not see one."""
+    job = Job("a red cube on a wooden table", " ", (7,), 64, 48, 2, 4.0)
+    refusing = AttentionBackends(masked="_native_flash", unmasked="native")
+    if attention.installed(generation.transformer):
+        (actual,) = generate(generation, [job], attention=refusing, output_type="np")
+        assert np.abs(actual - run_baseline(generation, job)).max() < TOLERANCE
+    else:
+        with pytest.raises(ValueError, match=r"(?i)mask"):
+            generate(generation, [job], attention=refusing, output_type="np")
+
+
+def test_text_runs_group_consecutive_equal_lengths():
+    assert attention.text_runs([5, 5, 3, 5]) == ((0, 2, 5), (2, 3, 3), (3, 4, 5))
+    assert attention.text_runs([7]) == ((0, 1, 7),)

@@ -14,6 +14,7 @@ import torch
 from diffusers.hooks import HookRegistry
 from safetensors.torch import save_file
 
+from predictors import attention
 from predictors.acceleration import AccelerationError
 from predictors.denoise import Job, generate
 from predictors.generation import QwenImageGenerationModel
@@ -59,6 +60,17 @@ def test_defaults_change_nothing(tiny_cache_env):
     assert model.defaults.num_inference_steps == 50 and model.defaults.true_cfg_scale == 4.0
     assert blocks[0]._compiled_call_impl is None  # --compile is off by default
     assert not HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
+    assert attention.installed(model.pipeline.transformer)  # --text_padding split
+
+
+def test_text_padding_mask_keeps_diffusers_processor(tiny_cache_env):
+    model = load_model(tiny_cache_env, "--text_padding", "mask")
+    assert not attention.installed(model.pipeline.transformer)
+    job = Job("a red cube on a wooden table", " ", (3,), 64, 64, 2, 4.0)
+    split = load_model(tiny_cache_env)
+    (masked_image,) = generate(model.pipeline, [job], output_type="np")
+    (split_image,) = generate(split.pipeline, [job], output_type="np")
+    assert np.abs(masked_image - split_image).max() < 1e-5
 
 
 def test_lora_flag_fuses_the_weights_and_sets_lightning(tiny_cache_env, tmp_path):
@@ -111,7 +123,16 @@ def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
 
 def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(tiny_cache_env):
     with pytest.raises(AccelerationError, match="cannot take the padding mask"):
-        load_model(tiny_cache_env, "--masked_attention_backend", "flash")
+        load_model(tiny_cache_env, "--text_padding", "mask", "--masked_attention_backend", "flash")
+
+
+def test_split_padding_lets_a_mask_refusing_backend_run_padded_batches(tiny_cache_env):
+    model = load_model(tiny_cache_env, "--attention_backend", "_native_flash")
+    job = Job("a red cube on a wooden table", " ", (3,), 64, 64, 2, 4.0)  # texts differ
+    (image,) = generate(
+        model.pipeline, [job], attention=model.options.acceleration.attention, output_type="np"
+    )
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_flags_read_their_environment_variables(monkeypatch):
@@ -119,7 +140,9 @@ def test_flags_read_their_environment_variables(monkeypatch):
     monkeypatch.setenv("QWEN_BATCH_WAIT_MS", "25")
     monkeypatch.setenv("QWEN_WARMUP_SIZES", "1328x1328,1664x928")
     monkeypatch.setenv("QWEN_CACHE", "first_block")
+    monkeypatch.setenv("QWEN_TEXT_PADDING", "mask")
     options = options_from_args(build_parser(QwenImageGenerationModel).parse_args([]))
+    assert options.acceleration.text_padding == "mask"
     assert (options.batching.max_batch_size, options.batching.batch_wait_ms) == (8, 25.0)
     assert options.acceleration.warmup_sizes == ((1328, 1328), (1664, 928))
     assert options.acceleration.cache == "first_block"
