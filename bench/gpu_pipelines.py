@@ -652,7 +652,9 @@ class Bench:
         return result
 
     def run_batching(self, size: int, mode: Mode) -> Row:
-        """Eight requests of different prompts: in turn, then as one batch."""
+        """Eight requests of different prompts: in turn, then as one batch. Besides the
+        totals, the step time of the first request alone and of the batch, which tell the
+        denoising loop's share from the per-image work around it (encoding, decoding)."""
         jobs = [
             Job(prompt, NEGATIVE_PROMPT, (SEED + i,), size, size, self.args.steps, TRUE_CFG_SCALE)
             for i, prompt in enumerate(BATCH_PROMPTS)
@@ -660,29 +662,48 @@ class Bench:
 
         def in_turn(timer: StepTimer) -> np.ndarray:
             outputs = [
-                generate(self.generation, [job], attention=self.attention, output_type="np")[0]
-                for job in jobs
+                generate(
+                    self.generation,
+                    [job],
+                    attention=self.attention,
+                    output_type="np",
+                    on_step_end=timer.mark if index == 0 else None,
+                )[0]
+                for index, job in enumerate(jobs)
             ]
             return np.concatenate(outputs)
 
         def batched(timer: StepTimer) -> np.ndarray:
-            outputs = generate(self.generation, jobs, attention=self.attention, output_type="np")
+            outputs = generate(
+                self.generation,
+                jobs,
+                attention=self.attention,
+                output_type="np",
+                on_step_end=timer.mark,
+            )
             return np.concatenate(outputs)
 
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
-        turn_seconds, _, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
-        batch_seconds, _, _, peak, batch_output = measure(batched, self.device, warmup, 1)
+        turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
+        batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
         diff, psnr = compare(batch_output, turn_output)
-        speedup = turn_seconds[0] / batch_seconds[0]
+        count, steps = len(jobs), self.args.steps
+        turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
         row = Row(
             case=f"batch8-{size}x{size}",
             mode=mode.name,
-            steps=self.args.steps,
-            seconds_per_image=batch_seconds[0] / len(jobs),
+            steps=steps,
+            seconds_per_image=batch_image,
+            seconds_per_step=batch_step,
             peak_memory_gib=peak,
             max_abs_diff=diff,
             psnr_db=psnr,
-            note=f"in turn {turn_seconds[0] / len(jobs):.3f} s/image; batched {speedup:.2f}x",
+            note=(
+                f"in turn {turn_image:.3f} s/image; batched {turn_image / batch_image:.2f}x; "
+                f"step alone {alone_step:.4f} s, batch of {count} {batch_step:.4f} s; "
+                f"outside the loop per image: in turn {turn_image - steps * alone_step:.3f} s, "
+                f"batched {batch_image - steps * batch_step / count:.3f} s"
+            ),
         )
         print_row(row)
         return row
