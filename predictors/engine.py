@@ -64,6 +64,7 @@ class ServerBusy(ServerNotReady):
             f"Server is busy: model {model_name} has {in_flight} requests running or waiting, "
             f"the most it accepts ({capacity}). Retry later."
         )
+        self.reason = self.error_msg  # KServe's gRPC error handler aborts with `.reason`
 
 
 @dataclass

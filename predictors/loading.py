@@ -21,11 +21,28 @@ class ModelLocationError(RuntimeError):
     """The model location cannot be loaded; the message says why and what to give instead."""
 
 
+class PlacementError(RuntimeError):
+    """The device or dtype asked for cannot be used here; the message says what can."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when it is available, else the CPU; anything else is taken as is."""
+    """``auto`` picks CUDA when it is available, else the CPU; ``cpu``, ``cuda`` and
+    ``cuda:N`` must name a device this machine has."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise PlacementError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise PlacementError(
+                f"device {device!r} is not available: this machine has {count} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise PlacementError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -33,7 +50,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
+        raise PlacementError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

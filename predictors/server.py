@@ -21,7 +21,7 @@ from predictors.acceleration import Acceleration, AccelerationError
 from predictors.contract import Limits
 from predictors.denoise import AttentionBackends
 from predictors.engine import BatchPolicy
-from predictors.loading import ModelLocationError
+from predictors.loading import ModelLocationError, PlacementError
 from predictors.model import PredictorOptions, QwenImageModel
 
 logger = logging.getLogger(__name__)
@@ -205,8 +205,8 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
 def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) -> None:
     """Parse flags, load the model and serve it until SIGINT/SIGTERM.
 
-    A location that cannot be loaded, or a speed mode that cannot be applied, ends the
-    process with a one-line error and exit code 2.
+    A location that cannot be loaded, a device or dtype this machine lacks, or a speed mode
+    that cannot be applied, ends the process with a one-line error and exit code 2.
     """
     parser = build_parser(model_class)
     args = parser.parse_args(argv)
@@ -219,10 +219,10 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
             level=args.log_level if hasattr(args, "log_level") else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    model = model_class(args.model_name, options)
     try:
+        model = model_class(args.model_name, options)
         model.load()
-    except (ModelLocationError, AccelerationError) as exc:
+    except (ModelLocationError, PlacementError, AccelerationError) as exc:
         logger.error("%s", exc)
         sys.exit(2)
     ModelServer(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 
 import httpx
 import numpy as np
@@ -165,13 +166,21 @@ def test_kserve_grpc_client_can_call_it_with_raw_bytes(generation_predictor):
 
 
 def test_metrics_count_images_and_rejections(generation_predictor):
-    generate(generation_predictor, width=64, height=64, **FAST)
+    def sample(name: str) -> float:
+        metrics = httpx.get(f"{generation_predictor.url}/metrics").text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    images = 'qwen_image_images_generated_total{model_name="qwen-image"}'
+    rejected = 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="invalid"}'
+    requests = 'qwen_image_request_duration_seconds_count{model_name="qwen-image",outcome="ok"}'
+    before = {name: sample(name) for name in (images, rejected, requests)}
+    generate(generation_predictor, width=64, height=64, num_images=2, **FAST)
     infer(generation_predictor, "")
-    metrics = httpx.get(f"{generation_predictor.url}/metrics").text
-    assert 'qwen_image_images_generated_total{model_name="qwen-image"}' in metrics
-    assert 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="invalid"}' in metrics
-    assert 'qwen_image_queue_depth{model_name="qwen-image"} 0.0' in metrics
-    assert "qwen_image_request_duration_seconds_bucket" in metrics
+    assert sample(images) == before[images] + 2
+    assert sample(rejected) == before[rejected] + 1
+    assert sample(requests) >= before[requests] + 1
+    assert sample('qwen_image_queue_depth{model_name="qwen-image"}') == 0.0
 
 
 def test_each_request_is_logged_with_its_id(generation_predictor):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 
+import grpc
 import httpx
+import pytest
+from kserve import InferenceGRPCClient, InferInput, InferRequest, InferResponse
 
 from predictors import contract
 from tests.servers import PROJECT_ROOT, run_predictor
@@ -51,6 +56,21 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--device=cuda:7", "device 'cuda:7' is not available: this machine has"),
+        ("--device=tpu", "unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+        ("--dtype=int4", "unknown dtype 'int4': use auto or one of bfloat16, float16, float32"),
+    ],
+)
+def test_an_unusable_device_or_dtype_is_a_clear_error(tiny_cache_env, flag, message):
+    result = run_to_exit(flag, env=tiny_cache_env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
     """With no queue, a second request during a generation is refused with 503 at once,
     while liveness and readiness still answer within 200 ms."""
@@ -86,11 +106,34 @@ def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
         assert busy.status_code == 503
         assert "Server is busy" in busy.json()["error"]
         assert time.perf_counter() - started < 1
+
+        with pytest.raises(grpc.aio.AioRpcError) as grpc_busy:
+            asyncio.run(grpc_infer(predictor.grpc_port, "one too many over gRPC"))
+        assert grpc_busy.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Server is busy" in grpc_busy.value.details()
         assert worker.is_alive(), "the slow request should still be running"
 
         worker.join()
         assert slow_result["response"].status_code == 200
         metrics = httpx.get(f"{predictor.url}/metrics").text
-        assert 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="busy"} 1.0' in (
-            metrics
+        busy_count = re.search(
+            r'^qwen_image_requests_rejected_total\{model_name="qwen-image",reason="busy"\} (\S+)$',
+            metrics,
+            re.MULTILINE,
         )
+        # One REST refusal, and at least one over gRPC (KServe's gRPC client retries UNAVAILABLE).
+        assert busy_count and float(busy_count.group(1)) >= 2
+
+
+async def grpc_infer(port: int, prompt: str) -> InferResponse:
+    client = InferenceGRPCClient(f"127.0.0.1:{port}")
+    try:
+        parameters = contract.build_parameters(width=256, height=256, for_grpc=True)
+        request = InferRequest(
+            model_name="qwen-image",
+            infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
+            parameters=parameters,
+        )
+        return await client.infer(request)
+    finally:
+        await client.close()
