@@ -162,16 +162,19 @@ class QwenImageModel(Model):
             job = await asyncio.to_thread(self.prepare, request)
         except ContractError as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
+            self.log_refusal(request_id, "invalid", started, exc.message)
             raise InvalidInput(exc.message) from None
         try:
             images = await self.runner.run(job)
-        except ServerBusy:
+        except ServerBusy as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="busy").inc()
+            self.log_refusal(request_id, "busy", started, str(exc))
             raise
-        except Exception:
+        except Exception as exc:
             REQUEST_LATENCY.labels(model_name=self.name, outcome="error").observe(
                 time.perf_counter() - started
             )
+            self.log_refusal(request_id, "error", started, f"{type(exc).__name__}: {exc}")
             raise
         encoded = await asyncio.to_thread(
             lambda: [
@@ -196,6 +199,17 @@ class QwenImageModel(Model):
             seconds,
         )
         return self.respond(payload, request_id, request, encoded)
+
+    def log_refusal(self, request_id: str, outcome: str, started: float, reason: str) -> None:
+        """The log line of a request that ends without images, with its id like the others."""
+        logger.warning(
+            "request_id=%s model=%s outcome=%s seconds=%.2f reason=%s",
+            request_id,
+            self.name,
+            outcome,
+            time.perf_counter() - started,
+            reason,
+        )
 
     def parse(self, payload: InferRequest) -> ImageRequest:
         """The contract request carried by a v2 infer request (REST or gRPC)."""

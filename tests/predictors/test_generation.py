@@ -189,3 +189,7 @@ def test_each_request_is_logged_with_its_id(generation_predictor):
     assert response.json()["id"] == "req-abc-123"
     log = generation_predictor.log()
     assert "request_id=req-abc-123 model=qwen-image size=64x64 images=1 steps=2" in log
+
+    body = contract.build_rest_body("", request_id="req-bad-456", width=64, height=64, **FAST)
+    assert httpx.post(generation_predictor.infer_url, json=body, timeout=60).status_code == 400
+    assert "request_id=req-bad-456 model=qwen-image outcome=invalid" in generation_predictor.log()
