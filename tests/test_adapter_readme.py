@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,7 +35,12 @@ def fenced_blocks(language: str) -> list[str]:
 
 
 def curl_examples() -> list[str]:
-    return [block for block in fenced_blocks("bash") if block.lstrip().startswith("curl ")]
+    """The curl examples of the OpenAI API (the README's v2 example calls a predictor)."""
+    return [
+        block
+        for block in fenced_blocks("bash")
+        if block.lstrip().startswith("curl ") and README_PORT in block
+    ]
 
 
 def sdk_examples() -> list[str]:
@@ -54,7 +60,10 @@ def test_readme_has_the_examples():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.skipif(
+    shutil.which("curl") is None and not os.environ.get("CI"),
+    reason="curl is not installed (in CI this fails instead)",
+)
 def test_readme_examples_run(stack: Stack, image_path: Path, tmp_path: Path):
     port = f"127.0.0.1:{stack.port}"
     curls = [
