@@ -45,13 +45,14 @@ RUN groupadd --gid 1000 app \
 # requirements: the dependency lists, read from pyproject.toml. Later stages copy only these
 # files, and Docker caches a COPY by content: editing pyproject.toml without touching its
 # dependencies (a version bump, a ruff setting) keeps the large dependency layers cached.
+# The predictor gets the `predictor` and `fp8` extras (torchao, for --quantization fp8).
 FROM base AS requirements
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; \
+RUN python -c "import re, tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extra = p['optional-dependencies']['predictor']; \
-torch = [r for r in extra if r.startswith('torch')]; \
+extra = p['optional-dependencies']['predictor'] + p['optional-dependencies']['fp8']; \
+torch = [r for r in extra if re.match(r'torch\b', r)]; \
 rest = [r for r in extra if r not in torch]; \
 open('requirements-base.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
 open('requirements-torch.txt', 'w').write('\n'.join(torch) + '\n'); \

@@ -265,8 +265,24 @@ def test_predictor_caches_are_writable(case: str) -> None:
         main = container(isvc)
         env = env_values(main)
         writable = [path for path, mount in mounts_of(main).items() if not mount.get("readOnly")]
-        for variable in ("HF_HOME", "QWEN_TINY_CACHE_DIR"):
+        for variable in ("HF_HOME", "QWEN_TINY_CACHE_DIR", "TRITON_CACHE_DIR"):
             assert any(env[variable].startswith(path) for path in writable), variable
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predictor_settings_are_variables_the_predictor_reads(case: str) -> None:
+    """Every QWEN_* the chart sets is one that predictors/server.py declares (or a location)."""
+    from predictors.generation import QwenImageGenerationModel
+    from predictors.server import build_parser
+
+    declared = {"QWEN_IMAGE_LOCATION", "QWEN_IMAGE_EDIT_LOCATION"} | {
+        action.help.rsplit("(env ", 1)[1].rstrip(")")
+        for action in build_parser(QwenImageGenerationModel)._actions
+        if action.help and "(env " in action.help
+    }
+    for isvc in by_kind(objects(case), "InferenceService").values():
+        used = {name for name in env_of(container(isvc)) if name.startswith("QWEN_")}
+        assert used <= declared, used - declared
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,7 +352,10 @@ def test_defaults_adapter_service_pdb_and_test_hook() -> None:
     assert main["args"] == ["--host", "0.0.0.0", "--port", "8000"]
     assert main["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert main["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
-    assert main["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    # Ready once the adapter runs: a loading predictor answers its own 503s instead of taking
+    # the other model off the Service (adapter.readinessPath).
+    assert main["readinessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert "annotations" not in pod["metadata"]  # no chart-created API key to track
     assert env_values(main)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"] == "600"
     assert "QWEN_ADAPTER_API_KEY" not in env_of(main)
     assert deployment["spec"]["replicas"] == 2
@@ -368,6 +387,14 @@ def test_notes_give_port_forward_and_first_requests() -> None:
     assert 'OpenAI(base_url="http://localhost:8000/v1"' in notes
     assert 'client.images.generate(model="qwen-image"' in notes
     assert f"helm test {RELEASE}" in notes
+    assert '-F "model=qwen-image-edit" -F "image=@fox.png"' in notes
+
+    edit_only = chart().render(
+        {"generation": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE
+    )
+    notes = edit_only["qwen-image-serve/templates/NOTES.txt"]
+    assert "/v1/images/generations" not in notes
+    assert "curl -s http://localhost:8000/v1/images/edits" in notes
 
 
 def test_names_stay_dns_labels_for_long_release_names() -> None:
@@ -425,6 +452,43 @@ def test_pvc_case_creates_the_api_key_secret() -> None:
     assert env_of(test_pod["spec"]["containers"][0])["API_KEY"]["valueFrom"]["secretKeyRef"][
         "name"
     ] == (f"{FULLNAME}-api-key")
+
+
+def test_a_new_api_key_restarts_the_adapter_pods() -> None:
+    def checksum(key: str) -> str:
+        objs = render_values({"adapter": {"apiKey": {"value": key}}})
+        return one(objs, "Deployment", ADAPTER)["spec"]["template"]["metadata"]["annotations"][
+            "checksum/api-key"
+        ]
+
+    assert checksum("first-key") != checksum("second-key")
+    existing = render_values({"adapter": {"apiKey": {"existingSecret": "mine"}}})
+    template = one(existing, "Deployment", ADAPTER)["spec"]["template"]
+    assert "checksum/api-key" not in template["metadata"].get("annotations", {})
+
+
+def test_readiness_on_the_predictors_is_a_choice() -> None:
+    objs = render_values({"adapter": {"readinessPath": "/health/ready"}})
+    main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
+    assert main["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"predictor": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}},
+            "predictor.autoscaling.minReplicas \\(3\\) is larger than maxReplicas \\(2\\)",
+        ),
+        (
+            {"adapter": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+            "adapter.autoscaling.minReplicas \\(5\\) is larger than maxReplicas \\(2\\)",
+        ),
+    ],
+)
+def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=message):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
@@ -698,6 +762,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "HTTPRoute without a Gateway": ({"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
     "bad dtype": ({"predictor": {"settings": {"dtype": "int4"}}}, "/predictor/settings/dtype"),
+    "unknown readiness path": (
+        {"adapter": {"readinessPath": "/healthz"}},
+        "/adapter/readinessPath",
+    ),
 }
 
 

@@ -193,6 +193,30 @@ def test_predictor_image_installs_the_predictor_extra_and_adapter_none() -> None
     assert "requirements-predictor.txt" in predictor_runs
 
 
+def test_requirement_lists_put_torch_alone_and_fp8_in_the_predictor(tmp_path: Path) -> None:
+    """Run the requirements stage's script on pyproject.toml and read the three lists."""
+    (command,) = (
+        arguments
+        for keyword, arguments in stages()["requirements"].instructions
+        if keyword == "RUN"
+    )
+    assert command.startswith("python ")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    subprocess.run(
+        ["sh", "-c", f"{sys.executable} {command[len('python ') :]}"], cwd=tmp_path, check=True
+    )
+
+    def names(file: str) -> list[str]:
+        lines = (tmp_path / file).read_text().split("\n")
+        return [re.split(r"[<>=!~\[; ]", line)[0] for line in lines if line.strip()]
+
+    assert names("requirements-torch.txt") == ["torch"]
+    predictor = names("requirements-predictor.txt")
+    assert {"diffusers", "transformers", "torchao", "kserve"} <= set(predictor)
+    assert "torch" not in predictor
+    assert not {"torch", "torchao", "diffusers"} & set(names("requirements-base.txt"))
+
+
 def chart_commands() -> set[str]:
     """The first word of every container command the chart renders, over all test values."""
     chart = helm_python.Chart.load(CHART_DIR)
