@@ -12,11 +12,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from openai_adapter.errors import install_error_handlers
-from openai_adapter.middleware import RequestIdMiddleware
+from openai_adapter.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.routes import health, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
+
+# Room beside the largest image for the other form fields of an edit.
+FORM_OVERHEAD_BYTES = 1024 * 1024
 
 
 def _version() -> str:
@@ -52,6 +55,10 @@ def create_app(
     app.include_router(v1)
     app.include_router(health)
     install_error_handlers(app)
+    # Middleware added last runs first: the request id wraps the size check.
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+    )
     app.add_middleware(RequestIdMiddleware)
 
     def openapi() -> dict[str, Any]:

@@ -1,14 +1,18 @@
-"""Request ids and access logs for every request."""
+"""Request ids and access logs for every request, and a cap on request bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 import uuid
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openai_adapter.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("openai_adapter.access")
 
@@ -61,3 +65,54 @@ class RequestIdMiddleware:
                 status,
                 (time.perf_counter() - start) * 1000,
             )
+
+
+class RequestTooLarge(Exception):
+    """A request body grew past the limit while it was being received."""
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413 before they are received: at once when
+    ``Content-Length`` says so, else (chunked uploads) as soon as the bytes pass the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self) -> JSONResponse:
+        info = ErrorInfo(
+            message=f"The request body is larger than {self.max_bytes} bytes",
+            type="invalid_request_error",
+            param=None,
+            code="request_too_large",
+        )
+        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=413)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Request(scope).headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self.too_large()(scope, receive, send)
+            return
+        received = 0
+        exceeded = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                exceeded = True
+                raise RequestTooLarge
+            return message
+
+        async def send_unless_exceeded(message: Message) -> None:
+            if not exceeded:  # the app's own answer to a broken-off body is replaced
+                await send(message)
+
+        with contextlib.suppress(RequestTooLarge):  # unless the app turned it into an answer
+            await self.app(scope, counting_receive, send_unless_exceeded)
+        if exceeded:
+            await self.too_large()(scope, receive, send)

@@ -116,10 +116,15 @@ class PipelineRunner(Generic[JobT, ResultT]):
         """Requests accepted and not finished (the running ones included)."""
         return self._pending
 
-    async def run(self, job: JobT) -> ResultT:
-        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full."""
+    def check_capacity(self) -> None:
+        """Raise ``ServerBusy`` if a request arriving now would be refused: lets a caller
+        refuse before costly preparation (``run`` checks again)."""
         if self._pending >= self.capacity:
             raise ServerBusy(self.model_name, self._pending, self.capacity)
+
+    async def run(self, job: JobT) -> ResultT:
+        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full."""
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
         self._pending += 1

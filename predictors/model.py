@@ -159,13 +159,13 @@ class QwenImageModel(Model):
         request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
         try:
             request = self.parse(payload)
+            self.runner.check_capacity()  # before decoding an edit image that would be refused
             job = await asyncio.to_thread(self.prepare, request)
+            images = await self.runner.run(job)
         except ContractError as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
             self.log_refusal(request_id, "invalid", started, exc.message)
             raise InvalidInput(exc.message) from None
-        try:
-            images = await self.runner.run(job)
         except ServerBusy as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="busy").inc()
             self.log_refusal(request_id, "busy", started, str(exc))

@@ -377,6 +377,27 @@ def test_edit_errors(make_client, predictor, files, param, code):
     assert not predictor.requests
 
 
+def test_a_body_past_the_upload_limit_is_refused_before_it_is_read(make_client, predictor):
+    client = make_client(max_upload_bytes=50_000)
+    oversized = b"\x89PNG\r\n\x1a\n" + bytes(2 * 1024 * 1024)
+    parts = [("image", ("upload", oversized, "application/octet-stream"))]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts)
+    assert_error(response, 413, "request_too_large", None)
+    assert response.headers["x-request-id"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused while it streams
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    streamed = client.post(
+        "/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_error(streamed, 413, "request_too_large", None)
+    assert not predictor.requests
+
+
 def test_api_key(make_client: Callable[..., TestClient]):
     client = make_client(api_key="s3cret")
     assert_error(client.get("/v1/models"), 401, "invalid_api_key", None)
