@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import time
 from typing import Any
 
 import httpx
@@ -222,24 +223,28 @@ def test_edit_errors(client: OpenAI, kwargs, code, param):
     assert_api_error(caught, openai.BadRequestError, 400, code, param)
 
 
-def test_busy_predictor_answers_503(client: OpenAI):
-    """More requests than the predictor queues (1 running + QWEN_MAX_QUEUE_SIZE=4)."""
+def test_busy_predictor_answers_503_and_keeps_what_it_accepted(client: OpenAI, stack: Stack):
+    """Fill the generation predictor (1 running + QWEN_MAX_QUEUE_SIZE=4 waiting); one more
+    request is refused with a retryable 503, and every accepted one still completes."""
+    capacity = 5
+    metrics_url = f"http://127.0.0.1:{stack.generation_port}/metrics"
+    full = f'qwen_image_queue_depth{{model_name="qwen-image"}} {capacity:.1f}'
 
-    def attempt(_: int) -> int | openai.APIStatusError:
-        try:
-            small(client, size="128x128", extra={"num_inference_steps": 4})
-        except openai.APIStatusError as error:
-            return error
-        return 200
+    def slow(index: int) -> Any:
+        return small(client, prompt=f"slow {index}", size="512x512", extra={"seed": index})
 
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        outcomes = list(pool.map(attempt, range(12)))
-    busy = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
-    assert 200 in outcomes and busy, outcomes
-    for error in busy:
-        assert isinstance(error, openai.InternalServerError)
-        assert (error.status_code, error.code) == (503, "predictor_busy")
-        assert error.response.headers["retry-after"] == "5"
+    with concurrent.futures.ThreadPoolExecutor(capacity) as pool:
+        accepted = [pool.submit(slow, index) for index in range(capacity)]
+        deadline = time.monotonic() + 60
+        while full not in httpx.get(metrics_url).text:
+            assert time.monotonic() < deadline, "the predictor never filled up"
+            time.sleep(0.05)
+        with pytest.raises(openai.InternalServerError) as caught:
+            small(client)
+        assert_api_error(caught, openai.InternalServerError, 503, "predictor_busy", None)
+        assert caught.value.response.headers["retry-after"] == "5"
+        results = [future.result() for future in accepted]
+    assert [result.data[0].seed for result in results] == list(range(capacity))
 
 
 def test_predictor_down_is_503(down_adapter: str):
