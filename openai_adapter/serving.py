@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import time
+
+import pybase64
 
 from openai_adapter.errors import (
     IMAGE_TOO_LARGE,
@@ -179,8 +180,7 @@ def _images_response(results: list[ImageResult]) -> ImagesResponse:
     return ImagesResponse(
         created=int(time.time()),
         data=[
-            ImageData(b64_json=base64.b64encode(r.data).decode("ascii"), seed=r.seed)
-            for r in results
+            ImageData(b64_json=pybase64.b64encode_as_string(r.data), seed=r.seed) for r in results
         ],
         output_format=output_format,
         size=f"{width}x{height}",
