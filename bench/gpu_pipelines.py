@@ -34,9 +34,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCond
 from predictors import acceleration, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
-from predictors.denoise import AttentionBackends, Job, condition, generate
+from predictors.denoise import AttentionBackends, Job, condition, decode, generate
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
 # The special token ids are set from the byte-level tokenizer at build time.
@@ -200,6 +201,8 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     floors: list[dict[str, Any]] = field(default_factory=list)
     attention: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -313,9 +316,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_baseline(pipeline, job: Job, timer: StepTimer | None = None) -> np.ndarray:
+def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
     """The original service: one plain pipeline call with diffusers' defaults, image i
-    seeded with its own generator."""
+    seeded with its own generator; ``on_step_end`` is its step-end callback."""
     extra = {} if job.image is None else {"image": job.image}
     return pipeline(
         prompt=job.prompt,
@@ -326,15 +329,9 @@ def run_baseline(pipeline, job: Job, timer: StepTimer | None = None) -> np.ndarr
         num_inference_steps=job.num_inference_steps,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
         output_type="np",
-        callback_on_step_end=timer.mark if timer else None,
+        callback_on_step_end=on_step_end,
         **extra,
     ).images
-
-
-def run_engine(pipeline, job: Job, timer: StepTimer, attention: AttentionBackends) -> np.ndarray:
-    return generate(pipeline, [job], attention=attention, output_type="np", on_step_end=timer.mark)[
-        0
-    ]
 
 
 def compare(image: np.ndarray, reference: np.ndarray | None) -> tuple[float | None, float | None]:
@@ -482,6 +479,61 @@ def attention_sweep(
     return results
 
 
+# Substrings of kernel (GPU) or operator (CPU) names, checked in this order.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "fprop")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "aten::mm", "aten::addmm", "_mm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``attention``, ``matmul`` or ``other``, from a kernel's or operator's name."""
+    lowered = name.lower()
+    for kind, markers in KERNEL_KINDS:
+        if any(marker in lowered for marker in markers):
+            return kind
+    return "other"
+
+
+def profile_step(
+    call: Callable[[Callable[..., dict]], Any], device: torch.device, top: int = 6
+) -> dict[str, Any]:
+    """Device time of the third denoising step of ``call(on_step_end)``, by kind of kernel
+    (on a CPU: operators' own time). Synchronises at each step end, so run it untimed."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=1, warmup=1, active=1, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+
+        def on_step_end(*args: Any) -> dict:
+            synchronize(device)
+            profiler.step()
+            return {}
+
+        call(on_step_end)
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for event in profiler.events():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            microseconds = event.time_range.elapsed_us()
+        elif event.name.startswith("ProfilerStep"):
+            continue  # the step's own annotation
+        else:
+            microseconds = event.self_cpu_time_total
+        by_kind[kernel_kind(event.name)] += microseconds / 1000
+        by_name[event.name] += microseconds / 1000
+    total = sum(by_kind.values())
+    heaviest = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {
+        "total_ms": total,
+        **{f"{kind}_ms": by_kind.get(kind, 0.0) for kind in ("matmul", "attention", "other")},
+        "heaviest": [{"name": name[:100], "ms": ms} for name, ms in heaviest],
+    }
+
+
 class Bench:
     """Runs the selected cases through the selected modes, in order."""
 
@@ -583,6 +635,8 @@ class Bench:
                 self.prepare(mode)
                 for case in cases:
                     self.results.rows.append(self.run_case(case, mode))
+                    if self.args.profile:
+                        self.profile(case, mode)
                     if case.name not in self.floor_done:
                         self.results.floors.append(self.floor(case))
                         self.floor_done.add(case.name)
@@ -599,13 +653,20 @@ class Bench:
                 if mode.cache:
                     self.generation.transformer.disable_cache()
 
+    def call(self, case: Case, mode: Mode, job: Job, on_step_end: Callable[..., dict]):
+        """One image of ``case`` as ``mode`` makes it; ``on_step_end`` marks each step."""
+        pipeline = self.pipeline(case)
+        if mode.engine:
+            return generate(
+                pipeline, [job], attention=self.attention, output_type="np", on_step_end=on_step_end
+            )[0]
+        return run_baseline(pipeline, job, on_step_end)
+
     def run_case(self, case: Case, mode: Mode) -> Row:
-        pipeline, job = self.pipeline(case), self.job(case, mode)
+        job = self.job(case, mode)
 
         def call(timer: StepTimer) -> np.ndarray:
-            if mode.engine:
-                return run_engine(pipeline, job, timer, self.attention)
-            return run_baseline(pipeline, job, timer)
+            return self.call(case, mode, job, timer.mark)
 
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
         seconds, per_step, first, peak, output = measure(
@@ -628,6 +689,50 @@ class Bench:
         )
         print_row(row)
         return row
+
+    def profile(self, case: Case, mode: Mode) -> None:
+        """Where a step's device time goes in ``mode`` (three steps, the third profiled)."""
+        job = replace(self.job(case, mode), num_inference_steps=3)
+        entry = {
+            "case": case.name,
+            "mode": mode.name,
+            **profile_step(lambda mark: self.call(case, mode, job, mark), self.device),
+        }
+        self.results.profiles.append(entry)
+        print(f"profile {json.dumps(entry)}", flush=True)
+
+    def time_parts(self, jobs: list[Job]) -> dict[str, Any]:
+        """Seconds of the per-image work around the loop: encoding one request's prompts, and
+        decoding one image alone and all of them as ``generate`` does (several per call)."""
+        pipeline, job = self.generation, jobs[0]
+        config = pipeline.transformer.config
+        factor = pipeline.vae_scale_factor * 2
+        tokens = (job.width // factor) * (job.height // factor)
+        latents = torch.randn(
+            len(jobs), tokens, config.in_channels, device=self.device, dtype=self.dtype
+        )
+
+        def seconds(work: Callable[[], Any]) -> float:
+            work()  # warm-up: kernel selection, allocator
+            synchronize(self.device)
+            started = time.perf_counter()
+            work()
+            synchronize(self.device)
+            return time.perf_counter() - started
+
+        with torch.inference_mode():
+            entry = {
+                "case": f"batch{len(jobs)}-{job.width}x{job.height}",
+                "encode_request_s": seconds(
+                    lambda: condition(pipeline, job, self.device, self.dtype)
+                ),
+                "decode_one_s": seconds(lambda: decode(pipeline, latents[:1], job, "np")),
+                "decode_all_per_image_s": seconds(lambda: decode(pipeline, latents, job, "np"))
+                / len(jobs),
+            }
+        self.results.parts.append(entry)
+        print(f"parts {json.dumps(entry)}", flush=True)
+        return entry
 
     def floor(self, case: Case) -> dict[str, Any]:
         job = self.job(case, MODES[1])
@@ -687,6 +792,7 @@ class Bench:
         turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
         batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
         diff, psnr = compare(batch_output, turn_output)
+        self.time_parts(jobs)
         count, steps = len(jobs), self.args.steps
         turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
         row = Row(
@@ -786,6 +892,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a group of cases and the modes to run them in, e.g. "
         "'1328x1328=baseline,engine'; repeat it to run several groups on one build of the "
         "pipelines (replaces --cases and --modes)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each case and mode, profile one step: device time by kind of kernel",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)

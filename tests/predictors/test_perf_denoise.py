@@ -14,7 +14,7 @@ from diffusers import QwenImageEditPipeline, QwenImagePipeline
 from PIL import Image
 
 from bench.gpu_pipelines import run_baseline
-from predictors import attention
+from predictors import attention, denoise
 from predictors.denoise import AttentionBackends, Job, generate, pad_text
 from predictors.loading import load_pipeline, resolve_location
 
@@ -79,6 +79,38 @@ def test_a_batch_of_requests_equals_each_request_alone(generation):
         for image, seed in zip(images, job.seeds, strict=True):
             single = Job(job.prompt, job.negative_prompt, (seed,), 64, 64, 3, 4.0)
             assert np.abs(image - run_baseline(generation, single)[0]).max() < TOLERANCE
+
+
+def test_a_batch_encodes_each_prompt_once_and_decodes_in_chunks(generation, monkeypatch):
+    """Four images sharing one negative prompt: three prompt encodings, not eight; decoded two
+    per VAE call, they equal the images decoded all at once."""
+    jobs = [
+        Job("a red cube", " ", (1, 2), 64, 64, 2, 4.0),
+        Job("a cat", " ", (3,), 64, 64, 2, 4.0),
+        Job("a red cube", " ", (4,), 64, 64, 2, 4.0),
+    ]
+    together = generate(generation, jobs, output_type="np")
+
+    prompts, decoded = [], []
+    encode_prompt, vae_decode = generation.encode_prompt, generation.vae.decode
+
+    def counting_encode_prompt(prompt, **kwargs):
+        prompts.append(prompt)
+        return encode_prompt(prompt, **kwargs)
+
+    def counting_decode(latents, **kwargs):
+        decoded.append(latents.shape[0])
+        return vae_decode(latents, **kwargs)
+
+    monkeypatch.setattr(generation, "encode_prompt", counting_encode_prompt)
+    monkeypatch.setattr(generation.vae, "decode", counting_decode)
+    monkeypatch.setattr(denoise, "DECODE_PIXELS_PER_CALL", 2 * 64 * 64)
+    in_chunks = generate(generation, jobs, output_type="np")
+
+    assert sorted(prompts) == [" ", "a cat", "a red cube"]
+    assert decoded == [2, 2]
+    for expected, actual in zip(together, in_chunks, strict=True):
+        assert np.abs(actual - expected).max() < TOLERANCE
 
 
 def test_pil_output_and_mixed_batches_refused(generation):

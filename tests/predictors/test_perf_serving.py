@@ -72,7 +72,14 @@ def test_concurrent_requests_are_batched_and_match_sequential_ones(tiny_cache_en
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     results_path = tmp_path / "results.json"
     completed = subprocess.run(
-        [sys.executable, "bench/gpu_pipelines.py", "--smoke", "--json", str(results_path)],
+        [
+            sys.executable,
+            "bench/gpu_pipelines.py",
+            "--smoke",
+            "--profile",
+            "--json",
+            str(results_path),
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -91,3 +98,10 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     assert all(floor["floor_seconds_per_step"] > 0 for floor in results["floors"])
     assert any(entry["backend"] == "native" and "ms" in entry for entry in results["attention"])
     assert "| 64x64 | engine |" in completed.stdout
+    profiles = {(entry["case"], entry["mode"]): entry for entry in results["profiles"]}
+    for mode in ("baseline", "engine"):
+        profile = profiles[("64x64", mode)]
+        assert profile["matmul_ms"] > 0 and profile["attention_ms"] > 0
+        assert profile["total_ms"] >= profile["matmul_ms"] + profile["attention_ms"]
+    (parts,) = [entry for entry in results["parts"] if entry["case"] == "batch8-64x64"]
+    assert parts["encode_request_s"] > 0 and parts["decode_all_per_image_s"] > 0
