@@ -11,6 +11,9 @@ Per case and mode: seconds per image (median), seconds per step, peak GPU memory
 difference from the baseline's image on the same seed. Per case: the bf16 compute floor of a
 step (FLOPs from the model config / the matmul rate measured here). Then the throughput of 8
 requests as one batch against 8 in turn, and an attention-backend sweep at the cases' shapes.
+With ``--profile``, each case and mode also gets a profile of one step (device time in
+matrix products, attention and the rest) and the time of the work around the loop (prompt
+encoding, VAE decoding).
 
     python bench/gpu_pipelines.py                       # every case and mode (too long for
                                                         # one 10-minute call: see docs)
@@ -172,7 +175,7 @@ MODES = (
     Mode("engine", batching=True),
     Mode("engine+first_block_cache", cache=True, exact=False),
     Mode("lightning", lightning=True, exact=False),
-    Mode("engine+compile", compile=True),
+    Mode("engine+compile", compile=True, batching=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
     Mode("fp8+compile", compile=True, fp8=True, exact=False),
     Mode("lightning+fp8+compile", compile=True, lightning=True, fp8=True, exact=False),
@@ -479,8 +482,13 @@ def attention_sweep(
     return results
 
 
-# Substrings of kernel (GPU) or operator (CPU) names, checked in this order.
+# Substrings of kernel (GPU) or operator (CPU) names, checked in this order. Inductor's fused
+# kernels (``triton_poi_*``, ``triton_red_*``) are named after the ops around them, attention
+# and matmuls included, so they count as other work; its matmul templates (``triton_tem_*``)
+# as matmuls.
 KERNEL_KINDS = (
+    ("matmul", ("triton_tem",)),
+    ("other", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "fprop")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "aten::mm", "aten::addmm", "_mm")),
 )
@@ -515,12 +523,12 @@ def profile_step(
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     for event in profiler.events():
+        if event.name.startswith("ProfilerStep"):
+            continue  # the step's own annotation (on the device too)
         if device.type == "cuda":
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             microseconds = event.time_range.elapsed_us()
-        elif event.name.startswith("ProfilerStep"):
-            continue  # the step's own annotation
         else:
             microseconds = event.self_cpu_time_total
         by_kind[kernel_kind(event.name)] += microseconds / 1000
@@ -691,7 +699,9 @@ class Bench:
         return row
 
     def profile(self, case: Case, mode: Mode) -> None:
-        """Where a step's device time goes in ``mode`` (three steps, the third profiled)."""
+        """Where a step's device time goes in ``mode`` (three steps, the third profiled), and
+        the work around the loop."""
+        self.time_parts(case.name, [self.job(case, mode)])
         job = replace(self.job(case, mode), num_inference_steps=3)
         entry = {
             "case": case.name,
@@ -701,16 +711,16 @@ class Bench:
         self.results.profiles.append(entry)
         print(f"profile {json.dumps(entry)}", flush=True)
 
-    def time_parts(self, jobs: list[Job]) -> dict[str, Any]:
-        """Seconds of the per-image work around the loop: encoding one request's prompts, and
-        decoding one image alone and all of them as ``generate`` does (several per call)."""
-        pipeline, job = self.generation, jobs[0]
-        config = pipeline.transformer.config
+    def time_parts(self, name: str, jobs: list[Job]) -> dict[str, Any]:
+        """Seconds of the per-image work around the loop: encoding the first request's prompts
+        (and edit image), decoding one image, the same with cuDNN's autotuner on, and for
+        several requests decoding all of them as ``generate`` does (several per call)."""
+        job = jobs[0]
+        pipeline = self.generation if job.image is None else self.edit
         factor = pipeline.vae_scale_factor * 2
         tokens = (job.width // factor) * (job.height // factor)
-        latents = torch.randn(
-            len(jobs), tokens, config.in_channels, device=self.device, dtype=self.dtype
-        )
+        channels = pipeline.transformer.config.in_channels
+        latents = torch.randn(len(jobs), tokens, channels, device=self.device, dtype=self.dtype)
 
         def seconds(work: Callable[[], Any]) -> float:
             work()  # warm-up: kernel selection, allocator
@@ -720,16 +730,24 @@ class Bench:
             synchronize(self.device)
             return time.perf_counter() - started
 
+        def decode_one() -> Any:
+            return decode(pipeline, latents[:1], job, "np")
+
+        entry: dict[str, Any] = {"case": name}
         with torch.inference_mode():
-            entry = {
-                "case": f"batch{len(jobs)}-{job.width}x{job.height}",
-                "encode_request_s": seconds(
-                    lambda: condition(pipeline, job, self.device, self.dtype)
-                ),
-                "decode_one_s": seconds(lambda: decode(pipeline, latents[:1], job, "np")),
-                "decode_all_per_image_s": seconds(lambda: decode(pipeline, latents, job, "np"))
-                / len(jobs),
-            }
+            entry["encode_request_s"] = seconds(
+                lambda: condition(pipeline, job, self.device, self.dtype)
+            )
+            entry["decode_one_s"] = seconds(decode_one)
+            autotuning = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                entry["decode_one_cudnn_benchmark_s"] = seconds(decode_one)
+            finally:
+                torch.backends.cudnn.benchmark = autotuning
+            if len(jobs) > 1:
+                all_images = seconds(lambda: decode(pipeline, latents, job, "np"))
+                entry["decode_all_per_image_s"] = all_images / len(jobs)
         self.results.parts.append(entry)
         print(f"parts {json.dumps(entry)}", flush=True)
         return entry
@@ -792,7 +810,7 @@ class Bench:
         turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
         batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
         diff, psnr = compare(batch_output, turn_output)
-        self.time_parts(jobs)
+        self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs)
         count, steps = len(jobs), self.args.steps
         turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
         row = Row(
