@@ -10,13 +10,7 @@ unmasked calls, in each of the 60 blocks (``docs/performance.md``).
 diffusers does, then attends each run of consecutive samples that share a text length over
 their real tokens only, with the mask-free backend. Image tokens get the same result as
 with the mask; padded text positions get zeros (no later layer reads them: they stay masked
-out as keys, and only image tokens leave the transformer). A batch without padding is one
-run.
-
-It applies RoPE in real arithmetic, where diffusers multiplies complex numbers: the same
-products, but torch.compile can fuse them with the norms before them (it generates no code
-for complex operators and falls back to separate kernels, about 4% of a compiled step at
-1328x1328 on an H100).
+out as keys, and only image tokens leave the transformer).
 """
 
 from __future__ import annotations
@@ -25,7 +19,10 @@ from collections.abc import Sequence
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
 
 # (start, stop, text length): samples [start, stop) of the batch have `text length` real tokens.
 TextRuns = tuple[tuple[int, int, int], ...]
@@ -82,8 +79,8 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         )
         if image_rotary_emb is not None:
             image_freqs, text_freqs = image_rotary_emb
-            image_q, image_k = (apply_rope(x, image_freqs) for x in (image_q, image_k))
-            text_q, text_k = (apply_rope(x, text_freqs) for x in (text_q, text_k))
+            image_q, image_k = (_rope(x, image_freqs) for x in (image_q, image_k))
+            text_q, text_k = (_rope(x, text_freqs) for x in (text_q, text_k))
 
         text_out = torch.zeros_like(text_q)
         image_out = torch.empty_like(image_q)
@@ -119,14 +116,8 @@ def _heads(attn, states: torch.Tensor, projections, norm_q, norm_k) -> list[torc
     return [query, key, value]
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary_emb_qwen(x, freqs, use_real=False)`` without complex tensors: each pair
-    of channels ``(even, odd)`` of ``x`` [batch, tokens, heads, head_dim] is rotated by the
-    angle of ``freqs`` [tokens, head_dim / 2] (complex), in float32."""
-    cos, sin = torch.view_as_real(freqs)[None, :, None].unbind(-1)
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    return apply_rotary_emb_qwen(x, freqs, use_real=False)
 
 
 def install(transformer: torch.nn.Module) -> None:

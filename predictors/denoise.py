@@ -8,8 +8,7 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 - the conditional and unconditional text of every image go through the transformer as one
   batch, the shorter embeddings zero-padded; attention skips the padding by running each
   group of equal text lengths on its own where ``predictors.attention`` is installed (as
-  ``acceleration.apply`` does; it then runs every batch, padded or not), else through
-  diffusers' padding mask;
+  ``acceleration.apply`` does), else through diffusers' padding mask;
 - the guided prediction is the pipeline's own norm-rescaled combination;
 - timesteps are prepared once, and the step loop reads nothing back to the host;
 - a prompt that several images of a batch share (the default negative prompt, say) is
@@ -158,7 +157,7 @@ def generate(
             texts += [c.negative_text for c in per_image]
         text, text_mask = pad_text(texts)
         attention_kwargs = None
-        if padding_free.installed(transformer):
+        if text_mask is not None and padding_free.installed(transformer):
             attention_kwargs = {"text_runs": padding_free.text_runs([t.shape[0] for t in texts])}
             text_mask = None  # the runs replace it
         copies = 2 if first.do_true_cfg else 1

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
 
 from bench.gpu_pipelines import run_baseline
@@ -147,15 +146,3 @@ def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
 def test_text_runs_group_consecutive_equal_lengths():
     assert attention.text_runs([5, 5, 3, 5]) == ((0, 2, 5), (2, 3, 3), (3, 4, 5))
     assert attention.text_runs([7]) == ((0, 1, 7),)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_real_rope_equals_diffusers_complex_rope(dtype):
-    x = torch.randn(2, 11, 3, 8, dtype=dtype)
-    angles = torch.randn(11, 4)
-    freqs = torch.polar(torch.ones_like(angles), angles)
-    expected = apply_rotary_emb_qwen(x, freqs, use_real=False)
-    actual = attention.apply_rope(x, freqs)
-    assert actual.dtype == dtype
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert (actual.float() - expected.float()).abs().max() <= tolerance
