@@ -701,7 +701,7 @@ class Bench:
     def profile(self, case: Case, mode: Mode) -> None:
         """Where a step's device time goes in ``mode`` (three steps, the third profiled), and
         the work around the loop."""
-        self.time_parts(case.name, [self.job(case, mode)])
+        self.time_parts(case.name, self.job(case, mode))
         job = replace(self.job(case, mode), num_inference_steps=3)
         entry = {
             "case": case.name,
@@ -711,16 +711,14 @@ class Bench:
         self.results.profiles.append(entry)
         print(f"profile {json.dumps(entry)}", flush=True)
 
-    def time_parts(self, name: str, jobs: list[Job]) -> dict[str, Any]:
-        """Seconds of the per-image work around the loop: encoding the first request's prompts
-        (and edit image), decoding one image, the same with cuDNN's autotuner on, and for
-        several requests decoding all of them as ``generate`` does (several per call)."""
-        job = jobs[0]
+    def time_parts(self, name: str, job: Job) -> dict[str, Any]:
+        """Seconds of the per-image work around the loop: encoding a request's prompts (and
+        edit image), and decoding one image with the VAE."""
         pipeline = self.generation if job.image is None else self.edit
         factor = pipeline.vae_scale_factor * 2
         tokens = (job.width // factor) * (job.height // factor)
         channels = pipeline.transformer.config.in_channels
-        latents = torch.randn(len(jobs), tokens, channels, device=self.device, dtype=self.dtype)
+        latents = torch.randn(1, tokens, channels, device=self.device, dtype=self.dtype)
 
         def seconds(work: Callable[[], Any]) -> float:
             work()  # warm-up: kernel selection, allocator
@@ -730,24 +728,14 @@ class Bench:
             synchronize(self.device)
             return time.perf_counter() - started
 
-        def decode_one() -> Any:
-            return decode(pipeline, latents[:1], job, "np")
-
-        entry: dict[str, Any] = {"case": name}
         with torch.inference_mode():
-            entry["encode_request_s"] = seconds(
-                lambda: condition(pipeline, job, self.device, self.dtype)
-            )
-            entry["decode_one_s"] = seconds(decode_one)
-            autotuning = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            try:
-                entry["decode_one_cudnn_benchmark_s"] = seconds(decode_one)
-            finally:
-                torch.backends.cudnn.benchmark = autotuning
-            if len(jobs) > 1:
-                all_images = seconds(lambda: decode(pipeline, latents, job, "np"))
-                entry["decode_all_per_image_s"] = all_images / len(jobs)
+            entry = {
+                "case": name,
+                "encode_request_s": seconds(
+                    lambda: condition(pipeline, job, self.device, self.dtype)
+                ),
+                "decode_image_s": seconds(lambda: decode(pipeline, latents, job, "np")),
+            }
         self.results.parts.append(entry)
         print(f"parts {json.dumps(entry)}", flush=True)
         return entry
@@ -810,7 +798,7 @@ class Bench:
         turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
         batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
         diff, psnr = compare(batch_output, turn_output)
-        self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs)
+        self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs[0])
         count, steps = len(jobs), self.args.steps
         turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
         row = Row(
