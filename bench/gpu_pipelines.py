@@ -567,6 +567,7 @@ class Bench:
         self.lightning_later = False
         self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
         self.batching_done: set[str] = set()  # modes whose batching case ran
+        self.parts_done: set[tuple] = set()  # (size, edit, CFG) whose parts were timed
         self.attention = AttentionBackends(
             masked=args.masked_attention_backend, unmasked=args.attention_backend
         )
@@ -711,9 +712,14 @@ class Bench:
         self.results.profiles.append(entry)
         print(f"profile {json.dumps(entry)}", flush=True)
 
-    def time_parts(self, name: str, job: Job) -> dict[str, Any]:
+    def time_parts(self, name: str, job: Job) -> None:
         """Seconds of the per-image work around the loop: encoding a request's prompts (and
-        edit image), and decoding one image with the VAE."""
+        edit image), and decoding one image with the VAE. Once per size, kind and CFG: the
+        transformer's modes do not change them."""
+        key = (job.width, job.height, job.image is not None, job.do_true_cfg)
+        if key in self.parts_done:
+            return
+        self.parts_done.add(key)
         pipeline = self.generation if job.image is None else self.edit
         factor = pipeline.vae_scale_factor * 2
         tokens = (job.width // factor) * (job.height // factor)
@@ -730,7 +736,7 @@ class Bench:
 
         with torch.inference_mode():
             entry = {
-                "case": name,
+                "case": name if job.do_true_cfg else f"{name}, no CFG",
                 "encode_request_s": seconds(
                     lambda: condition(pipeline, job, self.device, self.dtype)
                 ),
@@ -738,7 +744,6 @@ class Bench:
             }
         self.results.parts.append(entry)
         print(f"parts {json.dumps(entry)}", flush=True)
-        return entry
 
     def floor(self, case: Case) -> dict[str, Any]:
         job = self.job(case, MODES[1])

@@ -103,5 +103,8 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         profile = profiles[("64x64", mode)]
         assert profile["matmul_ms"] > 0 and profile["attention_ms"] > 0
         assert profile["total_ms"] >= profile["matmul_ms"] + profile["attention_ms"]
-    (parts,) = [entry for entry in results["parts"] if entry["case"] == "batch8-64x64"]
-    assert parts["encode_request_s"] > 0 and parts["decode_image_s"] > 0
+    parts = {entry["case"]: entry for entry in results["parts"]}
+    assert len(parts) == len(results["parts"]), "each size and kind is timed once"
+    # batch8-64x64 is 64x64's; Lightning encodes no negative prompt
+    for name in ("64x64", "64x64, no CFG", "edit-64x64", "batch8-128x128"):
+        assert parts[name]["encode_request_s"] > 0 and parts[name]["decode_image_s"] > 0
