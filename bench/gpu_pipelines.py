@@ -446,16 +446,13 @@ def attention_sweep(
     (``mask``), and as ``predictors.attention`` runs it, one call per text length (``split``)."""
     shape = (2, tokens, heads, head_dim)
     query, key, value = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
-    padding = slice(text // 2, text)  # the shorter (negative) prompt's padding
+    text_lengths = torch.tensor([text, text // 2])  # the negative prompt is the shorter
     mask = torch.ones(2, tokens, dtype=torch.bool, device=device)
-    mask[1, padding] = False
-    kept = torch.cat([torch.arange(padding.start), torch.arange(padding.stop, tokens)])
-    short = [x[1:2, kept.to(device)] for x in (query, key, value)]
+    mask[1, text // 2 : text] = False
 
     def attend(padding_kind: str) -> None:
         if padding_kind == "split":
-            dispatch_attention_fn(query[:1], key[:1], value[:1])
-            dispatch_attention_fn(*short)
+            padding_free.padded_joint_attention(query, key, value, text_lengths)
         else:
             attn_mask = mask[:, None, None, :] if padding_kind == "mask" else None
             dispatch_attention_fn(query, key, value, attn_mask=attn_mask)

@@ -76,8 +76,8 @@ class Acceleration:
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
     text_padding: str = "split"
-    # Off by default: 1.28x on an H100 at 1328x1328, but mixed batches can exhaust dynamo's
-    # recompile limit (docs/performance.md); auto: on for CUDA only.
+    # 1.28x on an H100 at 1328x1328. Off by default: it lengthens start-up, and attention as
+    # a custom op (docs/performance.md) has not run on a GPU yet; auto: on for CUDA only.
     compile: str = "off"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"

@@ -7,10 +7,16 @@ H200 at 1328x1328 the masked attention of a CFG pair took 3.2 ms against 2.0 ms 
 unmasked calls, in each of the 60 blocks (``docs/performance.md``).
 
 ``PaddingFreeAttnProcessor`` runs the projections, norms and RoPE on the whole batch as
-diffusers does, then attends each run of consecutive samples that share a text length over
-their real tokens only, with the mask-free backend. Image tokens get the same result as
-with the mask; padded text positions get zeros (no later layer reads them: they stay masked
-out as keys, and only image tokens leave the transformer).
+diffusers does. Attention itself is the custom op ``padded_joint_attention``: it attends each
+run of consecutive samples that share a text length over their real tokens only, with the
+mask-free backend. Image tokens get the same result as with the mask; padded text positions
+get zeros (no later layer reads them: they stay masked out as keys, and only image tokens
+leave the transformer).
+
+Being an op, the attention is opaque to ``torch.compile``: a compiled block sees tensors of
+the same shapes whatever the mix of text lengths in a batch, so mixed batches compile
+nothing new (a Python loop over the runs inside the block would recompile for each new
+number of runs, until dynamo's recompile limit fails the request).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
@@ -40,10 +46,51 @@ def text_runs(lengths: Sequence[int]) -> TextRuns:
     return tuple(runs)
 
 
+@torch.library.custom_op("qwen_image_serve::padded_joint_attention", mutates_args=())
+def padded_joint_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    text_lengths: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over Qwen's joint ``[text, image]`` sequences, ``[batch, tokens, heads,
+    head_dim]``, whose texts are zero-padded to the longest of ``text_lengths`` (a CPU int
+    tensor, one length per sample). Each sample attends over its real tokens only; the
+    output is zero at the padded text positions. ``backend``: a diffusers attention backend
+    name, or ``None`` for the active one."""
+    lengths = text_lengths.tolist()
+    padded = max(lengths)
+    backend_name = None if backend is None else AttentionBackendName(backend)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend_name)
+
+    if min(lengths) == padded:  # nothing padded: one call over the whole batch
+        return attend(query, key, value).contiguous()
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    for start, stop, length in text_runs(lengths):
+        rows = slice(start, stop)
+        if length == padded:  # the longest texts: their whole sequence is real
+            out[rows] = attend(query[rows], key[rows], value[rows])
+            continue
+        real = [torch.cat([x[rows, :length], x[rows, padded:]], dim=1) for x in (query, key, value)]
+        attended = attend(*real)
+        out[rows, :length] = attended[:, :length]
+        out[rows, length:padded] = 0
+        out[rows, padded:] = attended[:, length:]
+    return out
+
+
+@padded_joint_attention.register_fake
+def _(query, key, value, text_lengths, backend=None):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
 class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
-    """diffusers' Qwen double-stream processor, plus a ``text_runs`` argument (passed through
-    the transformer's ``attention_kwargs``) that replaces the padding mask. Without it the
-    processor is diffusers' own."""
+    """diffusers' Qwen double-stream processor, plus a ``text_lengths`` argument (a CPU int
+    tensor, passed through the transformer's ``attention_kwargs``) that replaces the padding
+    mask. Without it the processor is diffusers' own."""
 
     def __call__(
         self,
@@ -53,9 +100,9 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         encoder_hidden_states_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        text_runs: TextRuns | None = None,
+        text_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if text_runs is None:
+        if text_lengths is None:
             return super().__call__(
                 attn,
                 hidden_states,
@@ -65,7 +112,7 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
                 image_rotary_emb,
             )
         if encoder_hidden_states_mask is not None or attention_mask is not None:
-            raise ValueError("text_runs replaces the padding mask: pass one or the other")
+            raise ValueError("text_lengths replaces the padding mask: pass one or the other")
 
         image_q, image_k, image_v = _heads(
             attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k
@@ -82,27 +129,20 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             image_q, image_k = (_rope(x, image_freqs) for x in (image_q, image_k))
             text_q, text_k = (_rope(x, text_freqs) for x in (text_q, text_k))
 
-        text_out = torch.zeros_like(text_q)
-        image_out = torch.empty_like(image_q)
-        for start, stop, length in text_runs:
-            joint = [
-                torch.cat([text[start:stop, :length], image[start:stop]], dim=1)
-                for text, image in ((text_q, image_q), (text_k, image_k), (text_v, image_v))
-            ]
-            out = dispatch_attention_fn(
-                *joint,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            ).to(text_q.dtype)
-            text_out[start:stop, :length] = out[:, :length]
-            image_out[start:stop] = out[:, length:]
-
-        image_out = attn.to_out[0](image_out.flatten(2, 3))
+        joint = [
+            torch.cat([text, image], dim=1)
+            for text, image in ((text_q, image_q), (text_k, image_k), (text_v, image_v))
+        ]
+        backend = self._attention_backend
+        out = padded_joint_attention(
+            *joint, text_lengths, None if backend is None else AttentionBackendName(backend).value
+        )
+        out = out.flatten(2, 3).to(joint[0].dtype)
+        text_tokens = encoder_hidden_states.shape[1]
+        image_out = attn.to_out[0](out[:, text_tokens:])
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)  # dropout
-        return image_out, attn.to_add_out(text_out.flatten(2, 3))
+        return image_out, attn.to_add_out(out[:, :text_tokens])
 
 
 def _heads(attn, states: torch.Tensor, projections, norm_q, norm_k) -> list[torch.Tensor]:
@@ -126,10 +166,10 @@ def install(transformer: torch.nn.Module) -> None:
     for block in transformer.transformer_blocks:
         processor = PaddingFreeAttnProcessor()
         processor._attention_backend = block.attn.processor._attention_backend
-        processor._parallel_config = block.attn.processor._parallel_config
         block.attn.set_processor(processor)
 
 
 def installed(transformer: torch.nn.Module) -> bool:
     """Whether ``install`` ran on this transformer."""
     return isinstance(transformer.transformer_blocks[0].attn.processor, PaddingFreeAttnProcessor)
+

@@ -154,9 +154,10 @@ def generate(
             texts += [c.negative_text for c in per_image]
         text, text_mask = pad_text(texts)
         attention_kwargs = None
-        if text_mask is not None and padding_free.installed(transformer):
-            attention_kwargs = {"text_runs": padding_free.text_runs([t.shape[0] for t in texts])}
-            text_mask = None  # the runs replace it
+        if padding_free.installed(transformer):
+            # The lengths replace the mask. A CPU tensor: the attention op reads it on the host.
+            attention_kwargs = {"text_lengths": torch.tensor([t.shape[0] for t in texts])}
+            text_mask = None
         copies = 2 if first.do_true_cfg else 1
         img_shapes = [_img_shapes(pipeline, first, latent_size)] * (copies * len(seeds))
 

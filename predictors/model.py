@@ -99,8 +99,10 @@ class QwenImageModel(Model):
         return self.ready
 
     def warmup_batches(self) -> list[list[Job]]:
-        """Short runs per warm-up size that take every path the compiled blocks will see:
-        other text lengths, a batch of two, and a batch without padding."""
+        """Short runs per warm-up size after which other text lengths and batch sizes compile
+        nothing new: a single request, a batch of two, and a single request with another
+        text length (a batch of one compiles apart from larger ones). For edit, also an
+        input image of another aspect ratio, which changes the condition's token count."""
         sizes = self.options.acceleration.warmup_sizes
         if sizes is None:
             sizes = ((self.defaults.width or 1024, self.defaults.height or 1024),)
@@ -118,9 +120,10 @@ class QwenImageModel(Model):
                 image=image,
             )
             longer = replace(short, prompt="a red cube on a wooden table in the morning light")
-            # A prompt as long as the negative one needs no padding mask: the mask-free path.
-            unpadded = replace(short, prompt=short.negative_prompt)
-            batches += [[short], [longer, short], [unpadded]]
+            batches += [[short], [longer, short], [longer]]
+            if self.needs_image:
+                other_aspect = Image.new("RGB", (width, height * 3 // 4), "gray")
+                batches.append([replace(short, image=other_aspect)])
         return batches
 
     def stop(self) -> None:

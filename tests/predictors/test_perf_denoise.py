@@ -139,3 +139,27 @@ def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
 def test_text_runs_group_consecutive_equal_lengths():
     assert attention.text_runs([5, 5, 3, 5]) == ((0, 2, 5), (2, 3, 3), (3, 4, 5))
     assert attention.text_runs([7]) == ((0, 1, 7),)
+
+
+def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
+    """Each sample's output equals plain attention over its own text and the image; the
+    padded text positions are zero. ``opcheck`` checks the op's registration (schema, fake
+    shapes) as ``torch.compile`` relies on it."""
+    generator = torch.Generator().manual_seed(0)
+    lengths, padded, image_tokens = [5, 5, 2, 5, 3], 5, 6
+    query, key, value = (
+        torch.randn(len(lengths), padded + image_tokens, 2, 8, generator=generator)
+        for _ in range(3)
+    )
+    text_lengths = torch.tensor(lengths)
+    out = attention.padded_joint_attention(query, key, value, text_lengths)
+
+    for sample, length in enumerate(lengths):
+        real = torch.cat([torch.arange(length), torch.arange(padded, padded + image_tokens)])
+        q, k, v = (x[sample : sample + 1, real].transpose(1, 2) for x in (query, key, value))
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)[0]
+        assert torch.allclose(out[sample, real], expected, atol=1e-6)
+        assert out[sample, length:padded].abs().sum() == 0
+    torch.library.opcheck(attention.padded_joint_attention, (query, key, value, text_lengths))
+    uniform = torch.tensor([padded] * len(lengths))
+    torch.library.opcheck(attention.padded_joint_attention, (query, key, value, uniform))

@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers.hooks import HookRegistry
+from PIL import Image
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from predictors import attention
 from predictors.acceleration import AccelerationError
 from predictors.denoise import Job, generate
+from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
+from predictors.model import QwenImageModel
 from predictors.server import build_parser, options_from_args, serve
 
 
@@ -29,11 +33,15 @@ def keep_torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def load_model(tiny_cache_env: dict[str, str], *flags: str) -> QwenImageGenerationModel:
-    args = build_parser(QwenImageGenerationModel).parse_args(
+def load_model(
+    tiny_cache_env: dict[str, str],
+    *flags: str,
+    model_class: type[QwenImageModel] = QwenImageGenerationModel,
+) -> QwenImageModel:
+    args = build_parser(model_class).parse_args(
         ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], *flags]
     )
-    model = QwenImageGenerationModel("qwen-image", options_from_args(args))
+    model = model_class(model_class.default_name, options_from_args(args))
     model.load()
     model.stop()
     return model
@@ -110,6 +118,47 @@ def test_cache_and_compile_flags_reach_the_transformer(tiny_cache_env):
     blocks = model.pipeline.transformer.transformer_blocks
     assert "fbc_leader_block_hook" in HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
     assert all(block._compiled_call_impl is not None for block in blocks)
+
+
+def test_compiled_blocks_take_any_mix_of_prompts_without_recompiling(tiny_cache_env):
+    """After the load-time warm-up, batches of 1 to 8 requests with prompts of any lengths
+    compile nothing more (a per-batch recompile would stall requests, and past dynamo's
+    recompile limit fail them), and give the uncompiled images to float32 rounding."""
+    model = load_model(tiny_cache_env, "--compile", "on", "--warmup_sizes", "64x64")
+    graphs = counters["stats"]["unique_graphs"]
+    words = "a red green cube sphere on the old wooden table in morning light".split()
+    jobs = [
+        Job(" ".join(words[: 1 + (3 * index) % len(words)]), " ", (index,), 64, 64, 2, 4.0)
+        for index in range(8)
+    ]
+    batches = [jobs[:1], jobs[:8], jobs[2:5], jobs[5:7], jobs[1:7:2]]
+    compiled = [generate(model.pipeline, batch, output_type="np") for batch in batches]
+    assert counters["stats"]["unique_graphs"] == graphs, "a mixed batch recompiled the blocks"
+
+    blocks = model.pipeline.transformer.transformer_blocks
+    for block in blocks:
+        block._compiled_call_impl = None  # the same weights, uncompiled
+    for batch, images in zip(batches, compiled, strict=True):
+        eager = generate(model.pipeline, batch, output_type="np")
+        assert max(np.abs(a - b).max() for a, b in zip(images, eager, strict=True)) < 1e-4
+
+
+def test_compiled_edit_blocks_take_other_aspect_ratios_without_recompiling(tiny_cache_env):
+    """The edit condition's token count follows the input's aspect ratio: the warm-up
+    compiles it as dynamic, so new aspect ratios and output sizes compile nothing more."""
+    model = load_model(
+        tiny_cache_env,
+        "--compile",
+        "on",
+        "--warmup_sizes",
+        "64x64",
+        model_class=QwenImageEditModel,
+    )
+    graphs = counters["stats"]["unique_graphs"]
+    for (width, height), prompt in [((96, 64), "make it red"), ((64, 128), "now blue, please")]:
+        image = Image.new("RGB", (width, height), "white")
+        generate(model.pipeline, [Job(prompt, " ", (0,), width, height, 2, 4.0, image)])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new aspect ratio recompiled"
 
 
 def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
