@@ -66,6 +66,7 @@ from predictors import acceleration, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import AttentionBackends, Job, condition, decode, generate
+from predictors.vae import decode_single_frame
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
 # The special token ids are set from the byte-level tokenizer at build time.
@@ -711,8 +712,10 @@ class Bench:
 
     def time_parts(self, name: str, job: Job) -> None:
         """Seconds of the per-image work around the loop: encoding a request's prompts (and
-        edit image), and decoding one image with the VAE. Once per size, kind and CFG: the
-        transformer's modes do not change them."""
+        edit image), and decoding one image (to an array, as the engine does). Also the VAE
+        decode alone, diffusers' ``vae.decode`` against ``predictors.vae``'s 2D convolutions,
+        and their largest difference. Once per size, kind and CFG: the transformer's modes
+        do not change them."""
         key = (job.width, job.height, job.image is not None, job.do_true_cfg)
         if key in self.parts_done:
             return
@@ -722,6 +725,15 @@ class Bench:
         tokens = (job.width // factor) * (job.height // factor)
         channels = pipeline.transformer.config.in_channels
         latents = torch.randn(1, tokens, channels, device=self.device, dtype=self.dtype)
+        vae = pipeline.vae
+        frame = torch.randn(
+            1,
+            vae.config.z_dim,
+            1,
+            *(size // pipeline.vae_scale_factor for size in (job.height, job.width)),
+            device=self.device,
+            dtype=vae.dtype,
+        )
 
         def seconds(work: Callable[[], Any]) -> float:
             work()  # warm-up: kernel selection, allocator
@@ -738,7 +750,11 @@ class Bench:
                     lambda: condition(pipeline, job, self.device, self.dtype)
                 ),
                 "decode_image_s": seconds(lambda: decode(pipeline, latents, job, "np")),
+                "vae_decode_diffusers_s": seconds(lambda: vae.decode(frame, return_dict=False)),
+                "vae_decode_2d_s": seconds(lambda: decode_single_frame(vae, frame)),
             }
+            difference = vae.decode(frame, return_dict=False)[0] - decode_single_frame(vae, frame)
+            entry["vae_decode_2d_max_diff"] = difference.abs().max().item()
         self.results.parts.append(entry)
         print(f"parts {json.dumps(entry)}", flush=True)
 

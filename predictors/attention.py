@@ -172,4 +172,3 @@ def install(transformer: torch.nn.Module) -> None:
 def installed(transformer: torch.nn.Module) -> bool:
     """Whether ``install`` ran on this transformer."""
     return isinstance(transformer.transformer_blocks[0].attn.processor, PaddingFreeAttnProcessor)
-

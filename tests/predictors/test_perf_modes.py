@@ -126,9 +126,9 @@ def test_compiled_blocks_take_any_mix_of_prompts_without_recompiling(tiny_cache_
     recompile limit fail them), and give the uncompiled images to float32 rounding."""
     model = load_model(tiny_cache_env, "--compile", "on", "--warmup_sizes", "64x64")
     graphs = counters["stats"]["unique_graphs"]
-    words = "a red green cube sphere on the old wooden table in morning light".split()
-    jobs = [
-        Job(" ".join(words[: 1 + (3 * index) % len(words)]), " ", (index,), 64, 64, 2, 4.0)
+    sentence = "a red green cube sphere on the old wooden table in morning light"
+    jobs = [  # prompts of 1 to 64 characters
+        Job(sentence[: 1 + (29 * index) % len(sentence)], " ", (index,), 64, 64, 2, 4.0)
         for index in range(8)
     ]
     batches = [jobs[:1], jobs[:8], jobs[2:5], jobs[5:7], jobs[1:7:2]]

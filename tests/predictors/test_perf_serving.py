@@ -108,3 +108,5 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     # batch8-64x64 is 64x64's; Lightning encodes no negative prompt
     for name in ("64x64", "64x64, no CFG", "edit-64x64", "batch8-128x128"):
         assert parts[name]["encode_request_s"] > 0 and parts[name]["decode_image_s"] > 0
+        assert parts[name]["vae_decode_diffusers_s"] > 0 and parts[name]["vae_decode_2d_s"] > 0
+        assert parts[name]["vae_decode_2d_max_diff"] < 1e-5

@@ -1,0 +1,91 @@
+"""Decoding one image with Qwen-Image's full-size VAE (random weights, the real config):
+diffusers' ``vae.decode`` against ``predictors.vae``'s 2D convolutions, side by side.
+
+Per size: the median seconds of each path, their ratio, and the largest difference between
+their outputs. The GPU figures also come from ``bench/gpu_pipelines.py --profile`` (its
+``parts`` lines); this script needs no text encoder or transformer, so it runs on a laptop.
+
+    python bench/vae_decode.py [--sizes 256,512] [--repeats 3] [--device cpu] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from diffusers import AutoencoderKLQwenImage
+
+from predictors.vae import decode_single_frame
+
+
+def median_seconds(work: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``work`` over ``repeats`` runs, after one untimed run."""
+    times = []
+    for run in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if run:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def compare(vae: AutoencoderKLQwenImage, size: int, repeats: int) -> dict[str, float]:
+    """Both decodes of one random ``size`` x ``size`` frame."""
+    scale = vae.spatial_compression_ratio
+    latents = torch.randn(1, vae.config.z_dim, 1, size // scale, size // scale)
+    latents = latents.to(vae.device, vae.dtype)
+
+    def diffusers_decode() -> torch.Tensor:
+        return vae.decode(latents, return_dict=False)[0]
+
+    def frame_decode() -> torch.Tensor:
+        return decode_single_frame(vae, latents)
+
+    diffusers_s = median_seconds(diffusers_decode, vae.device, repeats)
+    frame_s = median_seconds(frame_decode, vae.device, repeats)
+    return {
+        "size": size,
+        "diffusers_s": round(diffusers_s, 4),
+        "2d_s": round(frame_s, 4),
+        "speedup": round(diffusers_s / frame_s, 2),
+        "max_abs_diff": (diffusers_decode() - frame_decode()).abs().max().item(),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,512", help="square image sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, else float32")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage().eval().to(device)
+    if dtype != torch.float32:
+        vae.to(dtype)
+    print(f"device {device}, {dtype}, torch {torch.__version__}", flush=True)
+    results = []
+    with torch.inference_mode():
+        for size in args.sizes.split(","):
+            results.append(compare(vae, int(size), args.repeats))
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
