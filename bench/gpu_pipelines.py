@@ -565,6 +565,7 @@ class Bench:
         self.lightning_later = False
         self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
         self.batching_done: set[str] = set()  # modes whose batching case ran
+        self.original_service: dict[int, float] = {}  # size: s/image, pipe(...) in turn
         self.parts_done: set[tuple] = set()  # (size, edit, CFG) whose parts were timed
         self.attention = AttentionBackends(
             masked=args.masked_attention_backend, unmasked=args.attention_backend
@@ -783,7 +784,9 @@ class Bench:
     def run_batching(self, size: int, mode: Mode) -> Row:
         """Eight requests of different prompts: in turn, then as one batch. Besides the
         totals, the step time of the first request alone and of the batch, which tell the
-        denoising loop's share from the per-image work around it (encoding, decoding)."""
+        denoising loop's share from the per-image work around it (encoding, decoding). Once
+        per size, while the pipeline is still plain: the original service's sequential
+        serving, a plain pipeline call per request in turn."""
         jobs = [
             Job(prompt, NEGATIVE_PROMPT, (SEED + i,), size, size, self.args.steps, TRUE_CFG_SCALE)
             for i, prompt in enumerate(BATCH_PROMPTS)
@@ -812,6 +815,16 @@ class Bench:
             )
             return np.concatenate(outputs)
 
+        def original_service(timer: StepTimer) -> np.ndarray:
+            outputs = [
+                run_baseline(self.generation, job, timer.mark if index == 0 else None)
+                for index, job in enumerate(jobs)
+            ]
+            return np.concatenate(outputs)
+
+        if size not in self.original_service and not self.applied:
+            seconds, _, _, _, _ = measure(original_service, self.device, self.args.warmup, 1)
+            self.original_service[size] = seconds[0] / len(jobs)
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
         turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
         batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
@@ -819,6 +832,13 @@ class Bench:
         self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs[0])
         count, steps = len(jobs), self.args.steps
         turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
+        original = self.original_service.get(size)
+        original_note = (
+            "original service not measured (the pipeline was no longer plain)"
+            if original is None
+            else f"original service in turn {original:.3f} s/image, batched "
+            f"{original / batch_image:.2f}x that"
+        )
         row = Row(
             case=f"batch8-{size}x{size}",
             mode=mode.name,
@@ -832,7 +852,7 @@ class Bench:
                 f"in turn {turn_image:.3f} s/image; batched {turn_image / batch_image:.2f}x; "
                 f"step alone {alone_step:.4f} s, batch of {count} {batch_step:.4f} s; "
                 f"outside the loop per image: in turn {turn_image - steps * alone_step:.3f} s, "
-                f"batched {batch_image - steps * batch_step / count:.3f} s"
+                f"batched {batch_image - steps * batch_step / count:.3f} s; {original_note}"
             ),
         )
         print_row(row)

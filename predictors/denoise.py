@@ -12,7 +12,8 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 - the guided prediction is the pipeline's own norm-rescaled combination;
 - timesteps are prepared once, and the step loop reads nothing back to the host;
 - a prompt that several images of a batch share (the default negative prompt, say) is
-  encoded once.
+  encoded once;
+- images are decoded with the VAE's convolutions as 2D ones (``predictors.vae``).
 
 It imports neither kserve nor the server, so the benchmark harness runs it on a bare GPU host.
 """

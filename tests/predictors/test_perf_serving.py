@@ -94,6 +94,7 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert rows[(case, "lightning")]["steps"] == 8
         assert "skipped" in rows[(case, "engine+compile")]["note"]
     assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
+    assert "original service in turn" in rows[("batch8-64x64", "engine")]["note"]
     assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
     assert all(floor["floor_seconds_per_step"] > 0 for floor in results["floors"])
     assert any(entry["backend"] == "native" and "ms" in entry for entry in results["attention"])
