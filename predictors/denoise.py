@@ -242,7 +242,16 @@ def decode(
     )
     latents = latents / inverse_std + mean
     image = decode_single_frame(vae, latents)[:, :, 0]
+    if output_type == "pil":
+        return _to_pil(pipeline.image_processor.postprocess(image, output_type="pt"))
     return pipeline.image_processor.postprocess(image, output_type=output_type)[0]
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    """diffusers' conversion of one ``[1, 3, H, W]`` image in [0, 1] to PIL, with the
+    arithmetic left on the image's device: only the 8-bit pixels cross to the host."""
+    pixels = (pixels.float() * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels[0].permute(1, 2, 0).cpu().numpy())
 
 
 def condition(

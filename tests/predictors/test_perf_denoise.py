@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from bench.gpu_pipelines import run_baseline
 from predictors import attention
-from predictors.denoise import AttentionBackends, Job, generate, pad_text
+from predictors.denoise import AttentionBackends, Job, _to_pil, generate, pad_text
 from predictors.loading import load_pipeline, resolve_location
 
 TOLERANCE = 1e-5  # images in [0, 1]
@@ -113,6 +114,24 @@ def test_pil_output_and_mixed_batches_refused(generation):
         generate(
             generation, [Job("a", "", (1,), 64, 64, 2, 4.0), Job("b", "", (1,), 64, 32, 2, 4.0)]
         )
+
+
+def test_pil_output_equals_diffusers_postprocessing(generation):
+    """The engine makes 8-bit pixels on the device; they must be diffusers' own, bit for bit."""
+    job = Job("a red cube on a wooden table", " ", (5,), 64, 48, 2, 4.0)
+    ((image,),) = generate(generation, [job])
+    (array,) = generate(generation, [job], output_type="np")
+    (expected,) = VaeImageProcessor.numpy_to_pil(array)
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+    # bf16, as on a GPU, with values on the rounding boundaries.
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pixels[0, 0, 0, :8] = torch.tensor([-1.0, 1.0, 0.0, 1 / 255, -1 / 255, 0.5, -0.5, 2.0])
+    pixels = pixels.to(torch.bfloat16)
+    processor = generation.image_processor
+    (expected,) = processor.postprocess(pixels, output_type="pil")
+    actual = _to_pil(processor.postprocess(pixels, output_type="pt"))
+    assert np.array_equal(np.asarray(actual), np.asarray(expected))
 
 
 def test_pad_text_masks_only_padding():
