@@ -13,7 +13,8 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 - timesteps are prepared once, and the step loop reads nothing back to the host;
 - a prompt that several images of a batch share (the default negative prompt, say) is
   encoded once;
-- images are decoded with the VAE's convolutions as 2D ones (``predictors.vae``).
+- the VAE encodes edit images and decodes outputs with its convolutions as 2D ones
+  (``predictors.vae``).
 
 It imports neither kserve nor the server, so the benchmark harness runs it on a bare GPU host.
 """
@@ -35,7 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from predictors import attention as padding_free
-from predictors.vae import decode_single_frame
+from predictors.vae import decode_single_frame, encode_single_frame
 
 logger = logging.getLogger(__name__)
 
@@ -235,16 +236,21 @@ def decode(
     vae = pipeline.vae
     latents = pipeline._unpack_latents(latents, job.height, job.width, pipeline.vae_scale_factor)
     latents = latents.to(vae.dtype)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(
-        latents.device, latents.dtype
-    )
-    latents = latents / inverse_std + mean
+    mean, std = _latent_statistics(vae, latents)
+    latents = latents / (1.0 / std) + mean  # the pipeline's arithmetic, to the bit
     image = decode_single_frame(vae, latents)[:, :, 0]
     if output_type == "pil":
         return _to_pil(pipeline.image_processor.postprocess(image, output_type="pt"))
     return pipeline.image_processor.postprocess(image, output_type=output_type)[0]
+
+
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and standard deviation, to broadcast over ``like``."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return tuple(
+        torch.tensor(values).view(shape).to(like.device, like.dtype)
+        for values in (vae.config.latents_mean, vae.config.latents_std)
+    )
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:
@@ -272,7 +278,9 @@ def condition(
         processor = pipeline.image_processor
         prompt_image = processor.resize(job.image, height, width)
         pixels = processor.preprocess(prompt_image, height, width).unsqueeze(2)
-        encoded = pipeline._encode_vae_image(pixels.to(device, dtype), generator=None)
+        encoded = encode_single_frame(pipeline.vae, pixels.to(device, dtype))
+        mean, std = _latent_statistics(pipeline.vae, encoded)
+        encoded = (encoded - mean) / std
         channels = pipeline.transformer.config.in_channels // 4
         image_latents = pipeline._pack_latents(encoded, 1, channels, *encoded.shape[3:])[0]
 

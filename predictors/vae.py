@@ -1,14 +1,16 @@
-"""Qwen-Image's VAE decoder on still images, as 2D convolutions.
+"""Qwen-Image's VAE on still images, its convolutions as 2D ones.
 
-Qwen-Image's VAE is a video VAE: each convolution of its decoder is a causal 3D one, which
-pads time with zero frames in front (two for a temporal kernel of 3). An image is a single
-frame, so the frame meets only the last temporal tap of each kernel, and the other taps
-multiply zeros. diffusers' ``vae.decode`` still runs the 3D convolutions over the padded
-frames, and copies every convolution's input into a frame cache that one frame never reads.
-``decode_single_frame`` runs the same decoder, sharing its weights, with each causal
-convolution as a 2D convolution by its last tap: the same result to float rounding, with a
-third of the convolution work (on a CPU, the full-size decoder at 256x256 took 1.27 s
-against 3.04 s; ``docs/performance.md``).
+Qwen-Image's VAE is a video VAE: each convolution of its encoder and decoder is a causal 3D
+one, which pads time with zero frames in front (two for a temporal kernel of 3). An image is
+a single frame, so the frame meets only the last temporal tap of each kernel, and the other
+taps multiply zeros. diffusers' ``vae.encode`` and ``vae.decode`` still run the 3D
+convolutions over the padded frames, and copy every convolution's input into a frame cache
+that one frame never reads. ``encode_single_frame`` and ``decode_single_frame`` run the same
+encoder and decoder, sharing their weights, with each causal convolution as a 2D convolution
+by its last tap: the same result to float rounding, with a third of the convolution work (on
+a CPU, 2.0x to 2.7x faster at full size: ``bench/vae_single_frame.py``).
+Without a frame cache, the temporal down- and upsampling layers are skipped, as diffusers
+skips them for a video's first frame.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-# The single-frame decoder built for each VAE (it shares the VAE's parameters).
-_frame_decoders: WeakKeyDictionary[AutoencoderKLQwenImage, torch.nn.Module] = WeakKeyDictionary()
+# The single-frame version built for each encoder or decoder (it shares their parameters).
+_frame_versions: WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = WeakKeyDictionary()
 
 
 class FrameConv2d(torch.nn.Module):
@@ -45,28 +47,41 @@ class FrameConv2d(torch.nn.Module):
         return frame.unsqueeze(2)
 
 
-def frame_decoder(vae: AutoencoderKLQwenImage) -> torch.nn.Module:
-    """``vae.decoder`` with its causal convolutions as ``FrameConv2d``, sharing every
-    parameter with the VAE (built once per VAE)."""
-    decoder = _frame_decoders.get(vae)
-    if decoder is None:
-        shared = {id(parameter): parameter for parameter in vae.decoder.parameters()}
-        decoder = copy.deepcopy(vae.decoder, memo=shared)
-        for name, module in list(decoder.named_modules()):
-            if isinstance(module, QwenImageCausalConv3d):
-                decoder.set_submodule(name, FrameConv2d(module))
-        _frame_decoders[vae] = decoder
-    return decoder
+def frame_version(module: torch.nn.Module) -> torch.nn.Module:
+    """A VAE's encoder or decoder with its causal convolutions as ``FrameConv2d``, sharing
+    every parameter with it (built once per module)."""
+    version = _frame_versions.get(module)
+    if version is None:
+        shared = {id(parameter): parameter for parameter in module.parameters()}
+        version = copy.deepcopy(module, memo=shared)
+        for name, child in list(version.named_modules()):
+            if isinstance(child, QwenImageCausalConv3d):
+                version.set_submodule(name, FrameConv2d(child))
+        _frame_versions[module] = version
+    return version
+
+
+def encode_single_frame(vae: AutoencoderKLQwenImage, pixels: torch.Tensor) -> torch.Tensor:
+    """The mode of ``vae.encode(pixels)``'s latent distribution, as the pipelines take it
+    (``sample_mode="argmax"``), for pixels of one frame, ``[batch, 3, 1, H, W]`` in
+    [-1, 1]: latents ``[batch, z_dim, 1, H / 8, W / 8]``, not yet normalized."""
+    _check_single_frame(pixels)
+    if vae.use_tiling:
+        return vae.encode(pixels).latent_dist.mode()
+    moments = vae.quant_conv(frame_version(vae.encoder)(pixels))
+    return moments[:, : vae.config.z_dim]  # the mean; the log-variance follows
 
 
 def decode_single_frame(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
     """``vae.decode(latents)``'s sample for latents of one frame, ``[batch, z_dim, 1, height,
-    width]``, through ``frame_decoder``: pixels in [-1, 1], ``[batch, 3, 1, H, W]``."""
-    if latents.shape[2] != 1:
-        raise ValueError(f"decode_single_frame takes one frame, not {latents.shape[2]}")
+    width]``: pixels in [-1, 1], ``[batch, 3, 1, H, W]``."""
+    _check_single_frame(latents)
     if vae.use_tiling:
         return vae.decode(latents, return_dict=False)[0]
-    # With no frame cache, the decoder's temporal resampling is skipped, as for a video's
-    # first frame.
-    pixels = frame_decoder(vae)(vae.post_quant_conv(latents))
+    pixels = frame_version(vae.decoder)(vae.post_quant_conv(latents))
     return torch.clamp(pixels, min=-1.0, max=1.0)
+
+
+def _check_single_frame(frames: torch.Tensor) -> None:
+    if frames.shape[2] != 1:
+        raise ValueError(f"a single frame was expected, not {frames.shape[2]}")

@@ -1,4 +1,4 @@
-"""The single-frame VAE decoder against diffusers' own decode, on the tiny VAE in float32."""
+"""The single-frame VAE encoder and decoder against diffusers' own, on the tiny VAE in float32."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-from bench import vae_decode
+from bench import vae_single_frame
 from predictors import tiny
-from predictors.vae import FrameConv2d, decode_single_frame, frame_decoder
+from predictors.vae import FrameConv2d, decode_single_frame, encode_single_frame, frame_version
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +28,43 @@ def test_decoding_a_frame_in_2d_equals_diffusers_decode(vae, batch, height, widt
     assert expected.abs().max() > 0.01  # not an all-zero image
 
 
-def test_the_frame_decoder_shares_the_vaes_weights_and_leaves_it_alone(vae):
-    decoder = frame_decoder(vae)
-    assert decoder is frame_decoder(vae)  # built once per VAE
-    assert {p.data_ptr() for p in decoder.parameters()} == {
-        p.data_ptr() for p in vae.decoder.parameters()
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (2, 48, 80)])
+def test_encoding_a_frame_in_2d_equals_diffusers_encode(vae, batch, height, width):
+    pixels = torch.rand(batch, 3, 1, height, width) * 2 - 1
+    with torch.inference_mode():
+        expected = vae.encode(pixels).latent_dist.mode()
+        actual = encode_single_frame(vae, pixels)
+    assert (
+        actual.shape == expected.shape == (batch, tiny.LATENT_CHANNELS, 1, height // 8, width // 8)
+    )
+    assert (actual - expected).abs().max() < 1e-5
+    assert expected.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_the_frame_version_shares_the_weights_and_leaves_the_vae_alone(vae, part):
+    original = getattr(vae, part)
+    version = frame_version(original)
+    assert version is frame_version(original)  # built once
+    assert {p.data_ptr() for p in version.parameters()} == {
+        p.data_ptr() for p in original.parameters()
     }
-    wrapped = [name for name, m in decoder.named_modules() if isinstance(m, FrameConv2d)]
-    causal = [
-        name for name, m in vae.decoder.named_modules() if isinstance(m, QwenImageCausalConv3d)
-    ]
+    wrapped = [name for name, m in version.named_modules() if isinstance(m, FrameConv2d)]
+    causal = [name for name, m in original.named_modules() if isinstance(m, QwenImageCausalConv3d)]
     assert wrapped == causal and "conv_in" in wrapped
-    assert isinstance(vae.decoder.conv_in, QwenImageCausalConv3d)  # the VAE is unchanged
+    assert isinstance(original.conv_in, QwenImageCausalConv3d)  # the VAE is unchanged
 
 
 def test_more_than_one_frame_is_refused(vae):
-    with pytest.raises(ValueError, match="one frame"):
+    with pytest.raises(ValueError, match="single frame"):
         decode_single_frame(vae, torch.randn(1, tiny.LATENT_CHANNELS, 2, 4, 4))
+    with pytest.raises(ValueError, match="single frame"):
+        encode_single_frame(vae, torch.randn(1, 3, 5, 32, 32))
 
 
-def test_the_vae_benchmark_compares_both_decodes_at_full_size():
-    (result,) = vae_decode.main(["--sizes", "32", "--repeats", "1", "--device", "cpu"])
-    assert result["size"] == 32 and result["diffusers_s"] > 0 and result["2d_s"] > 0
-    assert result["max_abs_diff"] < 1e-5
+def test_the_vae_benchmark_compares_both_paths_at_full_size():
+    (result,) = vae_single_frame.main(["--sizes", "32", "--repeats", "1", "--device", "cpu"])
+    assert result["size"] == 32
+    for direction in ("decode", "encode"):
+        assert result[f"{direction}_diffusers_s"] > 0 and result[f"{direction}_2d_s"] > 0
+        assert result[f"{direction}_max_abs_diff"] < 1e-5

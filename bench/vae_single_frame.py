@@ -1,11 +1,13 @@
-"""Decoding one image with Qwen-Image's full-size VAE (random weights, the real config):
-diffusers' ``vae.decode`` against ``predictors.vae``'s 2D convolutions, side by side.
+"""One image through Qwen-Image's full-size VAE (random weights, the real config):
+diffusers' ``vae.decode`` and ``vae.encode`` against ``predictors.vae``'s 2D convolutions,
+side by side.
 
-Per size: the median seconds of each path, their ratio, and the largest difference between
-their outputs. The GPU figures also come from ``bench/gpu_pipelines.py --profile`` (its
-``parts`` lines); this script needs no text encoder or transformer, so it runs on a laptop.
+Per size and direction: the median seconds of each path, their ratio, and the largest
+difference between their outputs. On a GPU, ``bench/gpu_pipelines.py --profile`` also times
+both decodes (its ``parts`` lines); this script needs no text encoder or transformer, so it
+runs on a laptop.
 
-    python bench/vae_decode.py [--sizes 256,512] [--repeats 3] [--device cpu] [--dtype float32]
+    python bench/vae_single_frame.py [--sizes 256,512] [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from predictors.vae import decode_single_frame
+from predictors.vae import decode_single_frame, encode_single_frame
 
 
 def median_seconds(work: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
@@ -42,26 +44,32 @@ def median_seconds(work: Callable[[], torch.Tensor], device: torch.device, repea
 
 
 def compare(vae: AutoencoderKLQwenImage, size: int, repeats: int) -> dict[str, float]:
-    """Both decodes of one random ``size`` x ``size`` frame."""
+    """Both decodes of one random ``size`` x ``size`` frame, then both encodes."""
     scale = vae.spatial_compression_ratio
     latents = torch.randn(1, vae.config.z_dim, 1, size // scale, size // scale)
     latents = latents.to(vae.device, vae.dtype)
-
-    def diffusers_decode() -> torch.Tensor:
-        return vae.decode(latents, return_dict=False)[0]
-
-    def frame_decode() -> torch.Tensor:
-        return decode_single_frame(vae, latents)
-
-    diffusers_s = median_seconds(diffusers_decode, vae.device, repeats)
-    frame_s = median_seconds(frame_decode, vae.device, repeats)
-    return {
-        "size": size,
-        "diffusers_s": round(diffusers_s, 4),
-        "2d_s": round(frame_s, 4),
-        "speedup": round(diffusers_s / frame_s, 2),
-        "max_abs_diff": (diffusers_decode() - frame_decode()).abs().max().item(),
+    pixels = (torch.rand(1, 3, 1, size, size) * 2 - 1).to(vae.device, vae.dtype)
+    pairs = {
+        "decode": (
+            lambda: vae.decode(latents, return_dict=False)[0],
+            lambda: decode_single_frame(vae, latents),
+        ),
+        "encode": (
+            lambda: vae.encode(pixels).latent_dist.mode(),
+            lambda: encode_single_frame(vae, pixels),
+        ),
     }
+    result: dict[str, float] = {"size": size}
+    for name, (diffusers_path, frame_path) in pairs.items():
+        diffusers_s = median_seconds(diffusers_path, vae.device, repeats)
+        frame_s = median_seconds(frame_path, vae.device, repeats)
+        result |= {
+            f"{name}_diffusers_s": round(diffusers_s, 4),
+            f"{name}_2d_s": round(frame_s, 4),
+            f"{name}_speedup": round(diffusers_s / frame_s, 2),
+            f"{name}_max_abs_diff": (diffusers_path() - frame_path()).abs().max().item(),
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
