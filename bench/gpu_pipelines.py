@@ -596,8 +596,6 @@ class Bench:
         )
 
     def skip_reason(self, mode: Mode) -> str | None:
-        if self.device.type != "cuda" and mode.compile:
-            return "skipped: compilation is for the GPU (minutes on a CPU)"
         if mode.fp8 and (
             self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9)
         ):
