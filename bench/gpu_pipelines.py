@@ -62,11 +62,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from bench.timing import median_seconds, synchronize
+from bench.vae_single_frame import compare as compare_vae_paths
 from predictors import acceleration, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import AttentionBackends, Job, condition, decode, generate
-from predictors.vae import decode_single_frame
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
 # The special token ids are set from the byte-level tokenizer at build time.
@@ -315,11 +316,6 @@ class StepTimer:
         return total / (len(self.marks) - 1)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
     """The original service: one plain pipeline call with diffusers' defaults, image i
     seeded with its own generator; ``on_step_end`` is its step-end callback."""
@@ -556,7 +552,7 @@ class Bench:
         for pipeline in (self.generation, self.edit):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
-        if args.text_padding == "split":  # the baseline's pipeline calls pass no runs
+        if args.text_padding == "split":  # the baseline's calls pass no text lengths
             padding_free.install(self.generation.transformer)  # (the edit pipeline's too)
         synchronize(device)
         self.build_seconds = time.perf_counter() - started
@@ -712,9 +708,9 @@ class Bench:
     def time_parts(self, name: str, job: Job) -> None:
         """Seconds of the per-image work around the loop: encoding a request's prompts (and
         edit image), and decoding one image (to an array, as the engine does). Also the VAE
-        decode alone, diffusers' ``vae.decode`` against ``predictors.vae``'s 2D convolutions,
-        and their largest difference. Once per size, kind and CFG: the transformer's modes
-        do not change them."""
+        alone at the job's size, diffusers' against ``predictors.vae``'s 2D convolutions
+        (``bench/vae_single_frame.py``'s comparison). Once per size, kind and CFG: the
+        transformer's modes do not change them."""
         key = (job.width, job.height, job.image is not None, job.do_true_cfg)
         if key in self.parts_done:
             return
@@ -724,36 +720,22 @@ class Bench:
         tokens = (job.width // factor) * (job.height // factor)
         channels = pipeline.transformer.config.in_channels
         latents = torch.randn(1, tokens, channels, device=self.device, dtype=self.dtype)
-        vae = pipeline.vae
-        frame = torch.randn(
-            1,
-            vae.config.z_dim,
-            1,
-            *(size // pipeline.vae_scale_factor for size in (job.height, job.width)),
-            device=self.device,
-            dtype=vae.dtype,
-        )
-
-        def seconds(work: Callable[[], Any]) -> float:
-            work()  # warm-up: kernel selection, allocator
-            synchronize(self.device)
-            started = time.perf_counter()
-            work()
-            synchronize(self.device)
-            return time.perf_counter() - started
-
         with torch.inference_mode():
             entry = {
                 "case": name if job.do_true_cfg else f"{name}, no CFG",
-                "encode_request_s": seconds(
-                    lambda: condition(pipeline, job, self.device, self.dtype)
+                "encode_request_s": median_seconds(
+                    lambda: condition(pipeline, job, self.device, self.dtype), self.device
                 ),
-                "decode_image_s": seconds(lambda: decode(pipeline, latents, job, "np")),
-                "vae_decode_diffusers_s": seconds(lambda: vae.decode(frame, return_dict=False)),
-                "vae_decode_2d_s": seconds(lambda: decode_single_frame(vae, frame)),
+                "decode_image_s": median_seconds(
+                    lambda: decode(pipeline, latents, job, "np"), self.device
+                ),
+                **{
+                    f"vae_{field_name}": value
+                    for field_name, value in compare_vae_paths(
+                        pipeline.vae, job.width, job.height, repeats=1
+                    ).items()
+                },
             }
-            difference = vae.decode(frame, return_dict=False)[0] - decode_single_frame(vae, frame)
-            entry["vae_decode_2d_max_diff"] = difference.abs().max().item()
         self.results.parts.append(entry)
         print(f"parts {json.dumps(entry)}", flush=True)
 

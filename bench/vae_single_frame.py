@@ -3,9 +3,9 @@ diffusers' ``vae.decode`` and ``vae.encode`` against ``predictors.vae``'s 2D con
 side by side.
 
 Per size and direction: the median seconds of each path, their ratio, and the largest
-difference between their outputs. On a GPU, ``bench/gpu_pipelines.py --profile`` also times
-both decodes (its ``parts`` lines); this script needs no text encoder or transformer, so it
-runs on a laptop.
+difference between their outputs. ``bench/gpu_pipelines.py --profile`` runs the same
+comparison at each case's size (its ``parts`` lines); this script needs no text encoder or
+transformer, so it runs on a laptop.
 
     python bench/vae_single_frame.py [--sizes 256,512] [--repeats 3] [--device cpu]
 """
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,30 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from diffusers import AutoencoderKLQwenImage
 
+from bench.timing import median_seconds
 from predictors.vae import decode_single_frame, encode_single_frame
 
 
-def median_seconds(work: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``work`` over ``repeats`` runs, after one untimed run."""
-    times = []
-    for run in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if run:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def compare(vae: AutoencoderKLQwenImage, size: int, repeats: int) -> dict[str, float]:
-    """Both decodes of one random ``size`` x ``size`` frame, then both encodes."""
+def compare(vae: AutoencoderKLQwenImage, width: int, height: int, repeats: int) -> dict[str, float]:
+    """Both decodes of one random ``width`` x ``height`` frame, then both encodes: seconds
+    (median), the 2D path's speedup, and the largest difference between the two outputs."""
     scale = vae.spatial_compression_ratio
-    latents = torch.randn(1, vae.config.z_dim, 1, size // scale, size // scale)
+    latents = torch.randn(1, vae.config.z_dim, 1, height // scale, width // scale)
     latents = latents.to(vae.device, vae.dtype)
-    pixels = (torch.rand(1, 3, 1, size, size) * 2 - 1).to(vae.device, vae.dtype)
+    pixels = (torch.rand(1, 3, 1, height, width) * 2 - 1).to(vae.device, vae.dtype)
     pairs = {
         "decode": (
             lambda: vae.decode(latents, return_dict=False)[0],
@@ -59,7 +43,7 @@ def compare(vae: AutoencoderKLQwenImage, size: int, repeats: int) -> dict[str, f
             lambda: encode_single_frame(vae, pixels),
         ),
     }
-    result: dict[str, float] = {"size": size}
+    result: dict[str, float] = {}
     for name, (diffusers_path, frame_path) in pairs.items():
         diffusers_s = median_seconds(diffusers_path, vae.device, repeats)
         frame_s = median_seconds(frame_path, vae.device, repeats)
@@ -67,7 +51,7 @@ def compare(vae: AutoencoderKLQwenImage, size: int, repeats: int) -> dict[str, f
             f"{name}_diffusers_s": round(diffusers_s, 4),
             f"{name}_2d_s": round(frame_s, 4),
             f"{name}_speedup": round(diffusers_s / frame_s, 2),
-            f"{name}_max_abs_diff": (diffusers_path() - frame_path()).abs().max().item(),
+            f"{name}_2d_max_diff": (diffusers_path() - frame_path()).abs().max().item(),
         }
     return result
 
@@ -89,8 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     print(f"device {device}, {dtype}, torch {torch.__version__}", flush=True)
     results = []
     with torch.inference_mode():
-        for size in args.sizes.split(","):
-            results.append(compare(vae, int(size), args.repeats))
+        for size in (int(size) for size in args.sizes.split(",")):
+            results.append({"size": size, **compare(vae, size, size, args.repeats)})
             print(json.dumps(results[-1]), flush=True)
     return results
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKLQwenImage, DiffusionPipeline
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
@@ -244,7 +244,9 @@ def decode(
     return pipeline.image_processor.postprocess(image, output_type=output_type)[0]
 
 
-def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _latent_statistics(
+    vae: AutoencoderKLQwenImage, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's per-channel latent mean and standard deviation, to broadcast over ``like``."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
     return tuple(

@@ -112,3 +112,4 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert parts[name]["encode_request_s"] > 0 and parts[name]["decode_image_s"] > 0
         assert parts[name]["vae_decode_diffusers_s"] > 0 and parts[name]["vae_decode_2d_s"] > 0
         assert parts[name]["vae_decode_2d_max_diff"] < 1e-5
+        assert parts[name]["vae_encode_2d_max_diff"] < 1e-5
