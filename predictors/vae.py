@@ -8,7 +8,7 @@ convolutions over the padded frames, and copy every convolution's input into a f
 that one frame never reads. ``encode_single_frame`` and ``decode_single_frame`` run the same
 encoder and decoder, sharing their weights, with each causal convolution as a 2D convolution
 by its last tap: the same result to float rounding, with a third of the convolution work (on
-a CPU, 2.0x to 2.7x faster at full size: ``bench/vae_single_frame.py``).
+a CPU, 2.1x to 2.4x faster at full size: ``bench/vae_single_frame.py``).
 Without a frame cache, the temporal down- and upsampling layers are skipped, as diffusers
 skips them for a video's first frame.
 """
