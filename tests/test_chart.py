@@ -9,10 +9,13 @@ asserted: GPU requests, model storage, probes, the adapter's predictor URLs, sec
 from __future__ import annotations
 
 import base64
+import json
+import os
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import helm_python
 import pytest
@@ -285,6 +288,53 @@ def test_predictor_settings_are_variables_the_predictor_reads(case: str) -> None
         assert used <= declared, used - declared
 
 
+def predictor_options(isvc: dict[str, Any]) -> Any:
+    """The options the predictor's own parser takes from an InferenceService's environment
+    (literal values only, as in the pod; secrets and the rest of the host's environment
+    left out)."""
+    from predictors.server import build_parser, options_from_args
+
+    command = container(isvc)["command"][0]
+    model_class = _model_class(command)
+    with mock.patch.dict(os.environ, env_values(container(isvc)), clear=True):
+        return options_from_args(build_parser(model_class).parse_args([]))
+
+
+def _model_class(command: str) -> type:
+    from predictors.edit import QwenImageEditModel
+    from predictors.generation import QwenImageGenerationModel
+
+    return QwenImageEditModel if "edit" in command else QwenImageGenerationModel
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_predictor_parses_every_setting_the_chart_renders(case: str) -> None:
+    """The predictor's own parser takes each rendered variable to the option it names."""
+    for isvc in by_kind(objects(case), "InferenceService").values():
+        env = env_values(container(isvc))
+        options = predictor_options(isvc)
+        speed, batching = options.acceleration, options.batching
+        parsed = {
+            "QWEN_MAX_QUEUE_SIZE": str(options.max_queue_size),
+            "QWEN_MAX_SIZE": str(options.limits.max_size),
+            "QWEN_MAX_BATCH_SIZE": str(batching.max_batch_size),
+            "QWEN_BATCH_WAIT_MS": batching.batch_wait_ms,
+            "QWEN_COMPILE": speed.compile,
+            "QWEN_ATTENTION_BACKEND": speed.attention.unmasked,
+            "QWEN_MASKED_ATTENTION_BACKEND": speed.attention.masked,
+            "QWEN_TEXT_PADDING": speed.text_padding,
+            "QWEN_QUANTIZATION": speed.quantization,
+            "QWEN_CACHE": speed.cache,
+            "QWEN_CACHE_THRESHOLD": speed.cache_threshold,
+            "QWEN_LORA": speed.lora,
+        }
+        for variable, value in parsed.items():
+            if isinstance(value, float):
+                assert value == float(env[variable]), variable
+            else:
+                assert value == env.get(variable), variable
+
+
 # ----------------------------------------------------------------------------------------
 # The defaults.
 
@@ -322,6 +372,24 @@ def test_defaults_deploy_both_predictors_on_one_gpu_each() -> None:
         shm = volumes_of(spec)["dshm"]["emptyDir"]
         assert shm["medium"] == "Memory"
         assert mounts_of(main)["/dev/shm"]["name"] == "dshm"
+
+
+def test_defaults_are_the_predictors_own() -> None:
+    """With the chart's defaults, a predictor runs as with no settings at all: exact modes,
+    no batching, no compilation, the same limits."""
+    from predictors.model import PredictorOptions
+
+    own = PredictorOptions()
+    for isvc in by_kind(objects("defaults"), "InferenceService").values():
+        options = predictor_options(isvc)
+        assert options.acceleration == own.acceleration
+        assert options.batching == own.batching
+        assert (options.device, options.dtype, options.max_queue_size) == (
+            own.device,
+            own.dtype,
+            own.max_queue_size,
+        )
+        assert options.limits.max_size == own.limits.max_size
 
 
 def test_defaults_network_policy_admits_only_the_adapter() -> None:
@@ -489,6 +557,54 @@ def test_readiness_on_the_predictors_is_a_choice() -> None:
 def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmError, match=message):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_fp8_without_a_gpu_is_refused() -> None:
+    values = {"predictor": {"gpu": {"count": 0}, "performance": {"quantization": "fp8"}}}
+    with pytest.raises(helm_python.HelmError, match=r"fp8 needs a GPU, but gpu\.count is 0"):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_fast_modes_reach_each_predictor() -> None:
+    from predictors.acceleration import Acceleration
+    from predictors.engine import BatchPolicy
+
+    objs = objects("fast")
+    generation = predictor_options(one(objs, "InferenceService", GENERATION))
+    assert generation.batching == BatchPolicy(max_batch_size=4, batch_wait_ms=20.0)
+    assert generation.acceleration == Acceleration(
+        compile="auto",
+        warmup_sizes=((1024, 1024), (1328, 1328)),
+        quantization="fp8",
+        lora="lightx2v/Qwen-Image-Lightning",
+        lora_weight_name="Qwen-Image-Lightning-8steps-V1.0.safetensors",
+        lora_steps=8,
+    )
+    edit = predictor_options(one(objs, "InferenceService", EDIT))
+    assert edit.batching == BatchPolicy(max_batch_size=2, batch_wait_ms=20.0)
+    assert edit.acceleration == Acceleration(
+        compile="auto",
+        quantization="fp8",
+        lora="lightx2v/Qwen-Image-Lightning",
+        lora_weight_name="Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors",
+    )
+
+
+def test_schema_offers_the_predictors_choices() -> None:
+    """The schema's enums are the predictor's own lists, so neither drifts from the other."""
+    from predictors import acceleration
+
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    performance = schema["definitions"]["performance"]["properties"]
+    for key, choices in (
+        ("compile", acceleration.COMPILE_CHOICES),
+        ("attentionBackend", acceleration.MASK_FREE_BACKENDS),
+        ("maskedAttentionBackend", acceleration.MASK_CAPABLE_BACKENDS),
+        ("textPadding", acceleration.TEXT_PADDINGS),
+        ("quantization", acceleration.QUANTIZATIONS),
+        ("cache", tuple(acceleration.CACHES)),
+    ):
+        assert tuple(performance[key]["enum"]) == tuple(choices), key
 
 
 def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
@@ -762,6 +878,26 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "HTTPRoute without a Gateway": ({"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
     "bad dtype": ({"predictor": {"settings": {"dtype": "int4"}}}, "/predictor/settings/dtype"),
+    "compile as an unquoted YAML off": (
+        {"predictor": {"performance": {"compile": False}}},
+        "/predictor/performance/compile",
+    ),
+    "an attention backend diffusers mis-packs for Qwen": (
+        {"predictor": {"performance": {"attentionBackend": "flash_varlen"}}},
+        "/predictor/performance/attentionBackend",
+    ),
+    "malformed warm-up sizes": (
+        {"predictor": {"performance": {"warmupSizes": "1024"}}},
+        "/predictor/performance/warmupSizes",
+    ),
+    "a partial performance override": (
+        {"edit": {"overrides": {"performance": {"compile": "on"}}}},
+        "/edit/overrides/performance': missing properties 'maxBatchSize'",
+    ),
+    "misspelt LoRA key": (
+        {"generation": {"lora": {"path": "/mnt/models/lightning.safetensors"}}},
+        "/generation/lora': additional properties 'path'",
+    ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},
         "/adapter/readinessPath",

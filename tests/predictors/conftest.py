@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from tests.servers import RunningPredictor, run_predictor
 
@@ -19,6 +21,21 @@ EDIT_MAX_INPUT_PIXELS = 1_000_000
 def tiny_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment pointing predictors at a tiny-pipeline cache private to this session."""
     return {"QWEN_TINY_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random PEFT-format LoRA (rank 4) on the tiny transformer's attention projections."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for block in range(2):
+        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+            prefix = f"transformer.transformer_blocks.{block}.attn.{projection}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(4, 32, generator=generator)
+            state[f"{prefix}.lora_B.weight"] = torch.randn(32, 4, generator=generator)
+    path = tmp_path_factory.mktemp("lora") / "lightning.safetensors"
+    save_file(state, path)
+    return path
 
 
 @pytest.fixture(scope="session")

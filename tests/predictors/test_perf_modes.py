@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers.hooks import HookRegistry
 from PIL import Image
-from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
 from predictors import attention
@@ -47,19 +45,6 @@ def load_model(
     return model
 
 
-def tiny_lora(path: Path, rank: int = 4) -> Path:
-    """A random PEFT-format LoRA on the tiny transformer's attention projections."""
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for block in range(2):
-        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
-            prefix = f"transformer.transformer_blocks.{block}.attn.{projection}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, 32, generator=generator)
-            state[f"{prefix}.lora_B.weight"] = torch.randn(32, rank, generator=generator)
-    save_file(state, path)
-    return path
-
-
 def test_defaults_change_nothing(tiny_cache_env):
     model = load_model(tiny_cache_env)
     blocks = model.pipeline.transformer.transformer_blocks
@@ -81,10 +66,9 @@ def test_text_padding_mask_keeps_diffusers_processor(tiny_cache_env):
     assert np.abs(masked_image - split_image).max() < 1e-5
 
 
-def test_lora_flag_fuses_the_weights_and_sets_lightning(tiny_cache_env, tmp_path):
+def test_lora_flag_fuses_the_weights_and_sets_lightning(tiny_cache_env, tiny_lora):
     base = load_model(tiny_cache_env)
-    lora = tiny_lora(tmp_path / "lightning.safetensors")
-    fast = load_model(tiny_cache_env, "--lora", str(lora), "--lora_steps", "4")
+    fast = load_model(tiny_cache_env, "--lora", str(tiny_lora), "--lora_steps", "4")
 
     base_q = base.pipeline.transformer.transformer_blocks[0].attn.to_q
     fast_q = fast.pipeline.transformer.transformer_blocks[0].attn.to_q

@@ -1,5 +1,6 @@
 """Cross-request batching through a real predictor server: concurrent requests with different
-prompts give the pixels they get alone; and the benchmark harness runs end to end."""
+prompts give the pixels they get alone; the Helm chart's speed settings configure a real
+predictor; and the benchmark harness runs end to end."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from predictors import contract
+from tests import test_chart as chart
 from tests.servers import PROJECT_ROOT, run_predictor
 
 REQUESTS = (
@@ -67,6 +69,37 @@ def test_concurrent_requests_are_batched_and_match_sequential_ones(tiny_cache_en
             for batched, single in zip(concurrent[index], alone, strict=True):
                 assert np.abs(batched - single).max() <= 1
         assert batch_histogram(predictor.url) == (4.0, 6.0)
+
+
+def test_chart_speed_settings_configure_a_real_predictor(
+    tiny_cache_env, tiny_lora, tmp_path, log_dir
+):
+    """The chart's tiny case with batching and a LoRA: the predictor started with exactly the
+    rendered environment (cache paths moved off the pod's /cache) batches and fuses."""
+    values = chart.case_values("tiny")
+    values["predictor"]["performance"] = {"maxBatchSize": 4, "batchWaitMs": 2000}
+    values["generation"]["lora"] = {"source": str(tiny_lora), "steps": 2}
+    isvc = chart.one(chart.render_values(values), "InferenceService", chart.GENERATION)
+    env = chart.env_values(chart.container(isvc))
+    assert (env["QWEN_MAX_BATCH_SIZE"], env["QWEN_LORA"]) == ("4", str(tiny_lora))
+    env |= tiny_cache_env | {"HF_HOME": str(tmp_path / "hf"), "TRITON_CACHE_DIR": str(tmp_path)}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+
+    with run_predictor("predictors.generation", "qwen-image", log_dir, env=env) as predictor:
+        assert f"Fused the LoRA {tiny_lora}" in predictor.log()
+        body = contract.build_rest_body("a cat", width=256, height=256)  # the LoRA's 2 steps
+        statuses: list[int] = []
+
+        def send() -> None:
+            statuses.append(httpx.post(predictor.infer_url, json=body, timeout=120).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200, 200]
+        assert batch_histogram(predictor.url) == (1.0, 2.0), "one batch of both requests"
 
 
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
