@@ -268,7 +268,12 @@ def test_predictor_caches_are_writable(case: str) -> None:
         main = container(isvc)
         env = env_values(main)
         writable = [path for path, mount in mounts_of(main).items() if not mount.get("readOnly")]
-        for variable in ("HF_HOME", "QWEN_TINY_CACHE_DIR", "TRITON_CACHE_DIR"):
+        for variable in (
+            "HF_HOME",
+            "QWEN_TINY_CACHE_DIR",
+            "TRITON_CACHE_DIR",
+            "TORCHINDUCTOR_CACHE_DIR",
+        ):
             assert any(env[variable].startswith(path) for path in writable), variable
 
 
@@ -505,6 +510,18 @@ def test_pvc_storage_mounts_the_claim_read_only() -> None:
         assert env[location_env(isvc)] == mount_path
         assert "STORAGE_URI" not in env
         assert predictor(isvc)["deploymentStrategy"] == {"type": "Recreate"}
+        assert env["QWEN_COMPILE"] == "auto"
+        # The compiler caches live on their own claim, writable, shared by both models.
+        assert volumes_of(predictor(isvc))["compile-cache"]["persistentVolumeClaim"] == {
+            "claimName": "qwen-image-compile-cache"
+        }
+        assert mounts_of(container(isvc))["/cache/compile"] == {
+            "name": "compile-cache",
+            "mountPath": "/cache/compile",
+            "subPath": "kernels",
+        }
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == "/cache/compile/torchinductor"
+        assert env["TRITON_CACHE_DIR"] == "/cache/compile/triton"
 
 
 def test_pvc_case_creates_the_api_key_secret() -> None:

@@ -146,3 +146,23 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert parts[name]["vae_decode_diffusers_s"] > 0 and parts[name]["vae_decode_2d_s"] > 0
         assert parts[name]["vae_decode_2d_max_diff"] < 1e-5
         assert parts[name]["vae_encode_2d_max_diff"] < 1e-5
+
+
+def test_a_filled_compiler_cache_serves_a_new_process():
+    """bench/compile_cache.py end to end: a new process finds in the compiler cache (the
+    chart's predictor.compileCache) the blocks an earlier one compiled."""
+    completed = subprocess.run(
+        [sys.executable, "bench/compile_cache.py", "--loads", "1", "--warmup_sizes", "256x256"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    (empty,) = next(line["loads"] for line in lines if line["cache"] == "empty")
+    (filled,) = next(line["loads"] for line in lines if line["cache"] == "filled")
+    assert empty["fxgraph_cache_miss"] > 0 and empty["fxgraph_cache_hit"] == 0
+    assert filled["fxgraph_cache_hit"] == empty["fxgraph_cache_miss"]
+    assert filled["fxgraph_cache_miss"] == 0
+    assert "faster" in completed.stdout
