@@ -462,6 +462,8 @@ def test_notes_give_port_forward_and_first_requests() -> None:
     assert f"helm test {RELEASE}" in notes
     assert '-F "model=qwen-image-edit" -F "image=@fox.png"' in notes
 
+    assert "speed modes" not in notes, "the defaults are the predictor's own"
+
     edit_only = chart().render(
         {"generation": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE
     )
@@ -574,6 +576,21 @@ def test_readiness_on_the_predictors_is_a_choice() -> None:
 def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmError, match=message):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_notes_list_each_predictors_speed_modes() -> None:
+    notes = render_text("fast")["qwen-image-serve/templates/NOTES.txt"]
+    lines = notes.splitlines()
+    generation = lines.index(next(line for line in lines if GENERATION in line))
+    edit = lines.index(next(line for line in lines if EDIT in line))
+    lightning = "LoRA lightx2v/Qwen-Image-Lightning"
+    assert lines[generation + 1].split(": ", 1) == [
+        "    speed modes",
+        f"batches of up to 4 images, compile auto, fp8, {lightning}",
+    ]
+    assert lines[edit + 1].split(": ", 1)[1] == (
+        f"batches of up to 2 images, compile auto, fp8, {lightning}"
+    ), "the edit override's own batch size"
 
 
 def test_fp8_without_a_gpu_is_refused() -> None:

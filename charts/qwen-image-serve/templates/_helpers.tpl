@@ -115,6 +115,46 @@ The predictor components the release deploys, in a fixed order.
 {{- end }}
 
 {{/*
+A predictor's settings as YAML: `predictor`, then each top-level key of the component's
+`overrides` replacing the shared one whole. Call with (dict "root" $ "component" "edit")
+and read it back with fromYaml.
+*/}}
+{{- define "qwen-image-serve.predictorValues" -}}
+{{- $values := deepCopy .root.Values.predictor }}
+{{- range $key, $value := (index .root.Values .component).overrides }}
+{{- $_ := set $values $key $value }}
+{{- end }}
+{{- toYaml $values }}
+{{- end }}
+
+{{/*
+The speed modes a predictor runs with that are not the defaults, as one line ("" for none).
+Call with (dict "root" $ "component" "edit").
+*/}}
+{{- define "qwen-image-serve.speedModes" -}}
+{{- $p := fromYaml (include "qwen-image-serve.predictorValues" .) }}
+{{- $speed := $p.performance }}
+{{- $lora := (index .root.Values .component).lora }}
+{{- $modes := list }}
+{{- if gt (int $speed.maxBatchSize) 1 }}
+{{- $modes = append $modes (printf "batches of up to %d images" (int $speed.maxBatchSize)) }}
+{{- end }}
+{{- if ne $speed.compile "off" }}
+{{- $modes = append $modes (printf "compile %s" $speed.compile) }}
+{{- end }}
+{{- if ne $speed.quantization "none" }}
+{{- $modes = append $modes $speed.quantization }}
+{{- end }}
+{{- if ne $speed.cache "none" }}
+{{- $modes = append $modes (printf "cache %s" $speed.cache) }}
+{{- end }}
+{{- if and $lora $lora.source }}
+{{- $modes = append $modes (printf "LoRA %s" $lora.source) }}
+{{- end }}
+{{- join ", " $modes }}
+{{- end }}
+
+{{/*
 Name of a predictor's InferenceService; call with (dict "root" $ "component" "generation").
 */}}
 {{- define "qwen-image-serve.isvcName" -}}
