@@ -118,7 +118,7 @@ class ImageService:
         """Call the predictor with the request's fields and answer in OpenAI's shape."""
         _reject_unsupported(request)
         size = request.size_pixels or (None, None)
-        quality_steps = self._settings.quality_steps.get(request.quality or "auto")
+        quality_steps = self._settings.quality_table(model).get(request.quality or "auto")
         width = _first(request.width, size[0])
         height = _first(request.height, size[1])
         steps = _first(request.num_inference_steps, quality_steps)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="num_inference_steps for each OpenAI 'quality' (JSON object; 'auto' also "
         "applies when no quality is sent); a quality not listed uses the predictor's default.",
     )
+    model_quality_steps: dict[str, dict[str, int]] = Field(
+        {},
+        description="Quality tables of single models, replacing quality_steps for them (JSON "
+        "object: model id -> table). {} leaves every quality to the predictor's default, as a "
+        "model with a step-distilled LoRA needs.",
+    )
 
     @field_validator("generation_url", "edit_url")
     @classmethod
@@ -62,6 +68,10 @@ class Settings(BaseSettings):
         """The base URL serving ``model``, or None when no enabled predictor serves it."""
         urls = {self.generation_model: self.generation_url, self.edit_model: self.edit_url}
         return urls.get(model) or None
+
+    def quality_table(self, model: str) -> dict[str, int]:
+        """The quality -> num_inference_steps table that applies to ``model``."""
+        return self.model_quality_steps.get(model, self.quality_steps)
 
     @property
     def models(self) -> list[str]:

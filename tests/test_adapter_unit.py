@@ -188,6 +188,26 @@ def test_quality_steps_are_configurable(make_client, predictor, monkeypatch):
         assert predictor.last_body["parameters"].get(contract.NUM_INFERENCE_STEPS) == steps
 
 
+def test_a_model_with_its_own_quality_table(make_client, predictor, monkeypatch):
+    """{} for a model (one running a step-distilled LoRA) leaves every quality to its
+    predictor's default steps; the other model keeps the shared table."""
+    monkeypatch.setenv("QWEN_ADAPTER_MODEL_QUALITY_STEPS", '{"qwen-image": {}}')
+    client = make_client()
+    for quality in ("low", "high", "max", None):
+        assert client.post(
+            "/v1/images/generations", json={"prompt": "x", "quality": quality}
+        ).is_success
+        assert contract.NUM_INFERENCE_STEPS not in predictor.last_body["parameters"]
+    fields = {"prompt": "x", "quality": "high", "num_inference_steps": 4}
+    assert client.post("/v1/images/generations", json=fields).is_success
+    assert predictor.last_body["parameters"][contract.NUM_INFERENCE_STEPS] == 4
+
+    files = {"image": ("a.png", encode((32, 32), "PNG"), "image/png")}
+    data = {"prompt": "x", "model": "qwen-image-edit", "quality": "high"}
+    assert client.post("/v1/images/edits", data=data, files=files).is_success
+    assert predictor.last_body["parameters"][contract.NUM_INFERENCE_STEPS] == 50
+
+
 def test_binary_outputs_are_read(client: TestClient, predictor: FakePredictor):
     image = encode((32, 16), "JPEG")
     header = json.dumps(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import typing
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -305,6 +306,15 @@ def predictor_options(isvc: dict[str, Any]) -> Any:
         return options_from_args(build_parser(model_class).parse_args([]))
 
 
+def adapter_settings(objs: list[dict[str, Any]]) -> Any:
+    """The settings the adapter reads from its Deployment's literal environment."""
+    from openai_adapter.settings import Settings
+
+    main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
+    with mock.patch.dict(os.environ, env_values(main), clear=True):
+        return Settings()
+
+
 def _model_class(command: str) -> type:
     from predictors.edit import QwenImageEditModel
     from predictors.generation import QwenImageGenerationModel
@@ -578,6 +588,18 @@ def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str)
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
 
 
+def test_lora_models_leave_quality_to_their_steps() -> None:
+    """With a LoRA, OpenAI's quality must not turn its 8 steps into 50: the adapter gets an
+    empty quality table for each such model."""
+    from openai_adapter.settings import Settings
+
+    settings = adapter_settings(objects("fast"))
+    assert settings.model_quality_steps == {"qwen-image": {}, "qwen-image-edit": {}}
+    assert settings.quality_table("qwen-image") == {}
+    assert adapter_settings(objects("defaults")).quality_steps == Settings().quality_steps
+    assert adapter_settings(objects("defaults")).model_quality_steps == {}
+
+
 def test_notes_list_each_predictors_speed_modes() -> None:
     notes = render_text("fast")["qwen-image-serve/templates/NOTES.txt"]
     lines = notes.splitlines()
@@ -625,7 +647,9 @@ def test_fast_modes_reach_each_predictor() -> None:
 
 
 def test_schema_offers_the_predictors_choices() -> None:
-    """The schema's enums are the predictor's own lists, so neither drifts from the other."""
+    """The schema's enums are the predictor's and the adapter's own lists, so neither drifts
+    from the other."""
+    from openai_adapter import protocol
     from predictors import acceleration
 
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
@@ -639,6 +663,8 @@ def test_schema_offers_the_predictors_choices() -> None:
         ("cache", tuple(acceleration.CACHES)),
     ):
         assert tuple(performance[key]["enum"]) == tuple(choices), key
+    quality_steps = schema["properties"]["adapter"]["properties"]["qualitySteps"]
+    assert tuple(quality_steps["properties"]) == typing.get_args(protocol.Quality)
 
 
 def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
@@ -931,6 +957,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "misspelt LoRA key": (
         {"generation": {"lora": {"path": "/mnt/models/lightning.safetensors"}}},
         "/generation/lora': additional properties 'path'",
+    ),
+    "unknown quality in the adapter's table": (
+        {"adapter": {"qualitySteps": {"ultra": 80}}},
+        "/adapter/qualitySteps",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},
