@@ -145,6 +145,16 @@ def test_compiled_edit_blocks_take_other_aspect_ratios_without_recompiling(tiny_
     assert counters["stats"]["unique_graphs"] == graphs, "a new aspect ratio recompiled"
 
 
+def test_two_warmup_sizes_leave_no_image_size_to_compile(tiny_cache_env):
+    """One warm-up size leaves the image's token count static, so the first other size
+    compiles again (a stalled batch); with two, that is done at load."""
+    model = load_model(tiny_cache_env, "--compile", "on", "--warmup_sizes", "64x64,96x64")
+    graphs = counters["stats"]["unique_graphs"]
+    for width, height in ((64, 128), (128, 96)):
+        generate(model.pipeline, [Job("a cat on a mat", " ", (0,), width, height, 2, 4.0)])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new image size recompiled"
+
+
 def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
     caplog.set_level(logging.ERROR)
     argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--quantization", "fp8"]
