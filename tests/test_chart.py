@@ -873,6 +873,28 @@ def test_service_monitor_defaults_to_the_predictors_only() -> None:
     assert sorted(by_kind(objs, "ServiceMonitor")) == [f"{FULLNAME}-predictors"]
 
 
+def test_keda_scales_a_predictor_on_its_queue() -> None:
+    from predictors import metrics
+
+    objs = objects("keda-queue")
+    generation = one(objs, "InferenceService", GENERATION)
+    assert generation["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+    (metric,) = predictor(generation)["autoScaling"]["metrics"]
+    query = metric["external"]["metric"]["query"]
+    assert f'namespace="{NAMESPACE}"' in query and 'model_name="qwen-image"' in query
+    assert "qwen_image_queue_depth" in query
+    assert metrics.QUEUE_DEPTH._name == "qwen_image_queue_depth", "the metric the query reads"
+    edit = one(objs, "InferenceService", EDIT)
+    assert "autoScaling" not in predictor(edit), "the edit predictor keeps the shared settings"
+    monitor = one(objs, "ServiceMonitor", f"{FULLNAME}-predictors")  # Prometheus scrapes it
+    assert GENERATION in monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    } in (peers)
+
+
 def test_network_policy_off_and_one_predictor() -> None:
     objs = objects("no-networkpolicy")
     assert not by_kind(objs, "NetworkPolicy")
