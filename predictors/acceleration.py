@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,6 +125,28 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
         # The cache hooks decide on the host whether to skip blocks: a graph break.
         fullgraph = acceleration.cache == "none"
         pipeline.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+
+
+def check_compile_caches() -> None:
+    """Refuse compilation when TorchInductor (and Triton, where ``TRITON_CACHE_DIR`` names a
+    directory) cannot write its cache: Inductor writes the code it generates there, so
+    compiling would fail, and better now than after loading the weights."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    directories = [os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()]
+    if os.environ.get("TRITON_CACHE_DIR"):
+        directories.append(os.environ["TRITON_CACHE_DIR"])
+    for directory in directories:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise AccelerationError(
+                f"--compile needs a writable compiler cache, and {directory} is not "
+                f"({exc.strerror or exc}): fix the volume or TORCHINDUCTOR_CACHE_DIR / "
+                "TRITON_CACHE_DIR, or use --compile off"
+            ) from exc
 
 
 def check_attention(backends: AttentionBackends, masks: bool = True) -> None:

@@ -76,6 +76,9 @@ class QwenImageModel(Model):
         requests that name no steps or CFG scale get the LoRA's (8 steps, no CFG). With
         compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes.
         """
+        modes = self.options.acceleration
+        if modes.compiles(self.device):
+            acceleration.check_compile_caches()
         location = resolve_location(
             self.options.location, self.tiny_kind, self.options.tiny_cache_dir
         )
@@ -84,7 +87,6 @@ class QwenImageModel(Model):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
         started = time.perf_counter()
         self.pipeline = load_pipeline(self.pipeline_class, location, self.device, self.dtype)
-        modes = self.options.acceleration
         acceleration.apply(self.pipeline, modes)
         if modes.lora:
             self.defaults = replace(

@@ -15,6 +15,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from predictors import attention
+from predictors import model as model_module
 from predictors.acceleration import AccelerationError
 from predictors.denoise import Job, generate
 from predictors.edit import QwenImageEditModel
@@ -153,6 +154,28 @@ def test_two_warmup_sizes_leave_no_image_size_to_compile(tiny_cache_env):
     for width, height in ((64, 128), (128, 96)):
         generate(model.pipeline, [Job("a cat on a mat", " ", (0,), width, height, 2, 4.0)])
     assert counters["stats"]["unique_graphs"] == graphs, "a new image size recompiled"
+
+
+@pytest.mark.parametrize("variable", ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"])
+def test_an_unwritable_compiler_cache_stops_the_start_before_the_weights_load(
+    tiny_cache_env, tmp_path, monkeypatch, caplog, variable
+):
+    """Inductor writes the code it generates to its cache: a full or read-only volume would
+    fail the warm-up after minutes of loading weights. The predictor refuses at once."""
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv(variable, str(not_a_directory / "cache"))
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the cache was checked")
+
+    monkeypatch.setattr(model_module, "load_pipeline", load_pipeline)
+    caplog.set_level(logging.ERROR)
+    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--compile", "on"]
+    with pytest.raises(SystemExit) as exit_info:
+        serve(QwenImageGenerationModel, argv)
+    assert exit_info.value.code == 2
+    assert f"--compile needs a writable compiler cache, and {not_a_directory}" in caplog.text
 
 
 def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
