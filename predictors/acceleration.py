@@ -104,17 +104,31 @@ class Acceleration:
         return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
 
 
-def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
-    """Apply every mode of ``acceleration`` to a loaded pipeline, in the order they compose:
-    the LoRA is fused into bf16 weights before FP8 takes them, and compilation comes last."""
+def check(acceleration: Acceleration, device: torch.device) -> None:
+    """Refuse, before any weights load, the modes this machine cannot run on ``device``: an
+    attention backend that mis-handles Qwen's masks or is not installed, FP8 without a
+    capable GPU or torchao, compilation without a writable compiler cache. (A LoRA is only
+    known to load once it has.)"""
     check_attention(acceleration.attention, masks=acceleration.text_padding == "mask")
+    if acceleration.text_padding == "split" and (
+        acceleration.attention.masked != AttentionBackends().masked
+    ):
+        logger.warning(
+            "--masked_attention_backend %s has no effect with --text_padding split",
+            acceleration.attention.masked,
+        )
+    if acceleration.quantization == "fp8":
+        check_fp8(device)
+    if acceleration.compiles(device):
+        check_compile_caches()
+
+
+def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
+    """Apply every mode of ``acceleration`` to a loaded pipeline (``check`` them first), in
+    the order they compose: the LoRA is fused into bf16 weights before FP8 takes them, and
+    compilation comes last."""
     if acceleration.text_padding == "split":
         padding_free.install(pipeline.transformer)
-        if acceleration.attention.masked != AttentionBackends().masked:
-            logger.warning(
-                "--masked_attention_backend %s has no effect with --text_padding split",
-                acceleration.attention.masked,
-            )
     if acceleration.lora:
         fuse_lora(pipeline, acceleration.lora, acceleration.lora_weight_name)
     if acceleration.quantization == "fp8":
@@ -190,25 +204,27 @@ def fuse_lora(
     logger.info("Fused the LoRA %s; scheduler set to %s", source, distillation.scheduler)
 
 
-def quantize_fp8(transformer: torch.nn.Module) -> None:
-    """FP8 weights and dynamically scaled FP8 activations (per row) for the linear layers of
-    the transformer blocks, through torchao. Needs a GPU of compute capability >= 8.9."""
-    device = next(transformer.parameters()).device
+def check_fp8(device: torch.device) -> None:
+    """Refuse FP8 off a CUDA GPU of compute capability 8.9+ or without torchao."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise AccelerationError(
             f"--quantization fp8 needs a CUDA GPU of compute capability 8.9 or newer "
             f"(Ada, Hopper, Blackwell); the model is on {device}"
         )
     try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            quantize_,
-        )
+        import torchao.quantization  # noqa: F401
     except ImportError as exc:
         raise AccelerationError(
             f"--quantization fp8 needs torchao (pip install torchao): {exc}"
         ) from exc
+
+
+def quantize_fp8(transformer: torch.nn.Module) -> None:
+    """FP8 weights and dynamically scaled FP8 activations (per row) for the linear layers of
+    the transformer blocks, through torchao. Needs a GPU of compute capability >= 8.9."""
+    check_fp8(next(transformer.parameters()).device)
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
     quantize_(
         transformer,
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),

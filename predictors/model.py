@@ -77,8 +77,7 @@ class QwenImageModel(Model):
         compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes.
         """
         modes = self.options.acceleration
-        if modes.compiles(self.device):
-            acceleration.check_compile_caches()
+        acceleration.check(modes, self.device)
         location = resolve_location(
             self.options.location, self.tiny_kind, self.options.tiny_cache_dir
         )

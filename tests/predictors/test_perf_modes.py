@@ -32,6 +32,17 @@ def keep_torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the predictor loads a pipeline: modes it must refuse are refused
+    before the weights load (minutes for the real model)."""
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the modes were checked")
+
+    monkeypatch.setattr(model_module, "load_pipeline", load_pipeline)
+
+
 def load_model(
     tiny_cache_env: dict[str, str],
     *flags: str,
@@ -158,18 +169,13 @@ def test_two_warmup_sizes_leave_no_image_size_to_compile(tiny_cache_env):
 
 @pytest.mark.parametrize("variable", ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"])
 def test_an_unwritable_compiler_cache_stops_the_start_before_the_weights_load(
-    tiny_cache_env, tmp_path, monkeypatch, caplog, variable
+    tiny_cache_env, tmp_path, monkeypatch, caplog, variable, no_weights
 ):
     """Inductor writes the code it generates to its cache: a full or read-only volume would
     fail the warm-up after minutes of loading weights. The predictor refuses at once."""
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
     monkeypatch.setenv(variable, str(not_a_directory / "cache"))
-
-    def load_pipeline(*args, **kwargs):
-        raise AssertionError("the weights were loaded before the cache was checked")
-
-    monkeypatch.setattr(model_module, "load_pipeline", load_pipeline)
     caplog.set_level(logging.ERROR)
     argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--compile", "on"]
     with pytest.raises(SystemExit) as exit_info:
@@ -178,7 +184,9 @@ def test_an_unwritable_compiler_cache_stops_the_start_before_the_weights_load(
     assert f"--compile needs a writable compiler cache, and {not_a_directory}" in caplog.text
 
 
-def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
+def test_fp8_on_a_cpu_exits_with_a_clear_error_before_the_weights_load(
+    tiny_cache_env, caplog, no_weights
+):
     caplog.set_level(logging.ERROR)
     argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--quantization", "fp8"]
     with pytest.raises(SystemExit) as exit_info:
@@ -187,7 +195,9 @@ def test_fp8_on_a_cpu_exits_with_a_clear_error(tiny_cache_env, caplog):
     assert "--quantization fp8 needs a CUDA GPU of compute capability 8.9" in caplog.text
 
 
-def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(tiny_cache_env):
+def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(
+    tiny_cache_env, no_weights
+):
     with pytest.raises(AccelerationError, match="cannot take the padding mask"):
         load_model(tiny_cache_env, "--text_padding", "mask", "--masked_attention_backend", "flash")
 
