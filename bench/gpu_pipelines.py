@@ -8,9 +8,12 @@ encoder, the offline byte-level tokenizer of ``predictors.tiny``). A step's comp
 depend on the weights' values, so the timings are real; the images are noise.
 
 Per case and mode: seconds per image (median), seconds per step, peak GPU memory, and the
-difference from the baseline's image on the same seed. Per case: the bf16 compute floor of a
-step (FLOPs from the model config / the matmul rate measured here). Then the throughput of 8
-requests as one batch against 8 in turn, and an attention-backend sweep at the cases' shapes.
+difference from the baseline's image on the same seed. Compiled modes first run the
+predictor's load-time warm-up at the case's size (``acceleration.warmup_batches``): its
+seconds, and how many graphs the case's own runs compiled after it (0: none stalled). Per
+case: the bf16 compute floor of a step (FLOPs from the model config / the matmul rate
+measured here). Then the throughput of 8 requests as one batch against 8 in turn, and an
+attention-backend sweep at the cases' shapes.
 With ``--profile``, each case and mode also gets a profile of one step (device time in
 matrix products, attention and the rest) and the time of the work around the loop (prompt
 encoding, VAE decoding).
@@ -60,6 +63,7 @@ from diffusers import (
 from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
 from PIL import Image
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from bench.timing import median_seconds, synchronize
@@ -208,6 +212,7 @@ class Results:
     attention: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
     profiles: list[dict[str, Any]] = field(default_factory=list)
+    warmups: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -374,6 +379,11 @@ def measure(
     return seconds, statistics.median(steps), first, peak, output
 
 
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has compiled in this process."""
+    return counters["stats"]["unique_graphs"]
+
+
 def transformer_flops(config: Any, image_tokens: int, text_tokens: int) -> float:
     """FLOPs of one transformer forward for one sample (matmuls only: the linear layers of
     both streams, attention's two products, the input/output projections)."""
@@ -405,7 +415,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: i
 
 def text_lengths(pipeline, job: Job) -> tuple[int, int]:
     """Tokens of the prompt and negative prompt as the transformer sees them."""
-    conditioning = condition(pipeline, job, pipeline._execution_device, pipeline.text_encoder.dtype)
+    with torch.inference_mode():  # with autograd, the text encoder's activations would stay
+        conditioning = condition(
+            pipeline, job, pipeline._execution_device, pipeline.text_encoder.dtype
+        )
     negative = conditioning.negative_text
     return conditioning.text.shape[0], (0 if negative is None else negative.shape[0])
 
@@ -636,7 +649,13 @@ class Bench:
             try:
                 self.prepare(mode)
                 for case in cases:
+                    warmup = self.warm_up(case, mode) if mode.compile else None
+                    graphs = compiled_graphs()
                     self.results.rows.append(self.run_case(case, mode))
+                    if warmup is not None:
+                        warmup["graphs_after_warmup"] = compiled_graphs() - graphs
+                        self.results.warmups.append(warmup)
+                        print(f"warmup {json.dumps(warmup)}", flush=True)
                     if self.args.profile:
                         self.profile(case, mode)
                     if case.name not in self.floor_done:
@@ -663,6 +682,21 @@ class Bench:
                 pipeline, [job], attention=self.attention, output_type="np", on_step_end=on_step_end
             )[0]
         return run_baseline(pipeline, job, on_step_end)
+
+    def warm_up(self, case: Case, mode: Mode) -> dict[str, Any]:
+        """The predictor's load-time warm-up at the case's size, as ``mode`` runs it."""
+        job = self.job(case, mode)
+        batches = acceleration.warmup_batches(
+            [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
+        )
+        graphs = compiled_graphs()
+        seconds = acceleration.warm_up(self.pipeline(case), batches, self.attention)
+        return {
+            "case": case.name,
+            "mode": mode.name,
+            "warmup_seconds": seconds,
+            "graphs_in_warmup": compiled_graphs() - graphs,
+        }
 
     def run_case(self, case: Case, mode: Mode) -> Row:
         job = self.job(case, mode)

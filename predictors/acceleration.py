@@ -19,13 +19,14 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.attention_dispatch import attention_backend
+from PIL import Image
 
 from predictors import attention as padding_free
 from predictors.denoise import AttentionBackends, Job, generate
@@ -240,6 +241,38 @@ def is_block_projection(module: torch.nn.Module, name: str) -> bool:
         and name.startswith("transformer_blocks.")
         and not name.split(".")[2].endswith("_mod")
     )
+
+
+def warmup_batches(
+    sizes: Iterable[tuple[int, int]],
+    negative_prompt: str | None,
+    true_cfg_scale: float,
+    with_image: bool,
+) -> list[list[Job]]:
+    """Short runs per ``(width, height)`` after which other text lengths and batch sizes
+    compile nothing new: a single request, a batch of two, and a single request with another
+    text length (a batch of one compiles apart from larger ones). ``with_image`` (edit):
+    also an input image of another aspect ratio, which changes the condition's token count.
+    """
+    batches = []
+    for width, height in sizes:
+        image = Image.new("RGB", (width, height), "gray") if with_image else None
+        short = Job(
+            prompt="a cube",
+            negative_prompt=negative_prompt,
+            seeds=(0,),
+            width=width,
+            height=height,
+            num_inference_steps=2,
+            true_cfg_scale=true_cfg_scale,
+            image=image,
+        )
+        longer = replace(short, prompt="a red cube on a wooden table in the morning light")
+        batches += [[short], [longer, short], [longer]]
+        if with_image:
+            other_aspect = Image.new("RGB", (width, height * 3 // 4), "gray")
+            batches.append([replace(short, image=other_aspect)])
+    return batches
 
 
 def warm_up(

@@ -100,32 +100,17 @@ class QwenImageModel(Model):
         return self.ready
 
     def warmup_batches(self) -> list[list[Job]]:
-        """Short runs per warm-up size after which other text lengths and batch sizes compile
-        nothing new: a single request, a batch of two, and a single request with another
-        text length (a batch of one compiles apart from larger ones). For edit, also an
-        input image of another aspect ratio, which changes the condition's token count."""
+        """``acceleration.warmup_batches`` at ``--warmup_sizes`` (default: the model's
+        default size), with the model's default negative prompt and CFG scale."""
         sizes = self.options.acceleration.warmup_sizes
         if sizes is None:
             sizes = ((self.defaults.width or 1024, self.defaults.height or 1024),)
-        batches = []
-        for width, height in sizes:
-            image = Image.new("RGB", (width, height), "gray") if self.needs_image else None
-            short = Job(
-                prompt="a cube",
-                negative_prompt=self.defaults.negative_prompt,
-                seeds=(0,),
-                width=width,
-                height=height,
-                num_inference_steps=2,
-                true_cfg_scale=self.defaults.true_cfg_scale,
-                image=image,
-            )
-            longer = replace(short, prompt="a red cube on a wooden table in the morning light")
-            batches += [[short], [longer, short], [longer]]
-            if self.needs_image:
-                other_aspect = Image.new("RGB", (width, height * 3 // 4), "gray")
-                batches.append([replace(short, image=other_aspect)])
-        return batches
+        return acceleration.warmup_batches(
+            sizes,
+            self.defaults.negative_prompt,
+            self.defaults.true_cfg_scale,
+            with_image=self.needs_image,
+        )
 
     def stop(self) -> None:
         """Let accepted requests finish before the server goes away."""
