@@ -462,7 +462,7 @@ def attention_sweep(
 
     def attend(padding_kind: str) -> None:
         if padding_kind == "split":
-            padding_free.padded_joint_attention(query, key, value, text_lengths)
+            padding_free.padded_joint_attention(query, key, value, text_lengths, text)
         else:
             attn_mask = mask[:, None, None, :] if padding_kind == "mask" else None
             dispatch_attention_fn(query, key, value, attn_mask=attn_mask)

@@ -52,39 +52,45 @@ def padded_joint_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     text_lengths: torch.Tensor,
+    text_tokens: int,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over Qwen's joint ``[text, image]`` sequences, ``[batch, tokens, heads,
-    head_dim]``, whose texts are zero-padded to the longest of ``text_lengths`` (a CPU int
-    tensor, one length per sample). Each sample attends over its real tokens only; the
-    output is zero at the padded text positions. ``backend``: a diffusers attention backend
-    name, or ``None`` for the active one."""
-    lengths = text_lengths.tolist()
-    padded = max(lengths)
+    head_dim]``, whose first ``text_tokens`` are texts zero-padded from ``text_lengths`` (a
+    CPU int tensor, one length per sample). Each sample attends over its real tokens only.
+    Returns the text and the image outputs apart, each contiguous (so the output projections
+    need no copy), the text's zero at padded positions. ``backend``: a diffusers attention
+    backend name, or ``None`` for the active one."""
+    batch, tokens, heads, head_dim = query.shape
     backend_name = None if backend is None else AttentionBackendName(backend)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend_name)
 
-    if min(lengths) == padded:  # nothing padded: one call over the whole batch
-        return attend(query, key, value).contiguous()
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
-    for start, stop, length in text_runs(lengths):
+    text_out = query.new_empty(batch, text_tokens, heads, head_dim)
+    image_out = query.new_empty(batch, tokens - text_tokens, heads, head_dim)
+    for start, stop, length in text_runs(text_lengths.tolist()):
         rows = slice(start, stop)
-        if length == padded:  # the longest texts: their whole sequence is real
-            out[rows] = attend(query[rows], key[rows], value[rows])
-            continue
-        real = [torch.cat([x[rows, :length], x[rows, padded:]], dim=1) for x in (query, key, value)]
-        attended = attend(*real)
-        out[rows, :length] = attended[:, :length]
-        out[rows, length:padded] = 0
-        out[rows, padded:] = attended[:, length:]
-    return out
+        if length == text_tokens:  # no padding: the whole sequence is real
+            attended = attend(query[rows], key[rows], value[rows])
+        else:
+            real = [
+                torch.cat([x[rows, :length], x[rows, text_tokens:]], 1) for x in (query, key, value)
+            ]
+            attended = attend(*real)
+            text_out[rows, length:] = 0
+        text_out[rows, :length] = attended[:, :length]
+        image_out[rows] = attended[:, length:]
+    return text_out, image_out
 
 
 @padded_joint_attention.register_fake
-def _(query, key, value, text_lengths, backend=None):
-    return torch.empty_like(query, memory_format=torch.contiguous_format)
+def _(query, key, value, text_lengths, text_tokens, backend=None):
+    batch, tokens, heads, head_dim = query.shape
+    return (
+        query.new_empty(batch, text_tokens, heads, head_dim),
+        query.new_empty(batch, tokens - text_tokens, heads, head_dim),
+    )
 
 
 class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
@@ -134,15 +140,16 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             for text, image in ((text_q, image_q), (text_k, image_k), (text_v, image_v))
         ]
         backend = self._attention_backend
-        out = padded_joint_attention(
-            *joint, text_lengths, None if backend is None else AttentionBackendName(backend).value
+        text_out, image_out = padded_joint_attention(
+            *joint,
+            text_lengths,
+            encoder_hidden_states.shape[1],
+            None if backend is None else AttentionBackendName(backend).value,
         )
-        out = out.flatten(2, 3).to(joint[0].dtype)
-        text_tokens = encoder_hidden_states.shape[1]
-        image_out = attn.to_out[0](out[:, text_tokens:])
+        image_out = attn.to_out[0](image_out.flatten(2, 3).to(joint[0].dtype))
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)  # dropout
-        return image_out, attn.to_add_out(out[:, :text_tokens])
+        return image_out, attn.to_add_out(text_out.flatten(2, 3).to(joint[0].dtype))
 
 
 def _heads(attn, states: torch.Tensor, projections, norm_q, norm_k) -> list[torch.Tensor]:

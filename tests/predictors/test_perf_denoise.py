@@ -162,7 +162,8 @@ def test_text_runs_group_consecutive_equal_lengths():
 
 def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
     """Each sample's output equals plain attention over its own text and the image; the
-    padded text positions are zero. ``opcheck`` checks the op's registration (schema, fake
+    padded text positions are zero; text and image come back apart, each contiguous, so the
+    output projections copy nothing. ``opcheck`` checks the op's registration (schema, fake
     shapes) as ``torch.compile`` relies on it."""
     generator = torch.Generator().manual_seed(0)
     lengths, padded, image_tokens = [5, 5, 2, 5, 3], 5, 6
@@ -171,7 +172,9 @@ def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
         for _ in range(3)
     )
     text_lengths = torch.tensor(lengths)
-    out = attention.padded_joint_attention(query, key, value, text_lengths)
+    text_out, image_out = attention.padded_joint_attention(query, key, value, text_lengths, padded)
+    assert text_out.is_contiguous() and image_out.is_contiguous()
+    out = torch.cat([text_out, image_out], dim=1)
 
     for sample, length in enumerate(lengths):
         real = torch.cat([torch.arange(length), torch.arange(padded, padded + image_tokens)])
@@ -179,6 +182,6 @@ def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)[0]
         assert torch.allclose(out[sample, real], expected, atol=1e-6)
         assert out[sample, length:padded].abs().sum() == 0
-    torch.library.opcheck(attention.padded_joint_attention, (query, key, value, text_lengths))
-    uniform = torch.tensor([padded] * len(lengths))
-    torch.library.opcheck(attention.padded_joint_attention, (query, key, value, uniform))
+    for lengths_arg in (text_lengths, torch.tensor([padded] * len(lengths))):
+        arguments = (query, key, value, lengths_arg, padded)
+        torch.library.opcheck(attention.padded_joint_attention, arguments)

@@ -136,7 +136,8 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     assert "original service in turn" in rows[("batch8-64x64", "engine")]["note"]
     assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
     assert all(floor["floor_seconds_per_step"] > 0 for floor in results["floors"])
-    assert any(entry["backend"] == "native" and "ms" in entry for entry in results["attention"])
+    native = {e["padding"]: e for e in results["attention"] if e["backend"] == "native"}
+    assert all("ms" in native[padding] for padding in ("none", "mask", "split")), native
     assert "| 64x64 | engine |" in completed.stdout
     profiles = {(entry["case"], entry["mode"]): entry for entry in results["profiles"]}
     for mode in ("baseline", "engine"):
