@@ -79,9 +79,9 @@ class Acceleration:
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
     text_padding: str = "split"
-    # 1.28x on an H100 at 1328x1328. Off by default: it lengthens start-up, and attention as
-    # a custom op (docs/performance.md) has not run on a GPU yet; auto: on for CUDA only.
-    compile: str = "off"
+    # auto: on for CUDA only (1.26x at 1328x1328 and 1.19x for edit on an H100, exact to bf16
+    # noise, docs/performance.md), at the cost of compiling at start.
+    compile: str = "auto"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"
     cache: str = "none"

@@ -128,7 +128,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "texts of different lengths in one batch: split (attend each length on its own, "
             "no mask) or mask (diffusers' padding mask and --masked_attention_backend)",
         ),
-        ("--compile", "QWEN_COMPILE", str, "off", "regional torch.compile: off, on, auto (CUDA)"),
+        ("--compile", "QWEN_COMPILE", str, "auto", "regional torch.compile: off, on, auto (CUDA)"),
         (
             "--warmup_sizes",
             "QWEN_WARMUP_SIZES",

@@ -608,11 +608,15 @@ def test_notes_list_each_predictors_speed_modes() -> None:
     lightning = "LoRA lightx2v/Qwen-Image-Lightning"
     assert lines[generation + 1].split(": ", 1) == [
         "    speed modes",
-        f"batches of up to 4 images, compile auto, fp8, {lightning}",
+        f"batches of up to 4 images, fp8, {lightning}",
     ]
-    assert lines[edit + 1].split(": ", 1)[1] == (
-        f"batches of up to 2 images, compile auto, fp8, {lightning}"
-    ), "the edit override's own batch size"
+    edit_modes = f"batches of up to 2 images, fp8, {lightning}"
+    assert lines[edit + 1].split(": ", 1)[1] == edit_modes, "the edit override's own batch size"
+
+    eager = chart().render(
+        {"predictor": {"performance": {"compile": "off"}}}, name=RELEASE, namespace=NAMESPACE
+    )["qwen-image-serve/templates/NOTES.txt"]
+    assert eager.count("speed modes: compile off") == 2, "compile off is not the default"
 
 
 def test_fp8_without_a_gpu_is_refused() -> None:

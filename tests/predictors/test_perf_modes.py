@@ -63,7 +63,7 @@ def test_defaults_change_nothing(tiny_cache_env):
     assert model.runner.policy.max_batch_size == 1
     assert model.runner.capacity == 5  # one running and --max_queue_size=4 waiting, as before
     assert model.defaults.num_inference_steps == 50 and model.defaults.true_cfg_scale == 4.0
-    assert blocks[0]._compiled_call_impl is None  # --compile is off by default
+    assert blocks[0]._compiled_call_impl is None  # --compile auto: not on a CPU
     assert not HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
     assert attention.installed(model.pipeline.transformer)  # --text_padding split
 

@@ -139,7 +139,7 @@ Call with (dict "root" $ "component" "edit").
 {{- if gt (int $speed.maxBatchSize) 1 }}
 {{- $modes = append $modes (printf "batches of up to %d images" (int $speed.maxBatchSize)) }}
 {{- end }}
-{{- if ne $speed.compile "off" }}
+{{- if ne $speed.compile "auto" }}
 {{- $modes = append $modes (printf "compile %s" $speed.compile) }}
 {{- end }}
 {{- if ne $speed.quantization "none" }}
