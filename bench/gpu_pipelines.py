@@ -462,7 +462,7 @@ def attention_sweep(
 
     def attend(padding_kind: str) -> None:
         if padding_kind == "split":
-            padding_free.padded_joint_attention(query, key, value, text_lengths, text)
+            padding_free.padded_joint_attention(query, key, value, text_lengths, tokens - text)
         else:
             attn_mask = mask[:, None, None, :] if padding_kind == "mask" else None
             dispatch_attention_fn(query, key, value, attn_mask=attn_mask)
@@ -704,9 +704,9 @@ class Bench:
         def call(timer: StepTimer) -> np.ndarray:
             return self.call(case, mode, job, timer.mark)
 
-        warmup = max(self.args.warmup, 1 if mode.compile else 0)
+        # Compiled modes compiled the case's shapes in the warm-up before (``warm_up``).
         seconds, per_step, first, peak, output = measure(
-            call, self.device, warmup, self.args.repeats
+            call, self.device, self.args.warmup, self.args.repeats
         )
         if not mode.engine:
             self.baselines[case.name] = output

@@ -9,9 +9,10 @@ unmasked calls, in each of the 60 blocks (``docs/performance.md``).
 ``PaddingFreeAttnProcessor`` runs the projections, norms and RoPE on the whole batch as
 diffusers does. Attention itself is the custom op ``padded_joint_attention``: it attends each
 run of consecutive samples that share a text length over their real tokens only, with the
-mask-free backend. Image tokens get the same result as with the mask; padded text positions
-get zeros (no later layer reads them: they stay masked out as keys, and only image tokens
-leave the transformer).
+mask-free backend; image tokens come first in its joint sequence, so the real tokens are a
+prefix, attended without a copy. Image tokens get the same result as with the mask; padded
+text positions get zeros (no later layer reads them: they stay masked out as keys, and only
+image tokens leave the transformer).
 
 Being an op, the attention is opaque to ``torch.compile``: a compiled block sees tensors of
 the same shapes whatever the mix of text lengths in a batch, so mixed batches compile
@@ -52,44 +53,47 @@ def padded_joint_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     text_lengths: torch.Tensor,
-    text_tokens: int,
+    image_tokens: int,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over Qwen's joint ``[text, image]`` sequences, ``[batch, tokens, heads,
-    head_dim]``, whose first ``text_tokens`` are texts zero-padded from ``text_lengths`` (a
-    CPU int tensor, one length per sample). Each sample attends over its real tokens only.
-    Returns the text and the image outputs apart, each contiguous (so the output projections
-    need no copy), the text's zero at padded positions. ``backend``: a diffusers attention
-    backend name, or ``None`` for the active one."""
+    """Attention over joint ``[image, text]`` sequences, ``[batch, tokens, heads, head_dim]``:
+    ``image_tokens`` image tokens, then texts zero-padded at the end from ``text_lengths`` (a
+    CPU int tensor, one length per sample). A sample's real tokens are a prefix of its
+    sequence, so each run of samples with one text length attends over a slice, no copy.
+    Returns the image and the text outputs apart, each contiguous (the output projections
+    then copy nothing), the text's zero at padded positions. ``backend``: a diffusers
+    attention backend name, or ``None`` for the active one."""
     batch, tokens, heads, head_dim = query.shape
+    text_tokens = tokens - image_tokens
     backend_name = None if backend is None else AttentionBackendName(backend)
+    lengths = text_lengths.tolist()
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend_name)
 
+    if min(lengths) == text_tokens:  # nothing padded: one call over the whole batch
+        attended = attend(query, key, value)
+        # For one sample the kernel's output starts with the image part, contiguous: kept as
+        # it is. The outputs may not share memory, so the text part is copied.
+        text = attended[:, image_tokens:].clone(memory_format=torch.contiguous_format)
+        return attended[:, :image_tokens].contiguous(), text
+    image_out = query.new_empty(batch, image_tokens, heads, head_dim)
     text_out = query.new_empty(batch, text_tokens, heads, head_dim)
-    image_out = query.new_empty(batch, tokens - text_tokens, heads, head_dim)
-    for start, stop, length in text_runs(text_lengths.tolist()):
-        rows = slice(start, stop)
-        if length == text_tokens:  # no padding: the whole sequence is real
-            attended = attend(query[rows], key[rows], value[rows])
-        else:
-            real = [
-                torch.cat([x[rows, :length], x[rows, text_tokens:]], 1) for x in (query, key, value)
-            ]
-            attended = attend(*real)
-            text_out[rows, length:] = 0
-        text_out[rows, :length] = attended[:, :length]
-        image_out[rows] = attended[:, length:]
-    return text_out, image_out
+    for start, stop, length in text_runs(lengths):
+        rows, real = slice(start, stop), slice(0, image_tokens + length)
+        attended = attend(query[rows, real], key[rows, real], value[rows, real])
+        image_out[rows] = attended[:, :image_tokens]
+        text_out[rows, :length] = attended[:, image_tokens:]
+        text_out[rows, length:] = 0
+    return image_out, text_out
 
 
 @padded_joint_attention.register_fake
-def _(query, key, value, text_lengths, text_tokens, backend=None):
+def _(query, key, value, text_lengths, image_tokens, backend=None):
     batch, tokens, heads, head_dim = query.shape
     return (
-        query.new_empty(batch, text_tokens, heads, head_dim),
-        query.new_empty(batch, tokens - text_tokens, heads, head_dim),
+        query.new_empty(batch, image_tokens, heads, head_dim),
+        query.new_empty(batch, tokens - image_tokens, heads, head_dim),
     )
 
 
@@ -135,15 +139,17 @@ class PaddingFreeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             image_q, image_k = (_rope(x, image_freqs) for x in (image_q, image_k))
             text_q, text_k = (_rope(x, text_freqs) for x in (text_q, text_k))
 
+        # Image tokens first (diffusers puts the text first): the padding then ends each
+        # sequence, and a sample's real tokens are a prefix. Attention ignores the order.
         joint = [
-            torch.cat([text, image], dim=1)
-            for text, image in ((text_q, image_q), (text_k, image_k), (text_v, image_v))
+            torch.cat([image, text], dim=1)
+            for image, text in ((image_q, text_q), (image_k, text_k), (image_v, text_v))
         ]
         backend = self._attention_backend
-        text_out, image_out = padded_joint_attention(
+        image_out, text_out = padded_joint_attention(
             *joint,
             text_lengths,
-            encoder_hidden_states.shape[1],
+            hidden_states.shape[1],
             None if backend is None else AttentionBackendName(backend).value,
         )
         image_out = attn.to_out[0](image_out.flatten(2, 3).to(joint[0].dtype))

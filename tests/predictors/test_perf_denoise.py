@@ -167,21 +167,24 @@ def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
     shapes) as ``torch.compile`` relies on it."""
     generator = torch.Generator().manual_seed(0)
     lengths, padded, image_tokens = [5, 5, 2, 5, 3], 5, 6
-    query, key, value = (
-        torch.randn(len(lengths), padded + image_tokens, 2, 8, generator=generator)
+    query, key, value = (  # [image, text] sequences
+        torch.randn(len(lengths), image_tokens + padded, 2, 8, generator=generator)
         for _ in range(3)
     )
     text_lengths = torch.tensor(lengths)
-    text_out, image_out = attention.padded_joint_attention(query, key, value, text_lengths, padded)
+    op = attention.padded_joint_attention
+    image_out, text_out = op(query, key, value, text_lengths, image_tokens)
     assert text_out.is_contiguous() and image_out.is_contiguous()
-    out = torch.cat([text_out, image_out], dim=1)
+    out = torch.cat([image_out, text_out], dim=1)
 
     for sample, length in enumerate(lengths):
-        real = torch.cat([torch.arange(length), torch.arange(padded, padded + image_tokens)])
+        real = torch.arange(image_tokens + length)
         q, k, v = (x[sample : sample + 1, real].transpose(1, 2) for x in (query, key, value))
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)[0]
         assert torch.allclose(out[sample, real], expected, atol=1e-6)
-        assert out[sample, length:padded].abs().sum() == 0
+        assert out[sample, image_tokens + length :].abs().sum() == 0
     for lengths_arg in (text_lengths, torch.tensor([padded] * len(lengths))):
-        arguments = (query, key, value, lengths_arg, padded)
-        torch.library.opcheck(attention.padded_joint_attention, arguments)
+        torch.library.opcheck(op, (query, key, value, lengths_arg, image_tokens))
+    # One sample, nothing padded: the image output is the start of the kernel's own output.
+    one = [x[:1] for x in (query, key, value)]
+    torch.library.opcheck(op, (*one, torch.tensor([padded]), image_tokens))
