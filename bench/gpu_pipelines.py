@@ -64,6 +64,7 @@ from diffusers.models.attention_dispatch import attention_backend, dispatch_atte
 from PIL import Image
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from bench.timing import median_seconds, synchronize
@@ -162,7 +163,9 @@ SMOKE_CASES = (Case("64x64", 64, 64), Case("edit-64x64", 64, 64, edit=True))
 @dataclass(frozen=True)
 class Mode:
     """How a case is run. Modes run in this order: compilation, the fused LoRA and FP8 stay
-    applied once a mode has applied them (as in a deployment); the cache is removed again.
+    applied once a mode has applied them (as in a deployment; a mode that wants CUDA graphs
+    after one that did not, or the reverse, compiles the blocks anew); the cache is removed
+    again.
     The harness's LoRA has B = 0 (see ``zero_lora``), so it leaves the weights unchanged and
     the exact modes after it still compare with the baseline."""
 
@@ -170,6 +173,8 @@ class Mode:
     engine: bool = True  # False: the plain diffusers pipeline call
     cache: bool = False
     compile: bool = False
+    graphs: bool = False  # CUDA graphs: an experiment, not a predictor mode (see
+    # ``compile_with_cuda_graphs``)
     lightning: bool = False  # 8 steps, no CFG, Lightning scheduler, a fused LoRA
     fp8: bool = False
     exact: bool = True  # same outputs as the baseline up to bf16 noise
@@ -182,9 +187,18 @@ MODES = (
     Mode("engine+first_block_cache", cache=True, exact=False),
     Mode("lightning", lightning=True, exact=False),
     Mode("engine+compile", compile=True, batching=True),
+    Mode("engine+compile+graphs", compile=True, graphs=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
     Mode("fp8+compile", compile=True, fp8=True, exact=False),
     Mode("lightning+fp8+compile", compile=True, lightning=True, fp8=True, exact=False),
+    Mode(
+        "lightning+fp8+compile+graphs",
+        compile=True,
+        graphs=True,
+        lightning=True,
+        fp8=True,
+        exact=False,
+    ),
 )
 
 
@@ -321,6 +335,22 @@ class StepTimer:
         return total / (len(self.marks) - 1)
 
 
+def compile_with_cuda_graphs(transformer: torch.nn.Module) -> RemovableHandle:
+    """The ``+graphs`` modes' experiment: the blocks compiled as ``acceleration.apply``
+    compiles them, each block's kernels then replayed as CUDA graphs (Inductor's CUDA graph
+    trees), to cut the time between kernels (14 ms of a Lightning + FP8 step on the H100,
+    ``docs/performance.md``). Inductor's graph partitioning splits each block around the
+    attention op (tagged ``cudagraph_unsafe``), which runs between the block's two graphs.
+    Each transformer forward is marked as a new step: otherwise each block's call would
+    start one and free the outputs of the block before. Returns the marking hook's handle."""
+    transformer.compile_repeated_blocks(
+        fullgraph=True, options={"triton.cudagraphs": True, "graph_partition": True}
+    )
+    return transformer.register_forward_pre_hook(
+        lambda *_: torch.compiler.cudagraph_mark_step_begin()
+    )
+
+
 def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
     """The original service: one plain pipeline call with diffusers' defaults, image i
     seeded with its own generator; ``on_step_end`` is its step-end callback."""
@@ -382,6 +412,13 @@ def measure(
 def compiled_graphs() -> int:
     """How many graphs ``torch.compile`` has compiled in this process."""
     return counters["stats"]["unique_graphs"]
+
+
+def cudagraph_counts() -> dict[str, int]:
+    """Inductor's CUDA graph counters in this process: graph partitions generated, graphs
+    it declined to capture, and inputs copied in at each recording (0: nothing recorded)."""
+    names = ("cudagraph_partitions", "cudagraph_skips", "cudagraph_recorded_non_static_inputs")
+    return {name: counters["inductor"][name] for name in names}
 
 
 def transformer_flops(config: Any, image_tokens: int, text_tokens: int) -> float:
@@ -571,6 +608,8 @@ class Bench:
         self.build_seconds = time.perf_counter() - started
         self.schedulers = {"qwen": self.generation.scheduler}
         self.applied: set[str] = set()
+        self.compiled_with_graphs: bool | None = None  # None: the blocks are not compiled
+        self.step_marker: RemovableHandle | None = None  # the +graphs modes' hook
         self.lightning_later = False
         self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
         self.batching_done: set[str] = set()  # modes whose batching case ran
@@ -614,9 +653,8 @@ class Bench:
     def prepare(self, mode: Mode) -> None:
         """Bring the shared transformer and schedulers into ``mode``'s state."""
         transformer = self.generation.transformer
-        if mode.compile and "compile" not in self.applied:
-            acceleration.apply(self.generation, Acceleration(compile="on"))
-            self.applied.add("compile")
+        if mode.compile and self.compiled_with_graphs != mode.graphs:
+            self.compile(mode.graphs)
         # The LoRA is fused before FP8 takes the weights, as in a deployment.
         lightning = mode.lightning or (mode.fp8 and self.lightning_later)
         if lightning and "lightning" not in self.applied:
@@ -631,6 +669,21 @@ class Bench:
             acceleration.apply(self.generation, Acceleration(compile="off", cache="first_block"))
         scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
         self.generation.scheduler = self.edit.scheduler = scheduler
+
+    def compile(self, cuda_graphs: bool) -> None:
+        """Compile the blocks as the predictor does, or with CUDA graphs (an experiment,
+        ``compile_with_cuda_graphs``). Switching between the two starts dynamo afresh."""
+        if self.compiled_with_graphs is not None:
+            torch._dynamo.reset()
+        if self.step_marker is not None:
+            self.step_marker.remove()
+            self.step_marker = None
+        if cuda_graphs:
+            self.step_marker = compile_with_cuda_graphs(self.generation.transformer)
+        else:
+            modes = Acceleration(compile="on", text_padding=self.args.text_padding)
+            acceleration.apply(self.generation, modes)
+        self.compiled_with_graphs = cuda_graphs
 
     def run(self, plan: list[tuple[list[Case], list[Mode]]]) -> Results:
         """Run each (cases, modes) group of ``plan`` in turn, on the same pipelines."""
@@ -649,11 +702,15 @@ class Bench:
             try:
                 self.prepare(mode)
                 for case in cases:
+                    cuda_graphs = cudagraph_counts()
                     warmup = self.warm_up(case, mode) if mode.compile else None
                     graphs = compiled_graphs()
                     self.results.rows.append(self.run_case(case, mode))
                     if warmup is not None:
                         warmup["graphs_after_warmup"] = compiled_graphs() - graphs
+                        if mode.graphs:  # did CUDA graphs engage?
+                            for name, count in cudagraph_counts().items():
+                                warmup[name] = count - cuda_graphs[name]
                         self.results.warmups.append(warmup)
                         print(f"warmup {json.dumps(warmup)}", flush=True)
                     if self.args.profile:

@@ -17,7 +17,8 @@ image tokens leave the transformer).
 Being an op, the attention is opaque to ``torch.compile``: a compiled block sees tensors of
 the same shapes whatever the mix of text lengths in a batch, so mixed batches compile
 nothing new (a Python loop over the runs inside the block would recompile for each new
-number of runs, until dynamo's recompile limit fails the request).
+number of runs, until dynamo's recompile limit fails the request). For the same reason CUDA
+graphs cannot capture it (it is tagged ``cudagraph_unsafe``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ def text_runs(lengths: Sequence[int]) -> TextRuns:
     return tuple(runs)
 
 
-@torch.library.custom_op("qwen_image_serve::padded_joint_attention", mutates_args=())
+# CUDA graphs must not capture the op: which kernels it runs, over which slices, follows the
+# text lengths it reads on the host, and a replay would repeat the captured ones. Tagged,
+# Inductor's graph partitioning runs it between the graphs of a block's other work.
+@torch.library.custom_op(
+    "qwen_image_serve::padded_joint_attention",
+    mutates_args=(),
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
 def padded_joint_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -188,3 +188,6 @@ def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
     # One sample, nothing padded: the image output is the start of the kernel's own output.
     one = [x[:1] for x in (query, key, value)]
     torch.library.opcheck(op, (*one, torch.tensor([padded]), image_tokens))
+    # Its kernels follow lengths read on the host: CUDA graphs must leave it out.
+    registered = torch.ops.qwen_image_serve.padded_joint_attention.default
+    assert torch.Tag.cudagraph_unsafe in registered.tags

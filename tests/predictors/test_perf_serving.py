@@ -126,12 +126,17 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert rows[(case, "engine")]["max_abs_diff"] < 1e-5  # batched CFG = two passes
         assert rows[(case, "lightning")]["steps"] == 8
         assert rows[(case, "engine+compile")]["max_abs_diff"] < 1e-4  # compiled on the CPU
+        # compiled anew with CUDA graphs asked for (on a CPU Inductor declines to capture)
+        assert rows[(case, "engine+compile+graphs")]["max_abs_diff"] < 1e-4
         assert "skipped: FP8 needs a CUDA GPU" in rows[(case, "lightning+fp8+compile")]["note"]
     warmups = {(entry["case"], entry["mode"]): entry for entry in results["warmups"]}
     for case in ("64x64", "edit-64x64"):
         # the predictor's warm-up compiles what the case needs: its own runs compile nothing
         assert warmups[(case, "engine+compile")]["graphs_in_warmup"] > 0
         assert warmups[(case, "engine+compile")]["graphs_after_warmup"] == 0
+        graphs = warmups[(case, "engine+compile+graphs")]
+        assert graphs["graphs_in_warmup"] > 0 and graphs["graphs_after_warmup"] == 0
+        assert graphs["cudagraph_skips"] > 0 and graphs["cudagraph_recorded_non_static_inputs"] == 0
     assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
     assert "original service in turn" in rows[("batch8-64x64", "engine")]["note"]
     assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
