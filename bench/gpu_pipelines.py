@@ -32,10 +32,13 @@ modules, so it runs on a GPU host from carried wheels.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -644,10 +647,12 @@ class Bench:
         )
 
     def skip_reason(self, mode: Mode) -> str | None:
-        if mode.fp8 and (
-            self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9)
-        ):
-            return "skipped: FP8 needs a CUDA GPU of compute capability >= 8.9"
+        """Why this machine cannot run ``mode`` (the predictor's own refusal), or None."""
+        if mode.fp8:
+            try:
+                acceleration.check_fp8(self.device)
+            except acceleration.AccelerationError as exc:
+                return f"skipped: {exc}"
         return None
 
     def prepare(self, mode: Mode) -> None:
@@ -940,13 +945,27 @@ def environment(device: torch.device, build_seconds: float) -> dict[str, Any]:
         "python": platform.python_version(),
         "build_seconds": round(build_seconds, 1),
     }
+    try:
+        info["torchao"] = importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        info["torchao"] = None
     if device.type == "cuda":
+        info["driver"] = nvidia_driver_version()
         info["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 1)
         info["gpu_total_gib"] = round(
             torch.cuda.get_device_properties(device).total_memory / 2**30, 1
         )
     print(f"environment {json.dumps(info)}", flush=True)
     return info
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version, from ``nvidia-smi`` where the machine has it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    completed = subprocess.run(query, capture_output=True, text=True, timeout=30)
+    return completed.stdout.strip().splitlines()[0] if completed.returncode == 0 else None
 
 
 def print_row(row: Row) -> None:
