@@ -97,6 +97,15 @@ RUN pip install --no-deps /wheels/*.whl
 # command (qwen-image-predictor or qwen-image-edit-predictor) and --model_name; the CMD below
 # is the text-to-image predictor for `docker run`.
 FROM base AS predictor
+# A C and C++ toolchain at run time: the first time a compiled block runs on a GPU, Triton
+# builds its CUDA driver module and kernel launchers with a C compiler (against Python's
+# headers, which the python image has), and TorchInductor's CPU kernels are C++. Without
+# one, --compile auto (the default) leaves the blocks uncompiled. The packages are those of
+# the base image's Debian release, hence unpinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 # The driver libraries the NVIDIA container toolkit mounts; the GPU device plugin sets
 # NVIDIA_VISIBLE_DEVICES per container, so the image does not.
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \

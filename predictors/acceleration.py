@@ -16,10 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,8 +82,8 @@ class Acceleration:
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
     text_padding: str = "split"
-    # auto: on for CUDA only (1.26x at 1328x1328 and 1.19x for edit on an H100, exact to bf16
-    # noise, docs/performance.md), at the cost of compiling at start.
+    # auto: on for CUDA where Triton can build (1.26x at 1328x1328 and 1.19x for edit on an
+    # H100, exact to bf16 noise, docs/performance.md), at the cost of compiling at start.
     compile: str = "auto"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"
@@ -101,15 +104,19 @@ class Acceleration:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, not {value!r}")
 
     def compiles(self, device: torch.device) -> bool:
-        """Whether the transformer blocks are compiled on ``device``."""
-        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+        """Whether the transformer blocks are compiled on ``device``: ``auto`` compiles on
+        CUDA where Triton has what it builds with (``missing_triton_build_tools``)."""
+        if self.compile == "auto":
+            return device.type == "cuda" and missing_triton_build_tools() is None
+        return self.compile == "on"
 
 
 def check(acceleration: Acceleration, device: torch.device) -> None:
     """Refuse, before any weights load, the modes this machine cannot run on ``device``: an
     attention backend that mis-handles Qwen's masks or is not installed, FP8 without a
-    capable GPU or torchao, compilation without a writable compiler cache. (A LoRA is only
-    known to load once it has.)"""
+    capable GPU or torchao, compilation on a GPU without Triton's build tools (``auto``
+    then runs uncompiled) or without a writable compiler cache. (A LoRA is only known to
+    load once it has.)"""
     check_attention(acceleration.attention, masks=acceleration.text_padding == "mask")
     if acceleration.text_padding == "split" and (
         acceleration.attention.masked != AttentionBackends().masked
@@ -120,6 +127,8 @@ def check(acceleration: Acceleration, device: torch.device) -> None:
         )
     if acceleration.quantization == "fp8":
         check_fp8(device)
+    if acceleration.compile != "off" and device.type == "cuda":
+        check_triton_build_tools(acceleration.compile)
     if acceleration.compiles(device):
         check_compile_caches()
 
@@ -140,6 +149,37 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
         # The cache hooks decide on the host whether to skip blocks: a graph break.
         fullgraph = acceleration.cache == "none"
         pipeline.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+
+
+def missing_triton_build_tools() -> str | None:
+    """What Triton lacks here to build the CUDA driver module and kernel launchers it compiles
+    the first time a compiled block runs, or None: a C compiler (``$CC``, gcc or clang, as
+    Triton looks for one) and Python's headers."""
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler (gcc, clang or $CC)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return f"no Python headers ({headers})"
+    return None
+
+
+def check_triton_build_tools(compile_choice: str) -> None:
+    """Refuse ``--compile on`` on a GPU where Triton cannot build; ``auto`` runs the blocks
+    uncompiled there, and says so."""
+    missing = missing_triton_build_tools()
+    if missing is None:
+        return
+    if compile_choice == "on":
+        raise AccelerationError(
+            f"--compile on needs a C compiler and Python's headers on a GPU (Triton builds its "
+            f"kernel launchers with them), and this machine has {missing}: install gcc, or "
+            "use --compile off"
+        )
+    logger.warning(
+        "--compile auto: the blocks run uncompiled, slower, because Triton cannot build here "
+        "(%s); install gcc to compile them, or set --compile off to silence this",
+        missing,
+    )
 
 
 def check_compile_caches() -> None:

@@ -2,8 +2,9 @@
 
 hadolint lints it; the rest parses it: the two targets exist and run as a fixed non-root
 UID, every COPY source exists and survives .dockerignore, dependencies are installed before
-the source is copied, nothing secret is baked in, and every console script the Dockerfile
-or the Helm chart runs is declared in pyproject.toml.
+the source is copied, nothing secret is baked in, the predictor image has the C compiler
+Triton needs, and every console script the Dockerfile or the Helm chart runs is declared in
+pyproject.toml.
 """
 
 from __future__ import annotations
@@ -195,6 +196,16 @@ def test_predictor_image_installs_the_predictor_extra_and_adapter_none() -> None
     )
     assert "requirements-torch.txt" in predictor_runs
     assert "requirements-predictor.txt" in predictor_runs
+
+
+def test_predictor_image_has_the_compiler_triton_builds_with() -> None:
+    """Triton compiles its CUDA driver module and kernel launchers with a C compiler when a
+    compiled block first runs; python:*-slim has none, and --compile auto (the default)
+    would then leave a GPU's blocks uncompiled."""
+    runs = [
+        arguments for keyword, arguments in stages()["predictor"].instructions if keyword == "RUN"
+    ]
+    assert any(re.search(r"apt-get install .*\b(gcc|g\+\+)(\s|$)", run) for run in runs), runs
 
 
 def test_requirement_lists_put_torch_alone_and_fp8_in_the_predictor(tmp_path: Path) -> None:

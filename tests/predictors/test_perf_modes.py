@@ -14,9 +14,9 @@ from diffusers.hooks import HookRegistry
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from predictors import attention
+from predictors import acceleration, attention
 from predictors import model as model_module
-from predictors.acceleration import AccelerationError
+from predictors.acceleration import Acceleration, AccelerationError
 from predictors.denoise import Job, generate
 from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
@@ -182,6 +182,36 @@ def test_an_unwritable_compiler_cache_stops_the_start_before_the_weights_load(
         serve(QwenImageGenerationModel, argv)
     assert exit_info.value.code == 2
     assert f"--compile needs a writable compiler cache, and {not_a_directory}" in caplog.text
+
+
+@pytest.fixture
+def no_c_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A machine without gcc, clang or $CC, as a python:*-slim image is."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_compile_on_a_gpu_without_a_c_compiler_is_refused_and_auto_runs_uncompiled(
+    no_c_compiler, caplog
+):
+    """Triton builds its kernel launchers with a C compiler the first time a compiled block
+    runs on a GPU. Without one, ``--compile on`` is refused before the weights load (not at
+    the warm-up), and ``auto``, the default, runs the blocks uncompiled and says why."""
+    gpu = torch.device("cuda")  # only inspected: no GPU is needed
+    assert acceleration.missing_triton_build_tools() == "no C compiler (gcc, clang or $CC)"
+    with pytest.raises(AccelerationError, match="--compile on needs a C compiler"):
+        acceleration.check(Acceleration(compile="on"), gpu)
+    caplog.set_level(logging.WARNING)
+    acceleration.check(Acceleration(compile="auto"), gpu)
+    assert "--compile auto: the blocks run uncompiled" in caplog.text
+    assert not Acceleration(compile="auto").compiles(gpu)
+    assert Acceleration(compile="on").compiles(torch.device("cpu"))  # Inductor's C++, not Triton
+
+
+def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
+    assert acceleration.missing_triton_build_tools() is None  # gcc and Python's headers here
+    assert Acceleration(compile="auto").compiles(torch.device("cuda"))
+    assert not Acceleration(compile="auto").compiles(torch.device("cpu"))
 
 
 def test_fp8_on_a_cpu_exits_with_a_clear_error_before_the_weights_load(
