@@ -315,6 +315,24 @@ def warmup_batches(
     return batches
 
 
+def compile_by_warming_up(
+    pipeline: DiffusionPipeline, batches: Iterable[list[Job]], acceleration: Acceleration
+) -> None:
+    """Compile the blocks by running ``batches`` (``warm_up``). With ``--compile auto`` a
+    failure (Inductor, Triton, GPU memory) is logged and the blocks run uncompiled from then
+    on: the predictor serves, slower, rather than not at all. With ``on`` it is raised."""
+    try:
+        warm_up(pipeline, batches, acceleration.attention)
+    except Exception:
+        if acceleration.compile != "auto":
+            raise
+        logger.exception(
+            "--compile auto: compiling the transformer blocks failed, so they run uncompiled "
+            "(slower); set --compile off to skip compiling, or on to stop here instead"
+        )
+        torch.compiler.set_stance("force_eager")
+
+
 def warm_up(
     pipeline: DiffusionPipeline, batches: Iterable[list[Job]], attention: AttentionBackends
 ) -> float:

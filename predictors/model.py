@@ -74,7 +74,8 @@ class QwenImageModel(Model):
 
         Raises ``ModelLocationError`` or ``AccelerationError``. With a step-distilled LoRA,
         requests that name no steps or CFG scale get the LoRA's (8 steps, no CFG). With
-        compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes.
+        compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes (with
+        ``auto``, a failure to compile leaves them uncompiled).
         """
         modes = self.options.acceleration
         acceleration.check(modes, self.device)
@@ -94,7 +95,7 @@ class QwenImageModel(Model):
                 true_cfg_scale=LIGHTNING.true_cfg_scale,
             )
         if modes.compiles(self.device):
-            acceleration.warm_up(self.pipeline, self.warmup_batches(), modes.attention)
+            acceleration.compile_by_warming_up(self.pipeline, self.warmup_batches(), modes)
         logger.info("Model %s ready in %.1f s", self.name, time.perf_counter() - started)
         self.ready = True
         return self.ready

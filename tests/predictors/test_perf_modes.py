@@ -208,6 +208,41 @@ def test_compile_on_a_gpu_without_a_c_compiler_is_refused_and_auto_runs_uncompil
     assert Acceleration(compile="on").compiles(torch.device("cpu"))  # Inductor's C++, not Triton
 
 
+@pytest.fixture
+def compiler_stance_restored() -> Iterator[None]:
+    yield
+    torch.compiler.set_stance("default")
+
+
+def test_compile_auto_serves_uncompiled_when_compiling_fails_at_load(
+    tiny_cache_env, monkeypatch, caplog, compiler_stance_restored
+):
+    """A compile that fails at load (on a GPU: Inductor, Triton, memory) leaves ``--compile
+    auto``'s blocks uncompiled, logged: the predictor loads and serves, slower. Here dynamo
+    is told to fail on the warm-up's first recompile."""
+    monkeypatch.setattr(Acceleration, "compiles", lambda self, device: True)  # as on a GPU
+    caplog.set_level(logging.ERROR)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model = load_model(tiny_cache_env)  # --compile auto, the default
+        assert "--compile auto: compiling the transformer blocks failed" in caplog.text
+        assert "RecompileError" in caplog.text
+        job = Job("a red cube on a wooden table", " ", (3,), 64, 64, 2, 4.0)
+        graphs = counters["stats"]["unique_graphs"]
+        (image,) = generate(model.pipeline, [job], output_type="np")
+        assert counters["stats"]["unique_graphs"] == graphs, "nothing compiles any more"
+    eager = load_model(tiny_cache_env, "--compile", "off")
+    (expected,) = generate(eager.pipeline, [job], output_type="np")
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_compile_on_stops_the_start_when_compiling_fails_at_load(tiny_cache_env):
+    torch._dynamo.reset()
+    failing = torch._dynamo.config.patch(error_on_recompile=True)
+    with failing, pytest.raises(torch._dynamo.exc.RecompileError):
+        load_model(tiny_cache_env, "--compile", "on")
+
+
 def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
     assert acceleration.missing_triton_build_tools() is None  # gcc and Python's headers here
     assert Acceleration(compile="auto").compiles(torch.device("cuda"))
