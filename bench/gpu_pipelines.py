@@ -596,7 +596,8 @@ class Bench:
         self.args = args
         self.device = device
         self.dtype = dtype
-        self.scratch = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
+        self._scratch = tempfile.TemporaryDirectory(prefix="qwen-bench-")
+        self.scratch = Path(self._scratch.name)  # the tokenizer, image processor and LoRA
         started = time.perf_counter()
         if args.smoke:
             self.generation, self.edit = build_smoke_pipelines(self.scratch)
@@ -623,6 +624,10 @@ class Bench:
         )
         self.baselines: dict[str, np.ndarray] = {}
         self.results = Results(environment=environment(device, self.build_seconds))
+
+    def close(self) -> None:
+        """Remove the scratch directory."""
+        self._scratch.cleanup()
 
     def pipeline(self, case: Case):
         return self.edit if case.edit else self.generation
@@ -1063,7 +1068,10 @@ def main(argv: list[str] | None = None) -> Results:
         "| PSNR dB | note |\n|---|---|---|---|---|---|---|---|---|---|",
         flush=True,
     )
-    results = bench.run(plan)
+    try:
+        results = bench.run(plan)
+    finally:
+        bench.close()
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str))
     return results
