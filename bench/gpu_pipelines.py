@@ -7,8 +7,9 @@ transformer and VAE configs, Qwen2.5-VL-7B-Instruct's published config for the t
 encoder, the offline byte-level tokenizer of ``predictors.tiny``). A step's compute does not
 depend on the weights' values, so the timings are real; the images are noise.
 
-Per case and mode: seconds per image (median), seconds per step, peak GPU memory, and the
-difference from the baseline's image on the same seed. Compiled modes first run the
+Per case and mode: seconds per image (median), seconds per step, the seconds before the
+loop and after it, peak GPU memory, and the difference from the baseline's image on the same
+seed. Compiled modes first run the
 predictor's load-time warm-up at the case's size (``acceleration.warmup_batches``): its
 seconds, and how many graphs the case's own runs compiled after it (0: none stalled). Per
 case: the bf16 compute floor of a step (FLOPs from the model config / the matmul rate
@@ -214,6 +215,8 @@ class Row:
     steps: int
     seconds_per_image: float | None = None
     seconds_per_step: float | None = None
+    before_loop_seconds: float | None = None  # see StepTimer.around_loop
+    after_loop_seconds: float | None = None
     first_run_seconds: float | None = None
     peak_memory_gib: float | None = None
     max_abs_diff: float | None = None
@@ -312,30 +315,52 @@ def zero_lora(transformer: torch.nn.Module, path: Path, rank: int = 16) -> Path:
 
 class StepTimer:
     """Marks the end of each step without synchronising: CUDA events on a GPU, the clock on
-    a CPU. Usable as ``denoise.generate``'s ``on_step_end`` and as a diffusers callback."""
+    a CPU. Usable as ``denoise.generate``'s ``on_step_end`` and as a diffusers callback.
+    ``start`` and ``stop``, around the whole call, also time the work before the loop and
+    after it."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.started: Any = None
+        self.stopped: Any = None
 
-    def mark(self, *args: Any) -> dict:
+    def now(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
+            return event
+        return time.perf_counter()
+
+    def between(self, first: Any, last: Any) -> float:
+        if self.cuda:
+            last.synchronize()
+            return first.elapsed_time(last) / 1000
+        return last - first
+
+    def start(self) -> None:
+        self.started = self.now()
+
+    def stop(self) -> None:
+        self.stopped = self.now()
+
+    def mark(self, *args: Any) -> dict:
+        self.marks.append(self.now())
         return {}
 
     def seconds_per_step(self) -> float:
         if len(self.marks) < 2:
             return math.nan
-        if self.cuda:
-            self.marks[-1].synchronize()
-            total = self.marks[0].elapsed_time(self.marks[-1]) / 1000
-        else:
-            total = self.marks[-1] - self.marks[0]
-        return total / (len(self.marks) - 1)
+        return self.between(self.marks[0], self.marks[-1]) / (len(self.marks) - 1)
+
+    def around_loop(self) -> tuple[float, float]:
+        """Seconds before the loop (from ``start`` to the first step's end, less a step:
+        encoding, noise, schedule, and what the first step costs more than the others) and
+        after it (from the last step's end to ``stop``: decoding, the image to the host)."""
+        if not self.marks or self.started is None or self.stopped is None:
+            return math.nan, math.nan
+        before = self.between(self.started, self.marks[0]) - self.seconds_per_step()
+        return before, self.between(self.marks[-1], self.stopped)
 
 
 def compile_with_cuda_graphs(transformer: torch.nn.Module) -> RemovableHandle:
@@ -381,13 +406,26 @@ def compare(image: np.ndarray, reference: np.ndarray | None) -> tuple[float | No
     return float(diff.max()), (math.inf if mse == 0 else 10 * math.log10(1 / mse))
 
 
+@dataclass
+class Measurement:
+    """What ``measure`` saw: the timed runs' seconds, and medians over them."""
+
+    seconds: list[float]
+    seconds_per_step: float
+    first_run_seconds: float
+    peak_memory_gib: float | None
+    output: np.ndarray
+    before_loop_seconds: float
+    after_loop_seconds: float
+
+
 def measure(
     call: Callable[[StepTimer], np.ndarray],
     device: torch.device,
     warmup: int,
     repeats: int,
-) -> tuple[list[float], float, float, float | None, np.ndarray]:
-    """Seconds per run, seconds per step (median), first run's seconds, peak GiB, output."""
+) -> Measurement:
+    """Run ``call`` ``warmup`` times untimed, then ``repeats`` times timed."""
     first = None
     for _ in range(warmup):
         synchronize(device)
@@ -397,19 +435,29 @@ def measure(
         first = first if first is not None else time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, steps, output = [], [], None
+    seconds, timers, output = [], [], None
     for _ in range(repeats):
         timer = StepTimer(device)
         synchronize(device)
         started = time.perf_counter()
+        timer.start()
         result = call(timer)
+        timer.stop()
         synchronize(device)
         seconds.append(time.perf_counter() - started)
-        steps.append(timer.seconds_per_step())
+        timers.append(timer)
         output = result if output is None else output
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    first = first if first is not None else seconds[0]
-    return seconds, statistics.median(steps), first, peak, output
+    around = [timer.around_loop() for timer in timers]
+    return Measurement(
+        seconds=seconds,
+        seconds_per_step=statistics.median(timer.seconds_per_step() for timer in timers),
+        first_run_seconds=first if first is not None else seconds[0],
+        peak_memory_gib=peak,
+        output=output,
+        before_loop_seconds=statistics.median(before for before, _ in around),
+        after_loop_seconds=statistics.median(after for _, after in around),
+    )
 
 
 def compiled_graphs() -> int:
@@ -772,20 +820,20 @@ class Bench:
             return self.call(case, mode, job, timer.mark)
 
         # Compiled modes compiled the case's shapes in the warm-up before (``warm_up``).
-        seconds, per_step, first, peak, output = measure(
-            call, self.device, self.args.warmup, self.args.repeats
-        )
+        measured = measure(call, self.device, self.args.warmup, self.args.repeats)
         if not mode.engine:
-            self.baselines[case.name] = output
-        diff, psnr = compare(output, self.baselines.get(case.name))
+            self.baselines[case.name] = measured.output
+        diff, psnr = compare(measured.output, self.baselines.get(case.name))
         row = Row(
             case=case.name,
             mode=mode.name,
             steps=job.num_inference_steps,
-            seconds_per_image=statistics.median(seconds) / job.num_images,
-            seconds_per_step=per_step,
-            first_run_seconds=first,
-            peak_memory_gib=peak,
+            seconds_per_image=statistics.median(measured.seconds) / job.num_images,
+            seconds_per_step=measured.seconds_per_step,
+            before_loop_seconds=measured.before_loop_seconds,
+            after_loop_seconds=measured.after_loop_seconds,
+            first_run_seconds=measured.first_run_seconds,
+            peak_memory_gib=measured.peak_memory_gib,
             max_abs_diff=diff,
             psnr_db=psnr,
             note="" if mode.exact else "outputs change by design",
@@ -904,15 +952,16 @@ class Bench:
             return np.concatenate(outputs)
 
         if size not in self.original_service and not self.applied:
-            seconds, _, _, _, _ = measure(original_service, self.device, self.args.warmup, 1)
-            self.original_service[size] = seconds[0] / len(jobs)
+            original = measure(original_service, self.device, self.args.warmup, 1)
+            self.original_service[size] = original.seconds[0] / len(jobs)
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
-        turn_seconds, alone_step, _, _, turn_output = measure(in_turn, self.device, warmup, 1)
-        batch_seconds, batch_step, _, peak, batch_output = measure(batched, self.device, warmup, 1)
-        diff, psnr = compare(batch_output, turn_output)
+        turn = measure(in_turn, self.device, warmup, 1)
+        batch = measure(batched, self.device, warmup, 1)
+        diff, psnr = compare(batch.output, turn.output)
         self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs[0])
         count, steps = len(jobs), self.args.steps
-        turn_image, batch_image = turn_seconds[0] / count, batch_seconds[0] / count
+        turn_image, batch_image = turn.seconds[0] / count, batch.seconds[0] / count
+        alone_step, batch_step = turn.seconds_per_step, batch.seconds_per_step
         original = self.original_service.get(size)
         original_note = (
             "original service not measured (the pipeline was no longer plain)"
@@ -926,7 +975,7 @@ class Bench:
             steps=steps,
             seconds_per_image=batch_image,
             seconds_per_step=batch_step,
-            peak_memory_gib=peak,
+            peak_memory_gib=batch.peak_memory_gib,
             max_abs_diff=diff,
             psnr_db=psnr,
             note=(
@@ -983,7 +1032,8 @@ def print_row(row: Row) -> None:
 
     print(
         f"| {row.case} | {row.mode} | {row.steps} | {fmt(row.seconds_per_image)} | "
-        f"{fmt(row.seconds_per_step, 4)} | {fmt(row.first_run_seconds, 1)} | "
+        f"{fmt(row.seconds_per_step, 4)} | {fmt(row.before_loop_seconds)} | "
+        f"{fmt(row.after_loop_seconds)} | {fmt(row.first_run_seconds, 1)} | "
         f"{fmt(row.peak_memory_gib, 1)} | {fmt(row.max_abs_diff, 5)} | {fmt(row.psnr_db, 1)} | "
         f"{row.note} |",
         flush=True,
@@ -1064,8 +1114,8 @@ def main(argv: list[str] | None = None) -> Results:
         device, dtype = torch.device("cuda"), torch.bfloat16
     bench = Bench(args, device, dtype)
     print(
-        "| case | mode | steps | s/image | s/step | first run s | peak GiB | max abs diff "
-        "| PSNR dB | note |\n|---|---|---|---|---|---|---|---|---|---|",
+        "| case | mode | steps | s/image | s/step | before loop s | after loop s | first run s "
+        "| peak GiB | max abs diff | PSNR dB | note |\n" + "|---" * 12 + "|",
         flush=True,
     )
     try:

@@ -13,6 +13,7 @@ import threading
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from predictors import contract
@@ -125,6 +126,15 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert rows[(case, "baseline")]["seconds_per_image"] > 0
         assert rows[(case, "engine")]["max_abs_diff"] < 1e-5  # batched CFG = two passes
         assert rows[(case, "lightning")]["steps"] == 8
+        for mode in ("baseline", "engine", "lightning"):  # the call = before + loop + after
+            row = rows[(case, mode)]
+            parts = (
+                row["before_loop_seconds"]
+                + row["steps"] * row["seconds_per_step"]
+                + row["after_loop_seconds"]
+            )
+            assert row["after_loop_seconds"] > 0
+            assert parts == pytest.approx(row["seconds_per_image"], rel=0.05, abs=0.005), row
         assert rows[(case, "engine+compile")]["max_abs_diff"] < 1e-4  # compiled on the CPU
         # compiled anew with CUDA graphs asked for (on a CPU Inductor declines to capture)
         assert rows[(case, "engine+compile+graphs")]["max_abs_diff"] < 1e-4
