@@ -659,7 +659,7 @@ class Bench:
         synchronize(device)
         self.build_seconds = time.perf_counter() - started
         self.schedulers = {"qwen": self.generation.scheduler}
-        self.applied: set[str] = set()
+        self.applied: set[str] = set()  # "lightning", "fp8": applied for good
         self.compiled_with_graphs: bool | None = None  # None: the blocks are not compiled
         self.step_marker: RemovableHandle | None = None  # the +graphs modes' hook
         self.lightning_later = False
@@ -951,7 +951,8 @@ class Bench:
             ]
             return np.concatenate(outputs)
 
-        if size not in self.original_service and not self.applied:
+        plain = not self.applied and self.compiled_with_graphs is None
+        if size not in self.original_service and plain:
             original = measure(original_service, self.device, self.args.warmup, 1)
             self.original_service[size] = original.seconds[0] / len(jobs)
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
