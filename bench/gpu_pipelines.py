@@ -4,8 +4,10 @@ service) against this project's engine (``predictors.denoise``) and speed modes
 
 No weights are downloaded: the pipelines are full size with random bf16 weights (the real
 transformer and VAE configs, Qwen2.5-VL-7B-Instruct's published config for the text
-encoder, the offline byte-level tokenizer of ``predictors.tiny``). A step's compute does not
-depend on the weights' values, so the timings are real; the images are noise.
+encoder, an offline tokenizer from ``predictors.tiny`` that learnt the words of the harness's
+prompts and the pipelines' prompt templates, so texts are about as long as Qwen's tokenizer
+makes them). A step's compute does not depend on the weights' values, so the timings are
+real; the images are noise.
 
 Per case and mode: seconds per image (median), seconds per step, the seconds before the
 loop and after it, peak GPU memory, and the difference from the baseline's image on the same
@@ -45,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -79,7 +81,7 @@ from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import AttentionBackends, Job, condition, decode, generate
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
-# The special token ids are set from the byte-level tokenizer at build time.
+# The special token ids are set from the offline tokenizer at build time.
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "text_config": {
         "vocab_size": 152064,
@@ -262,12 +264,25 @@ def text_encoder_config(tokenizer) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(**{**TEXT_ENCODER_CONFIG, "text_config": text, **ids})
 
 
+def tokenizer_texts() -> list[str]:
+    """The harness's prompts as the pipelines wrap them in their prompt templates (read from
+    pipelines built without components), for the tokenizer to learn their words."""
+    empty = dict(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    templates = (
+        QwenImagePipeline(**empty).prompt_template_encode,
+        QwenImageEditPipeline(processor=None, **empty).prompt_template_encode,
+    )
+    prompts = (PROMPT, NEGATIVE_PROMPT, EDIT_PROMPT, *BATCH_PROMPTS)
+    return [template.format(prompt) for template in templates for prompt in prompts]
+
+
 def build_full_pipelines(
-    device: torch.device, scratch: Path
+    device: torch.device, scratch: Path, words_from: Sequence[str]
 ) -> tuple[QwenImagePipeline, QwenImageEditPipeline]:
     """Full-size pipelines with random bf16 weights, built on the device (one set of weights,
-    shared by both pipelines: Qwen-Image-Edit has Qwen-Image's architecture)."""
-    tokenizer = tiny.build_tokenizer(scratch / "tokenizer")
+    shared by both pipelines: Qwen-Image-Edit has Qwen-Image's architecture). The tokenizer
+    learns the words of ``words_from`` (``tiny.build_tokenizer``)."""
+    tokenizer = tiny.build_tokenizer(scratch / "tokenizer", words_from)
     with torch.device(device), default_dtype(torch.bfloat16):
         components = {
             "scheduler": FlowMatchEulerDiscreteScheduler(**tiny.QWEN_IMAGE_SCHEDULER_CONFIG),
@@ -289,9 +304,11 @@ def build_full_pipelines(
     return QwenImagePipeline(**components), QwenImageEditPipeline(processor=processor, **components)
 
 
-def build_smoke_pipelines(scratch: Path) -> tuple[QwenImagePipeline, QwenImageEditPipeline]:
+def build_smoke_pipelines(
+    scratch: Path, words_from: Sequence[str]
+) -> tuple[QwenImagePipeline, QwenImageEditPipeline]:
     """The tiny offline pipelines of ``predictors.tiny`` in float32, sharing their weights."""
-    edit = tiny.build_tiny_pipeline("edit", scratch)
+    edit = tiny.build_tiny_pipeline("edit", scratch, words_from)
     shared = {name: part for name, part in edit.components.items() if name != "processor"}
     return QwenImagePipeline(**shared), edit
 
@@ -647,10 +664,11 @@ class Bench:
         self._scratch = tempfile.TemporaryDirectory(prefix="qwen-bench-")
         self.scratch = Path(self._scratch.name)  # the tokenizer, image processor and LoRA
         started = time.perf_counter()
+        words = tokenizer_texts() if args.tokenizer == "words" else ()
         if args.smoke:
-            self.generation, self.edit = build_smoke_pipelines(self.scratch)
+            self.generation, self.edit = build_smoke_pipelines(self.scratch, words)
         else:
-            self.generation, self.edit = build_full_pipelines(device, self.scratch)
+            self.generation, self.edit = build_full_pipelines(device, self.scratch, words)
         for pipeline in (self.generation, self.edit):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
@@ -1087,6 +1105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="after each case and mode, profile one step: device time by kind of kernel",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        choices=("words", "bytes"),
+        default="words",
+        help="'words': the tokenizer knows the prompts' words, so texts are about as long as "
+        "Qwen's tokenizer makes them; 'bytes': a token per byte, as in runs 1 to 6",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)

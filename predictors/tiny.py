@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,9 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 from transformers import (
     AutoImageProcessor,
     ProcessorMixin,
@@ -111,14 +115,54 @@ def _byte_level_alphabet() -> list[str]:
     return sorted(chr(c) for c in printable + extra)
 
 
-def build_tokenizer(directory: Path) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer (no merges) with Qwen's special tokens."""
+def build_tokenizer(directory: Path, words_from: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with Qwen's special tokens and pre-tokenizer. Without
+    ``words_from`` it has no merges: about a token per byte. With texts, it has BPE merges
+    learnt from them, which make each of their words (and spaces, punctuation) one token, as
+    Qwen's own tokenizer does with common words: those texts come out about as long as Qwen
+    makes them."""
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {symbol: index for index, symbol in enumerate(_byte_level_alphabet())}
+    _write_tokenizer(directory, _byte_level_alphabet(), [])
+    tokenizer = Qwen2Tokenizer.from_pretrained(directory)
+    if not words_from:
+        return tokenizer
+    symbols, merges = _learn_merges(tokenizer.backend_tokenizer.pre_tokenizer, words_from)
+    _write_tokenizer(directory, symbols, merges)
+    return Qwen2Tokenizer.from_pretrained(directory)
+
+
+def _learn_merges(pre_tokenizer, texts: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The byte-level alphabet plus every token BPE learns from ``texts`` (to one token per
+    pre-tokenized word), and its merges in rank order."""
+    learner = Tokenizer(BPE())
+    learner.pre_tokenizer = pre_tokenizer
+    learner.train_from_iterator(
+        texts,
+        BpeTrainer(
+            vocab_size=1_000_000,  # merge until no pair repeats: whole words
+            initial_alphabet=_byte_level_alphabet(),
+            special_tokens=list(SPECIAL_TOKENS),  # kept whole, added at the end as always
+            show_progress=False,
+        ),
+    )
+    merges = [tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
+    symbols = _byte_level_alphabet()
+    known = set(symbols)
+    for left, right in merges:
+        if left + right not in known:
+            symbols.append(left + right)
+            known.add(left + right)
+    return symbols, merges
+
+
+def _write_tokenizer(directory: Path, symbols: list[str], merges: list[tuple[str, str]]) -> None:
+    """vocab.json (``symbols``, then the special tokens), merges.txt, tokenizer_config.json."""
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
+    lines = "".join(f"{left} {right}\n" for left, right in merges)
+    (directory / "merges.txt").write_text("#version: 0.2\n" + lines)
     special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -137,7 +181,6 @@ def build_tokenizer(directory: Path) -> Qwen2Tokenizer:
         "split_special_tokens": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return Qwen2Tokenizer.from_pretrained(directory)
 
 
 def build_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
@@ -219,10 +262,13 @@ def build_processor(tokenizer: Qwen2Tokenizer, scratch: Path) -> ImageOnlyQwen2V
     return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_tiny_pipeline(kind: TinyKind, scratch: Path) -> QwenImagePipeline | QwenImageEditPipeline:
-    """A complete tiny pipeline of ``kind`` with seeded random weights."""
+def build_tiny_pipeline(
+    kind: TinyKind, scratch: Path, words_from: Sequence[str] = ()
+) -> QwenImagePipeline | QwenImageEditPipeline:
+    """A complete tiny pipeline of ``kind`` with seeded random weights (``words_from``: see
+    ``build_tokenizer``)."""
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(scratch / "tokenizer")
+    tokenizer = build_tokenizer(scratch / "tokenizer", words_from)
     components = {
         "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG),
         "vae": build_vae(),

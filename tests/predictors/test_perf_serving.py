@@ -151,6 +151,10 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
     assert "original service in turn" in rows[("batch8-64x64", "engine")]["note"]
     assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
+    floors = {floor["case"]: floor for floor in results["floors"]}
+    # the tokenizer knows the prompts' words: " " is 6 tokens, as with Qwen's (301 bytes-wise)
+    prompt_tokens, negative_tokens = floors["64x64"]["text_tokens"]
+    assert negative_tokens == 6 and prompt_tokens < 60
     assert all(floor["floor_seconds_per_step"] > 0 for floor in results["floors"])
     native = {e["padding"]: e for e in results["attention"] if e["backend"] == "native"}
     assert all("ms" in native[padding] for padding in ("none", "mask", "split")), native

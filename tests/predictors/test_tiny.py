@@ -8,7 +8,7 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
 from predictors.loading import load_pipeline, resolve_location
-from predictors.tiny import tiny_pipeline_dir
+from predictors.tiny import build_tokenizer, tiny_pipeline_dir
 
 
 def test_tiny_pipelines_are_built_once_and_reused(tmp_path):
@@ -41,3 +41,28 @@ def test_tiny_generation_pipeline_runs(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 32)
+
+
+def test_a_tokenizer_that_learnt_the_words_splits_a_prompt_as_qwen_does(tmp_path):
+    """The benchmark's tokenizer learns its prompts' words, so that texts are as long as with
+    Qwen's own tokenizer: Qwen-Image drops the first 34 tokens of its template (the system
+    text and the user turn's start), and here those are exactly the template's, so the
+    transformer sees the prompt's words and the 5 tokens that close the template."""
+    empty = dict(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    pipeline = QwenImagePipeline(**empty)
+    template, dropped = pipeline.prompt_template_encode, pipeline.prompt_template_encode_start_idx
+    prompt = "A red cube, on a wooden table"
+    tokenizer = build_tokenizer(tmp_path / "words", words_from=[template.format(prompt)])
+    tokens = tokenizer.tokenize(template.format(prompt))
+    assert tokens[dropped - 3 : dropped] == ["<|im_start|>", "user", "Ċ"]
+    assert tokens[dropped:] == [
+        *("A", "Ġred", "Ġcube", ",", "Ġon", "Ġa", "Ġwooden", "Ġtable"),
+        *("<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"),
+    ]
+    ids = tokenizer(template.format(prompt))["input_ids"]
+    assert tokenizer.decode(ids) == template.format(prompt)
+    # Words it never saw still encode, in pieces; without words learnt, a token per byte.
+    unseen = "zebra quilt"
+    assert tokenizer.decode(tokenizer(unseen)["input_ids"]) == unseen
+    assert len(tokenizer.tokenize(unseen)) > 2
+    assert len(build_tokenizer(tmp_path / "bytes").tokenize(prompt)) == len(prompt)
