@@ -47,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -191,12 +191,19 @@ MODES = (
     Mode("baseline", engine=False),
     Mode("engine", batching=True),
     Mode("engine+first_block_cache", cache=True, exact=False),
-    Mode("lightning", lightning=True, exact=False),
+    Mode("lightning", lightning=True, exact=False, batching=True),
     Mode("engine+compile", compile=True, batching=True),
     Mode("engine+compile+graphs", compile=True, graphs=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
     Mode("fp8+compile", compile=True, fp8=True, exact=False),
-    Mode("lightning+fp8+compile", compile=True, lightning=True, fp8=True, exact=False),
+    Mode(
+        "lightning+fp8+compile",
+        compile=True,
+        lightning=True,
+        fp8=True,
+        exact=False,
+        batching=True,
+    ),
     Mode(
         "lightning+fp8+compile+graphs",
         compile=True,
@@ -683,7 +690,8 @@ class Bench:
         self.lightning_later = False
         self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
         self.batching_done: set[str] = set()  # modes whose batching case ran
-        self.original_service: dict[int, float] = {}  # size: s/image, pipe(...) in turn
+        # s/image of pipe(...) per request in turn, by the batch's size, steps and CFG
+        self.original_service: dict[Hashable, float] = {}
         self.parts_done: set[tuple] = set()  # (size, edit, CFG) whose parts were timed
         self.attention = AttentionBackends(
             masked=args.masked_attention_backend, unmasked=args.attention_backend
@@ -929,14 +937,15 @@ class Bench:
         return result
 
     def run_batching(self, size: int, mode: Mode) -> Row:
-        """Eight requests of different prompts: in turn, then as one batch. Besides the
-        totals, the step time of the first request alone and of the batch, which tell the
-        denoising loop's share from the per-image work around it (encoding, decoding). Once
-        per size, while the pipeline is still plain: the original service's sequential
-        serving, a plain pipeline call per request in turn."""
+        """Eight requests of different prompts, with ``mode``'s steps and CFG: in turn, then
+        as one batch. Besides the totals, the step time of the first request alone and of
+        the batch, which tell the denoising loop's share from the per-image work around it
+        (encoding, decoding). Once per size, while the pipeline is still plain: the original
+        service's sequential serving, a plain pipeline call per request in turn."""
+        like = self.job(Case(f"{size}x{size}", size, size), mode)
         jobs = [
-            Job(prompt, NEGATIVE_PROMPT, (SEED + i,), size, size, self.args.steps, TRUE_CFG_SCALE)
-            for i, prompt in enumerate(BATCH_PROMPTS)
+            replace(like, prompt=prompt, seeds=(SEED + index,))
+            for index, prompt in enumerate(BATCH_PROMPTS)
         ]
 
         def in_turn(timer: StepTimer) -> np.ndarray:
@@ -970,18 +979,18 @@ class Bench:
             return np.concatenate(outputs)
 
         plain = not self.applied and self.compiled_with_graphs is None
-        if size not in self.original_service and plain:
+        if like.batch_key not in self.original_service and plain:
             original = measure(original_service, self.device, self.args.warmup, 1)
-            self.original_service[size] = original.seconds[0] / len(jobs)
+            self.original_service[like.batch_key] = original.seconds[0] / len(jobs)
         warmup = max(self.args.warmup, 1 if mode.compile else 0)
         turn = measure(in_turn, self.device, warmup, 1)
         batch = measure(batched, self.device, warmup, 1)
         diff, psnr = compare(batch.output, turn.output)
         self.time_parts(f"batch{len(jobs)}-{size}x{size}", jobs[0])
-        count, steps = len(jobs), self.args.steps
+        count, steps = len(jobs), like.num_inference_steps
         turn_image, batch_image = turn.seconds[0] / count, batch.seconds[0] / count
         alone_step, batch_step = turn.seconds_per_step, batch.seconds_per_step
-        original = self.original_service.get(size)
+        original = self.original_service.get(like.batch_key)
         original_note = (
             "original service not measured (the pipeline was no longer plain)"
             if original is None

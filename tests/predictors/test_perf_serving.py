@@ -149,6 +149,9 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert graphs["graphs_in_warmup"] > 0 and graphs["graphs_after_warmup"] == 0
         assert graphs["cudagraph_skips"] > 0 and graphs["cudagraph_recorded_non_static_inputs"] == 0
     assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
+    lightning_batch = rows[("batch8-64x64", "lightning")]  # its own steps, no CFG
+    assert lightning_batch["steps"] == 8 and lightning_batch["max_abs_diff"] < 1e-5
+    assert "original service not measured" in lightning_batch["note"]
     assert "original service in turn" in rows[("batch8-64x64", "engine")]["note"]
     assert {floor["case"] for floor in results["floors"]} == {"64x64", "edit-64x64"}
     floors = {floor["case"]: floor for floor in results["floors"]}
