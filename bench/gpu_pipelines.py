@@ -11,12 +11,11 @@ real; the images are noise.
 
 Per case and mode: seconds per image (median), seconds per step, the seconds before the
 loop and after it, peak GPU memory, and the difference from the baseline's image on the same
-seed. Compiled modes first run the
-predictor's load-time warm-up at the case's size (``acceleration.warmup_batches``): its
-seconds, and how many graphs the case's own runs compiled after it (0: none stalled). Per
-case: the bf16 compute floor of a step (FLOPs from the model config / the matmul rate
-measured here). Then the throughput of 8 requests as one batch against 8 in turn, and an
-attention-backend sweep at the cases' shapes.
+seed. Compiled modes first run the predictor's load-time warm-up at the case's size
+(``acceleration.warmup_batches``): its seconds, and how many graphs the case's own runs
+compiled after it (0: none stalled). Per case: the bf16 compute floor of a step (FLOPs from
+the model config / the matmul rate measured here). Then the throughput of 8 requests as one
+batch against 8 in turn, and an attention-backend sweep at the cases' shapes.
 With ``--profile``, each case and mode also gets a profile of one step (device time in
 matrix products, attention and the rest) and the time of the work around the loop (prompt
 encoding, VAE decoding).
@@ -940,8 +939,9 @@ class Bench:
         """Eight requests of different prompts, with ``mode``'s steps and CFG: in turn, then
         as one batch. Besides the totals, the step time of the first request alone and of
         the batch, which tell the denoising loop's share from the per-image work around it
-        (encoding, decoding). Once per size, while the pipeline is still plain: the original
-        service's sequential serving, a plain pipeline call per request in turn."""
+        (encoding, decoding). Once per size, steps and CFG, while the pipeline is still plain:
+        the original service's sequential serving, a plain pipeline call per request in
+        turn."""
         like = self.job(Case(f"{size}x{size}", size, size), mode)
         jobs = [
             replace(like, prompt=prompt, seeds=(SEED + index,))

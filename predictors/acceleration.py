@@ -262,8 +262,8 @@ def check_fp8(device: torch.device) -> None:
 
 def quantize_fp8(transformer: torch.nn.Module) -> None:
     """FP8 weights and dynamically scaled FP8 activations (per row) for the linear layers of
-    the transformer blocks, through torchao. Needs a GPU of compute capability >= 8.9."""
-    check_fp8(next(transformer.parameters()).device)
+    the transformer blocks, through torchao (``check_fp8`` first: a GPU of compute capability
+    >= 8.9 and torchao)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(
