@@ -178,8 +178,7 @@ class Mode:
     engine: bool = True  # False: the plain diffusers pipeline call
     cache: bool = False
     compile: bool = False
-    graphs: bool = False  # CUDA graphs: an experiment, not a predictor mode (see
-    # ``compile_with_cuda_graphs``)
+    graphs: bool = False  # the predictor's --cuda_graphs on (experimental)
     lightning: bool = False  # 8 steps, no CFG, Lightning scheduler, a fused LoRA
     fp8: bool = False
     exact: bool = True  # same outputs as the baseline up to bf16 noise
@@ -384,22 +383,6 @@ class StepTimer:
             return math.nan, math.nan
         before = self.between(self.started, self.marks[0]) - self.seconds_per_step()
         return before, self.between(self.marks[-1], self.stopped)
-
-
-def compile_with_cuda_graphs(transformer: torch.nn.Module) -> RemovableHandle:
-    """The ``+graphs`` modes' experiment: the blocks compiled as ``acceleration.apply``
-    compiles them, each block's kernels then replayed as CUDA graphs (Inductor's CUDA graph
-    trees), to cut the time between kernels (14 ms of a Lightning + FP8 step on the H100,
-    ``docs/performance.md``). Inductor's graph partitioning splits each block around the
-    attention op (tagged ``cudagraph_unsafe``), which runs between the block's two graphs.
-    Each transformer forward is marked as a new step: otherwise each block's call would
-    start one and free the outputs of the block before. Returns the marking hook's handle."""
-    transformer.compile_repeated_blocks(
-        fullgraph=True, options={"triton.cudagraphs": True, "graph_partition": True}
-    )
-    return transformer.register_forward_pre_hook(
-        lambda *_: torch.compiler.cudagraph_mark_step_begin()
-    )
 
 
 def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
@@ -754,19 +737,26 @@ class Bench:
         self.generation.scheduler = self.edit.scheduler = scheduler
 
     def compile(self, cuda_graphs: bool) -> None:
-        """Compile the blocks as the predictor does, or with CUDA graphs (an experiment,
-        ``compile_with_cuda_graphs``). Switching between the two starts dynamo afresh."""
+        """Compile the blocks as the predictor does, with or without CUDA graphs
+        (``acceleration.compile_blocks``). Switching between the two starts dynamo afresh."""
         if self.compiled_with_graphs is not None:
             torch._dynamo.reset()
         if self.step_marker is not None:
             self.step_marker.remove()
-            self.step_marker = None
-        if cuda_graphs:
-            self.step_marker = compile_with_cuda_graphs(self.generation.transformer)
-        else:
-            modes = Acceleration(compile="on", text_padding=self.args.text_padding)
-            acceleration.apply(self.generation, modes)
+        self.step_marker = acceleration.compile_blocks(
+            self.generation.transformer, cuda_graphs=cuda_graphs
+        )
         self.compiled_with_graphs = cuda_graphs
+
+    def settings(self, mode: Mode) -> Acceleration:
+        """The predictor's settings for how ``mode`` runs the engine: attention, text padding
+        and, for the ``+graphs`` modes, CUDA graphs (whose texts are padded to buckets)."""
+        return Acceleration(
+            attention=self.attention,
+            text_padding=self.args.text_padding,
+            compile="on" if mode.compile else "off",
+            cuda_graphs="on" if mode.graphs else "off",
+        )
 
     def run(self, plan: list[tuple[list[Case], list[Mode]]]) -> Results:
         """Run each (cases, modes) group of ``plan`` in turn, on the same pipelines."""
@@ -819,7 +809,12 @@ class Bench:
         pipeline = self.pipeline(case)
         if mode.engine:
             return generate(
-                pipeline, [job], attention=self.attention, output_type="np", on_step_end=on_step_end
+                pipeline,
+                [job],
+                attention=self.attention,
+                output_type="np",
+                on_step_end=on_step_end,
+                text_bucket=self.settings(mode).text_bucket,
             )[0]
         return run_baseline(pipeline, job, on_step_end)
 
@@ -830,7 +825,7 @@ class Bench:
             [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
         )
         graphs = compiled_graphs()
-        seconds = acceleration.warm_up(self.pipeline(case), batches, self.attention)
+        seconds = acceleration.warm_up(self.pipeline(case), batches, self.settings(mode))
         return {
             "case": case.name,
             "mode": mode.name,

@@ -2,7 +2,8 @@
 
 - attention backends for masked and mask-free batches, and padding-free attention for texts
   of different lengths (exact);
-- regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise);
+- regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
+  optionally replayed as CUDA graphs (an experiment: not yet measured on a GPU);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
 - FP8 weights and activations through torchao (fast mode: changes the outputs slightly);
@@ -30,6 +31,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.attention_dispatch import attention_backend
 from PIL import Image
+from torch.utils.hooks import RemovableHandle
 
 from predictors import attention as padding_free
 from predictors.denoise import AttentionBackends, Job, generate
@@ -51,6 +53,12 @@ QUANTIZATIONS = ("none", "fp8")
 # FasterCache do not); the value builds diffusers' config from the threshold.
 CACHES = {"none": None, "first_block": lambda threshold: FirstBlockCacheConfig(threshold=threshold)}
 COMPILE_CHOICES = ("auto", "on", "off")
+CUDA_GRAPHS_CHOICES = ("off", "on")
+# With CUDA graphs, a batch's texts are zero-padded to a multiple of this many tokens. Each
+# shape the compiled blocks see is recorded once, so buckets keep the recordings few: 8 text
+# lengths up to Qwen-Image's 512 tokens, where exact lengths would record one per length.
+# Padding is exact with split attention, which attends each text's real tokens only.
+CUDA_GRAPH_TEXT_BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class Acceleration:
     # auto: on for CUDA where Triton can build (1.26x at 1328x1328 and 1.19x for edit on an
     # H100, exact to bf16 noise, docs/performance.md), at the cost of compiling at start.
     compile: str = "auto"
+    # Replay each compiled block's kernels as CUDA graphs (Inductor's CUDA graph trees):
+    # fewer kernel launches per step. Not yet measured on a GPU (docs/performance.md).
+    cuda_graphs: str = "off"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"
     cache: str = "none"
@@ -96,6 +107,7 @@ class Acceleration:
     def __post_init__(self) -> None:
         for name, value, known in (
             ("compile", self.compile, COMPILE_CHOICES),
+            ("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS_CHOICES),
             ("text_padding", self.text_padding, TEXT_PADDINGS),
             ("quantization", self.quantization, QUANTIZATIONS),
             ("cache", self.cache, tuple(CACHES)),
@@ -110,13 +122,18 @@ class Acceleration:
             return device.type == "cuda" and missing_triton_build_tools() is None
         return self.compile == "on"
 
+    @property
+    def text_bucket(self) -> int:
+        """Texts are zero-padded to a multiple of this many tokens (1: to the longest)."""
+        return CUDA_GRAPH_TEXT_BUCKET if self.cuda_graphs == "on" else 1
+
 
 def check(acceleration: Acceleration, device: torch.device) -> None:
     """Refuse, before any weights load, the modes this machine cannot run on ``device``: an
     attention backend that mis-handles Qwen's masks or is not installed, FP8 without a
     capable GPU or torchao, compilation on a GPU without Triton's build tools (``auto``
-    then runs uncompiled) or without a writable compiler cache. (A LoRA is only known to
-    load once it has.)"""
+    then runs uncompiled) or without a writable compiler cache, CUDA graphs where they cannot
+    apply (``check_cuda_graphs``). (A LoRA is only known to load once it has.)"""
     check_attention(acceleration.attention, masks=acceleration.text_padding == "mask")
     if acceleration.text_padding == "split" and (
         acceleration.attention.masked != AttentionBackends().masked
@@ -131,6 +148,8 @@ def check(acceleration: Acceleration, device: torch.device) -> None:
         check_triton_build_tools(acceleration.compile)
     if acceleration.compiles(device):
         check_compile_caches()
+    if acceleration.cuda_graphs == "on":
+        check_cuda_graphs(acceleration, device)
 
 
 def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
@@ -148,7 +167,30 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
     if acceleration.compiles(pipeline.transformer.device):
         # The cache hooks decide on the host whether to skip blocks: a graph break.
         fullgraph = acceleration.cache == "none"
-        pipeline.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+        compile_blocks(pipeline.transformer, fullgraph, acceleration.cuda_graphs == "on")
+
+
+def compile_blocks(
+    transformer: torch.nn.Module, fullgraph: bool = True, cuda_graphs: bool = False
+) -> RemovableHandle | None:
+    """Compile the transformer's repeated blocks (``compile_repeated_blocks``).
+
+    With ``cuda_graphs``, Inductor's CUDA graph trees record each block's kernels at the
+    second call of each shape and replay them after. Graph partitioning splits each block
+    around the attention op, which must run outside (tagged ``cudagraph_unsafe``: it reads
+    the text lengths on the host). A forward pre-hook starts a new CUDA graph step with each
+    transformer call; without it each block's call would start one and free the outputs of
+    the block before. Returns that hook's handle (None without CUDA graphs).
+    """
+    if not cuda_graphs:
+        transformer.compile_repeated_blocks(fullgraph=fullgraph)
+        return None
+    transformer.compile_repeated_blocks(
+        fullgraph=fullgraph, options={"triton.cudagraphs": True, "graph_partition": True}
+    )
+    return transformer.register_forward_pre_hook(
+        lambda *_: torch.compiler.cudagraph_mark_step_begin()
+    )
 
 
 def missing_triton_build_tools() -> str | None:
@@ -180,6 +222,23 @@ def check_triton_build_tools(compile_choice: str) -> None:
         "(%s); install gcc to compile them, or set --compile off to silence this",
         missing,
     )
+
+
+def check_cuda_graphs(acceleration: Acceleration, device: torch.device) -> None:
+    """Refuse CUDA graphs where they cannot apply: off CUDA, without compiled blocks (they
+    replay what compiling made), with the padding mask (the text buckets need split
+    attention to stay exact) or with the step cache (it decides on the host)."""
+    if device.type != "cuda":
+        problem = f"a CUDA GPU; the model is on {device}"
+    elif not acceleration.compiles(device):
+        problem = "compiled blocks (--compile on, or auto where Triton can build)"
+    elif acceleration.text_padding != "split":
+        problem = "--text_padding split"
+    elif acceleration.cache != "none":
+        problem = "no step cache (--cache none)"
+    else:
+        return
+    raise AccelerationError(f"--cuda_graphs on needs {problem}, or use --cuda_graphs off")
 
 
 def check_compile_caches() -> None:
@@ -283,6 +342,10 @@ def is_block_projection(module: torch.nn.Module, name: str) -> bool:
     )
 
 
+# About 12 tokens for Qwen's tokenizer; the warm-up repeats it 8 times.
+LONGER_WARMUP_PROMPT = "a red cube on a wooden table in the morning light,"
+
+
 def warmup_batches(
     sizes: Iterable[tuple[int, int]],
     negative_prompt: str | None,
@@ -291,8 +354,10 @@ def warmup_batches(
 ) -> list[list[Job]]:
     """Short runs per ``(width, height)`` after which other text lengths and batch sizes
     compile nothing new: a single request, a batch of two, and a single request with another
-    text length (a batch of one compiles apart from larger ones). ``with_image`` (edit):
-    also an input image of another aspect ratio, which changes the condition's token count.
+    text length (a batch of one compiles apart from larger ones; the longer prompt is over
+    ``CUDA_GRAPH_TEXT_BUCKET`` tokens, so padded to buckets the lengths still differ).
+    ``with_image`` (edit): also an input image of another aspect ratio, which changes the
+    condition's token count. Two steps each: CUDA graphs record a shape at its second call.
     """
     batches = []
     for width, height in sizes:
@@ -307,7 +372,7 @@ def warmup_batches(
             true_cfg_scale=true_cfg_scale,
             image=image,
         )
-        longer = replace(short, prompt="a red cube on a wooden table in the morning light")
+        longer = replace(short, prompt=" ".join([LONGER_WARMUP_PROMPT] * 8))
         batches += [[short], [longer, short], [longer]]
         if with_image:
             other_aspect = Image.new("RGB", (width, height * 3 // 4), "gray")
@@ -322,7 +387,7 @@ def compile_by_warming_up(
     failure (Inductor, Triton, GPU memory) is logged and the blocks run uncompiled from then
     on: the predictor serves, slower, rather than not at all. With ``on`` it is raised."""
     try:
-        warm_up(pipeline, batches, acceleration.attention)
+        warm_up(pipeline, batches, acceleration)
     except Exception:
         if acceleration.compile != "auto":
             raise
@@ -334,12 +399,18 @@ def compile_by_warming_up(
 
 
 def warm_up(
-    pipeline: DiffusionPipeline, batches: Iterable[list[Job]], attention: AttentionBackends
+    pipeline: DiffusionPipeline, batches: Iterable[list[Job]], acceleration: Acceleration
 ) -> float:
-    """Run each batch once (compiling what the batches' shapes need); the seconds it took."""
+    """Run each batch once as ``acceleration`` runs requests (compiling, and recording CUDA
+    graphs for, what the batches' shapes need); the seconds it took."""
     started = time.perf_counter()
     for jobs in batches:
-        generate(pipeline, jobs, attention=attention)
+        generate(
+            pipeline,
+            jobs,
+            attention=acceleration.attention,
+            text_bucket=acceleration.text_bucket,
+        )
     seconds = time.perf_counter() - started
     logger.info("Warm-up done in %.1f s", seconds)
     return seconds

@@ -125,11 +125,14 @@ def generate(
     attention: AttentionBackends | None = None,
     output_type: str = "pil",
     on_step_end: StepCallback | None = None,
+    text_bucket: int = 1,
 ) -> list[list[Image.Image] | np.ndarray]:
     """Denoise every image of ``jobs`` in one batch; the images (or arrays) of each job.
 
     All jobs must share a ``batch_key``. ``output_type`` is the pipeline's: ``pil``, ``np``
     or ``latent``. ``on_step_end(i)`` is called after step ``i`` is queued on the device.
+    ``text_bucket``: the texts are zero-padded to a multiple of this many tokens, so that
+    the transformer sees few distinct shapes (for CUDA graphs); the padding is masked out.
     """
     if len({job.batch_key for job in jobs}) != 1:
         raise ValueError("the jobs of one batch must share size, steps, CFG and condition size")
@@ -155,7 +158,7 @@ def generate(
         texts = [c.text for c in per_image]
         if first.do_true_cfg:
             texts += [c.negative_text for c in per_image]
-        text, text_mask = pad_text(texts)
+        text, text_mask = pad_text(texts, text_bucket)
         attention_kwargs = None
         if padding_free.installed(transformer):
             # The lengths replace the mask. A CPU tensor: the attention op reads it on the host.
@@ -212,15 +215,19 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return combined * (cond_norm / combined_norm)
 
 
-def pad_text(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack ``[len, dim]`` embeddings, zero-padded to the longest, with a boolean mask of
-    the real tokens; ``None`` when nothing was padded (diffusers drops all-true masks too)."""
+def pad_text(
+    texts: Sequence[torch.Tensor], multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack ``[len, dim]`` embeddings, zero-padded to the longest rounded up to a
+    ``multiple`` of tokens, with a boolean mask of the real tokens; ``None`` when nothing was
+    padded (diffusers drops all-true masks too)."""
     longest = max(text.shape[0] for text in texts)
-    padded = torch.stack([F.pad(text, (0, 0, 0, longest - text.shape[0])) for text in texts])
-    if all(text.shape[0] == longest for text in texts):
+    padded_length = -(-longest // multiple) * multiple
+    padded = torch.stack([F.pad(text, (0, 0, 0, padded_length - text.shape[0])) for text in texts])
+    if all(text.shape[0] == padded_length for text in texts):
         return padded, None
     lengths = torch.tensor([text.shape[0] for text in texts], device=padded.device)
-    mask = torch.arange(longest, device=padded.device)[None, :] < lengths[:, None]
+    mask = torch.arange(padded_length, device=padded.device)[None, :] < lengths[:, None]
     return padded, mask
 
 

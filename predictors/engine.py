@@ -32,6 +32,7 @@ class Batchable(Protocol):
 
 JobT = TypeVar("JobT", bound=Batchable)
 ResultT = TypeVar("ResultT")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class _Waiting(Generic[JobT]):
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
+@dataclass
+class _Call:
+    function: Callable[[], object]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
 class PipelineRunner(Generic[JobT, ResultT]):
     """One worker thread per GPU: pipeline calls never overlap and never block the event loop.
 
@@ -101,6 +108,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self.capacity = self.policy.max_batch_size + max_queue_size
         self._pending = 0
         self._waiting: deque[_Waiting[JobT]] = deque()
+        self._calls: deque[_Call] = deque()
         self._condition = threading.Condition()
         self._closed = False
         self._depth = QUEUE_DEPTH.labels(model_name=model_name)
@@ -135,6 +143,16 @@ class PipelineRunner(Generic[JobT, ResultT]):
             self._condition.notify()
         return await asyncio.wrap_future(waiting.future)
 
+    def call(self, function: Callable[[], T]) -> T:
+        """Run ``function`` on the worker thread, before any waiting batch, and return what
+        it returns (or raise what it raises): for work that must run where the pipeline
+        calls run, such as the load-time warm-up, which records CUDA graphs (per thread)."""
+        call = _Call(function)
+        with self._condition:
+            self._calls.append(call)
+            self._condition.notify()
+        return call.future.result()
+
     def shutdown(self) -> None:
         """Finish the queued work, then stop the worker thread."""
         with self._condition:
@@ -147,18 +165,27 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._depth.set(self._pending)
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            started = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        while (work := self._next_work()) is not None:
+            if isinstance(work, _Call):
+                try:
+                    work.future.set_result(work.function())
+                except BaseException as exc:
+                    work.future.set_exception(exc)
+                continue
+            started = [item for item in work if item.future.set_running_or_notify_cancel()]
             if started:
                 self._execute(started)
 
-    def _next_batch(self) -> list[_Waiting[JobT]] | None:
-        """The next batch once it is full or its oldest request has waited long enough."""
+    def _next_work(self) -> _Call | list[_Waiting[JobT]] | None:
+        """The next call, else the next batch once it is full or its oldest request has
+        waited long enough; None once closed with nothing left."""
         wait_s = self.policy.batch_wait_ms / 1000
         with self._condition:
             while True:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._calls and not self._closed:
                     self._condition.wait()
+                if self._calls:
+                    return self._calls.popleft()
                 if not self._waiting:
                     return None
                 batch = self._select()

@@ -75,7 +75,7 @@ class QwenImageModel(Model):
         Raises ``ModelLocationError`` or ``AccelerationError``. With a step-distilled LoRA,
         requests that name no steps or CFG scale get the LoRA's (8 steps, no CFG). With
         compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes (with
-        ``auto``, a failure to compile leaves them uncompiled).
+        ``auto``, a failure to compile leaves them uncompiled), on the worker thread.
         """
         modes = self.options.acceleration
         acceleration.check(modes, self.device)
@@ -95,7 +95,11 @@ class QwenImageModel(Model):
                 true_cfg_scale=LIGHTNING.true_cfg_scale,
             )
         if modes.compiles(self.device):
-            acceleration.compile_by_warming_up(self.pipeline, self.warmup_batches(), modes)
+            # On the worker thread, where requests run: CUDA graphs are recorded per thread.
+            batches = self.warmup_batches()
+            self.runner.call(
+                lambda: acceleration.compile_by_warming_up(self.pipeline, batches, modes)
+            )
         logger.info("Model %s ready in %.1f s", self.name, time.perf_counter() - started)
         self.ready = True
         return self.ready
@@ -240,6 +244,7 @@ class QwenImageModel(Model):
             jobs,
             attention=self.options.acceleration.attention,
             on_step_end=log_step if logger.isEnabledFor(logging.DEBUG) else None,
+            text_bucket=self.options.acceleration.text_bucket,
         )
 
     def respond(

@@ -130,6 +130,14 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         ),
         ("--compile", "QWEN_COMPILE", str, "auto", "regional torch.compile: off, on, auto (CUDA)"),
         (
+            "--cuda_graphs",
+            "QWEN_CUDA_GRAPHS",
+            str,
+            "off",
+            "replay the compiled blocks as CUDA graphs: off, or on (experimental: needs "
+            "compilation on a GPU; not yet measured)",
+        ),
+        (
             "--warmup_sizes",
             "QWEN_WARMUP_SIZES",
             parse_sizes,
@@ -153,6 +161,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
     choices = {
         "--text_padding": acceleration.TEXT_PADDINGS,
         "--compile": acceleration.COMPILE_CHOICES,
+        "--cuda_graphs": acceleration.CUDA_GRAPHS_CHOICES,
         "--quantization": acceleration.QUANTIZATIONS,
         "--cache": tuple(acceleration.CACHES),
     }
@@ -191,6 +200,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
             ),
             text_padding=args.text_padding,
             compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
             warmup_sizes=args.warmup_sizes,
             quantization=args.quantization,
             cache=args.cache,

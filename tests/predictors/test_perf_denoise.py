@@ -143,6 +143,30 @@ def test_pad_text_masks_only_padding():
     assert pad_text([long, long])[1] is None
 
 
+def test_pad_text_rounds_up_to_a_multiple():
+    short, long = torch.ones(2, 4), torch.ones(5, 4)
+    padded, mask = pad_text([short, long], multiple=4)
+    assert padded.shape == (2, 8, 4)
+    assert padded[1, 5:].abs().sum() == 0
+    assert mask.sum(dim=1).tolist() == [2, 5]
+    assert pad_text([torch.ones(8, 4)] * 2, multiple=4)[1] is None  # already a multiple
+
+
+def test_text_buckets_keep_the_images(generation):
+    """CUDA graphs pad every text to a multiple of 64 tokens (``text_bucket``): with the
+    padding masked out, or skipped by split attention, the images stay the same."""
+    jobs = [
+        Job("a lighthouse on a cliff at dusk, oil painting", " ", (5,), 64, 64, 2, 4.0),
+        Job("a cat", " ", (9, 10), 64, 64, 2, 4.0),
+    ]
+    exact = generate(generation, jobs, output_type="np")
+    bucketed = generate(generation, jobs, output_type="np", text_bucket=64)
+    for expected, actual in zip(exact, bucketed, strict=True):
+        assert np.abs(actual - expected).max() < TOLERANCE
+    (no_cfg,) = generate(generation, [Job("a cat", None, (3,), 64, 64, 2, 4.0)], text_bucket=64)
+    assert len(no_cfg) == 1  # one text, padded on its own
+
+
 def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
     """``_native_flash`` refuses masks: with the padding split it must not see one."""
     job = Job("a red cube on a wooden table", " ", (7,), 64, 48, 2, 4.0)

@@ -126,3 +126,34 @@ def test_a_request_cancelled_while_waiting_never_runs():
     asyncio.run(scenario())
     runner.shutdown()
     assert pipeline.batches == [["a"]]
+
+
+def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
+    """What must run where the batches run (the load-time warm-up: CUDA graphs are recorded
+    per thread) goes before requests already waiting, and returns or raises to its caller."""
+    gate = threading.Event()
+    pipeline = FakePipeline(gate)
+    runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=1))
+    order: list[str] = []
+
+    def warm_up() -> str:
+        order.append(f"call after {len(pipeline.batches)} batches")
+        return threading.current_thread().name
+
+    async def scenario() -> tuple[list, str]:
+        requests = asyncio.gather(*(runner.run(FakeJob(name)) for name in "ab"))
+        await asyncio.sleep(0.05)  # "a" is running, held by the gate; "b" waits
+        call = asyncio.create_task(asyncio.to_thread(runner.call, warm_up))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await requests, await call
+
+    results, thread_name = asyncio.run(scenario())
+    with pytest.raises(ZeroDivisionError):
+        runner.call(lambda: 1 / 0)
+    assert runner.call(lambda: "still serving") == "still serving"
+    runner.shutdown()
+    assert results == ["done a", "done b"]
+    assert thread_name == "pipeline-m"
+    assert order == ["call after 1 batches"]  # after the running "a", before the waiting "b"
+    assert pipeline.batches == [["a"], ["b"]]

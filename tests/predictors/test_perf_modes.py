@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -214,33 +216,112 @@ def compiler_stance_restored() -> Iterator[None]:
     torch.compiler.set_stance("default")
 
 
+@pytest.fixture
+def warm_up_fails_on_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make dynamo fail the warm-up at its first recompile. The warm-up runs on the worker
+    thread, and dynamo's settings are per thread, so they are set there."""
+    warm_up = acceleration.warm_up
+
+    def failing_warm_up(*args):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            return warm_up(*args)
+
+    monkeypatch.setattr(acceleration, "warm_up", failing_warm_up)
+    torch._dynamo.reset()
+
+
 def test_compile_auto_serves_uncompiled_when_compiling_fails_at_load(
-    tiny_cache_env, monkeypatch, caplog, compiler_stance_restored
+    tiny_cache_env, monkeypatch, caplog, compiler_stance_restored, warm_up_fails_on_recompile
 ):
     """A compile that fails at load (on a GPU: Inductor, Triton, memory) leaves ``--compile
     auto``'s blocks uncompiled, logged: the predictor loads and serves, slower. Here dynamo
     is told to fail on the warm-up's first recompile."""
     monkeypatch.setattr(Acceleration, "compiles", lambda self, device: True)  # as on a GPU
     caplog.set_level(logging.ERROR)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        model = load_model(tiny_cache_env)  # --compile auto, the default
-        assert "--compile auto: compiling the transformer blocks failed" in caplog.text
-        assert "RecompileError" in caplog.text
-        job = Job("a red cube on a wooden table", " ", (3,), 64, 64, 2, 4.0)
-        graphs = counters["stats"]["unique_graphs"]
-        (image,) = generate(model.pipeline, [job], output_type="np")
-        assert counters["stats"]["unique_graphs"] == graphs, "nothing compiles any more"
+    model = load_model(tiny_cache_env)  # --compile auto, the default
+    assert "--compile auto: compiling the transformer blocks failed" in caplog.text
+    assert "RecompileError" in caplog.text
+    job = Job("a red cube on a wooden table", " ", (3,), 64, 64, 2, 4.0)
+    graphs = counters["stats"]["unique_graphs"]
+    (image,) = generate(model.pipeline, [job], output_type="np")
+    assert counters["stats"]["unique_graphs"] == graphs, "nothing compiles any more"
     eager = load_model(tiny_cache_env, "--compile", "off")
     (expected,) = generate(eager.pipeline, [job], output_type="np")
     np.testing.assert_array_equal(image, expected)
 
 
-def test_compile_on_stops_the_start_when_compiling_fails_at_load(tiny_cache_env):
-    torch._dynamo.reset()
-    failing = torch._dynamo.config.patch(error_on_recompile=True)
-    with failing, pytest.raises(torch._dynamo.exc.RecompileError):
+def test_compile_on_stops_the_start_when_compiling_fails_at_load(
+    tiny_cache_env, warm_up_fails_on_recompile
+):
+    with pytest.raises(torch._dynamo.exc.RecompileError):
         load_model(tiny_cache_env, "--compile", "on")
+
+
+def test_the_warm_up_runs_on_the_worker_thread(tiny_cache_env, monkeypatch):
+    """Where requests run: CUDA graphs record per thread, so a warm-up elsewhere would leave
+    the first requests to record again."""
+    threads = []
+    monkeypatch.setattr(
+        acceleration,
+        "compile_by_warming_up",
+        lambda *args: threads.append(threading.current_thread().name),
+    )
+    model = load_model(tiny_cache_env, "--compile", "on")
+    assert threads == [f"pipeline-{model.name}"]
+
+
+@pytest.mark.parametrize(
+    ("modes", "device", "problem"),
+    [
+        (Acceleration(cuda_graphs="on"), "cpu", "a CUDA GPU; the model is on cpu"),
+        (Acceleration(cuda_graphs="on", compile="off"), "cuda", "compiled blocks"),
+        (Acceleration(cuda_graphs="on", text_padding="mask"), "cuda", "--text_padding split"),
+        (Acceleration(cuda_graphs="on", cache="first_block"), "cuda", "no step cache"),
+    ],
+    ids=["cpu", "uncompiled", "mask", "cache"],
+)
+def test_cuda_graphs_are_refused_where_they_cannot_apply(modes, device, problem):
+    with pytest.raises(AccelerationError, match=f"--cuda_graphs on needs {re.escape(problem)}"):
+        acceleration.check(modes, torch.device(device))
+
+
+def test_cuda_graphs_on_a_gpu_pass_the_checks_and_pad_texts_to_buckets():
+    """Checked for a CUDA device without one: the checks only read the device's type (the
+    compiler and its cache are this machine's)."""
+    modes = Acceleration(cuda_graphs="on")
+    acceleration.check(modes, torch.device("cuda"))
+    assert modes.text_bucket == acceleration.CUDA_GRAPH_TEXT_BUCKET == 64
+    assert Acceleration().text_bucket == 1
+
+
+def test_cuda_graphs_on_a_cpu_exit_with_a_clear_error_before_the_weights_load(
+    tiny_cache_env, caplog, no_weights
+):
+    caplog.set_level(logging.ERROR)
+    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--cuda_graphs", "on"]
+    with pytest.raises(SystemExit) as exit_info:
+        serve(QwenImageGenerationModel, argv)
+    assert exit_info.value.code == 2
+    assert "--cuda_graphs on needs a CUDA GPU" in caplog.text
+
+
+def test_compile_blocks_with_cuda_graphs_marks_each_forward_as_a_step(tiny_cache_env, monkeypatch):
+    """The hook that starts a CUDA graph step per transformer call comes and goes with
+    ``compile_blocks`` (bench/gpu_pipelines.py --smoke runs the mode end to end; on a CPU
+    Inductor declines the graphs)."""
+    model = load_model(tiny_cache_env)
+    transformer = model.pipeline.transformer
+    assert acceleration.compile_blocks(transformer) is None
+    assert not transformer._forward_pre_hooks
+    marker = acceleration.compile_blocks(transformer, cuda_graphs=True)
+    for block in transformer.transformer_blocks:
+        block._compiled_call_impl = None  # the hook is what is tested: skip compiling
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    generate(model.pipeline, [Job("a cat", " ", (1,), 64, 64, 3, 4.0)], text_bucket=64)
+    assert len(steps) == 3  # one per step: batched CFG is one transformer call
+    marker.remove()
+    assert not transformer._forward_pre_hooks
 
 
 def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
@@ -282,8 +363,10 @@ def test_flags_read_their_environment_variables(monkeypatch):
     monkeypatch.setenv("QWEN_WARMUP_SIZES", "1328x1328,1664x928")
     monkeypatch.setenv("QWEN_CACHE", "first_block")
     monkeypatch.setenv("QWEN_TEXT_PADDING", "mask")
+    monkeypatch.setenv("QWEN_CUDA_GRAPHS", "on")
     options = options_from_args(build_parser(QwenImageGenerationModel).parse_args([]))
     assert options.acceleration.text_padding == "mask"
+    assert options.acceleration.cuda_graphs == "on"
     assert (options.batching.max_batch_size, options.batching.batch_wait_ms) == (8, 25.0)
     assert options.acceleration.warmup_sizes == ((1328, 1328), (1664, 928))
     assert options.acceleration.cache == "first_block"
