@@ -13,9 +13,11 @@ Per case and mode: seconds per image (median), seconds per step, the seconds bef
 loop and after it, peak GPU memory, and the difference from the baseline's image on the same
 seed. Compiled modes first run the predictor's load-time warm-up at the case's size
 (``acceleration.warmup_batches``): its seconds, and how many graphs the case's own runs
-compiled after it (0: none stalled). Per case: the bf16 compute floor of a step (FLOPs from
-the model config / the matmul rate measured here). Then the throughput of 8 requests as one
-batch against 8 in turn, and an attention-backend sweep at the cases' shapes.
+compiled after it (0: none stalled); with CUDA graphs, also Inductor's CUDA graph counters
+and what the first request of a new text length pays to record its shape. Per case: the
+bf16 compute floor of a step (FLOPs from the model config / the matmul rate measured here).
+Then the throughput of 8 requests as one batch against 8 in turn, and an attention-backend
+sweep at the cases' shapes.
 With ``--profile``, each case and mode also gets a profile of one step (device time in
 matrix products, attention and the rest) and the time of the work around the loop (prompt
 encoding, VAE decoding).
@@ -781,9 +783,10 @@ class Bench:
                     self.results.rows.append(self.run_case(case, mode))
                     if warmup is not None:
                         warmup["graphs_after_warmup"] = compiled_graphs() - graphs
-                        if mode.graphs:  # did CUDA graphs engage?
+                        if mode.graphs:  # did CUDA graphs engage, and what costs a new shape?
                             for name, count in cudagraph_counts().items():
                                 warmup[name] = count - cuda_graphs[name]
+                            warmup.update(self.new_shape_cost(case, mode))
                         self.results.warmups.append(warmup)
                         print(f"warmup {json.dumps(warmup)}", flush=True)
                     if self.args.profile:
@@ -831,6 +834,42 @@ class Bench:
             "mode": mode.name,
             "warmup_seconds": seconds,
             "graphs_in_warmup": compiled_graphs() - graphs,
+        }
+
+    def new_shape_cost(self, case: Case, mode: Mode) -> dict[str, Any]:
+        """With CUDA graphs: one request whose texts pad to a length that neither the warm-up
+        nor the case had (its prompt repeated), timed at its first call, which records the
+        new shape in its first two steps, and at its second, which replays it."""
+        pipeline, job = self.pipeline(case), self.job(case, mode)
+        bucket = self.settings(mode).text_bucket
+
+        def padded(jobs: Sequence[Job]) -> int:
+            longest = max(max(text_lengths(pipeline, each)) for each in jobs)
+            return -(-longest // bucket) * bucket
+
+        warmup = acceleration.warmup_batches(
+            [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
+        )
+        seen = {padded(batch) for batch in warmup} | {padded([job])}
+        for repeats in range(2, 13):
+            new = replace(job, prompt=" ".join([job.prompt] * repeats))
+            if (length := padded([new])) not in seen:
+                break
+        else:
+            return {"new_shape": "none found"}
+        graphs = compiled_graphs()
+        seconds = []
+        for _ in range(2):
+            synchronize(self.device)
+            started = time.perf_counter()
+            self.call(case, mode, new, lambda *_: {})
+            synchronize(self.device)
+            seconds.append(time.perf_counter() - started)
+        return {
+            "new_shape_text_tokens": length,
+            "new_shape_first_call_s": seconds[0],
+            "new_shape_second_call_s": seconds[1],
+            "graphs_in_new_shape": compiled_graphs() - graphs,
         }
 
     def run_case(self, case: Case, mode: Mode) -> Row:

@@ -148,6 +148,9 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         graphs = warmups[(case, "engine+compile+graphs")]
         assert graphs["graphs_in_warmup"] > 0 and graphs["graphs_after_warmup"] == 0
         assert graphs["cudagraph_skips"] > 0 and graphs["cudagraph_recorded_non_static_inputs"] == 0
+        # a request of texts no earlier call padded to: timed, and nothing compiles
+        assert graphs["new_shape_text_tokens"] % 64 == 0, graphs
+        assert graphs["new_shape_first_call_s"] > 0 and graphs["graphs_in_new_shape"] == 0
     assert rows[("batch8-64x64", "engine")]["max_abs_diff"] < 1e-5
     lightning_batch = rows[("batch8-64x64", "lightning")]  # its own steps, no CFG
     assert lightning_batch["steps"] == 8 and lightning_batch["max_abs_diff"] < 1e-5
