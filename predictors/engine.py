@@ -149,6 +149,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
         calls run, such as the load-time warm-up, which records CUDA graphs (per thread)."""
         call = _Call(function)
         with self._condition:
+            if self._closed:
+                raise RuntimeError(f"the pipeline runner of {self.model_name} is shut down")
             self._calls.append(call)
             self._condition.notify()
         return call.future.result()

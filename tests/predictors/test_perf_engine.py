@@ -140,11 +140,18 @@ def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
         order.append(f"call after {len(pipeline.batches)} batches")
         return threading.current_thread().name
 
+    async def until(condition) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
     async def scenario() -> tuple[list, str]:
         requests = asyncio.gather(*(runner.run(FakeJob(name)) for name in "ab"))
-        await asyncio.sleep(0.05)  # "a" is running, held by the gate; "b" waits
+        await until(lambda: runner.pending == 2 and len(runner._waiting) == 1)  # "a" runs
         call = asyncio.create_task(asyncio.to_thread(runner.call, warm_up))
-        await asyncio.sleep(0.05)
+        await until(lambda: len(runner._calls) == 1)
         gate.set()
         return await requests, await call
 
@@ -153,6 +160,8 @@ def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
         runner.call(lambda: 1 / 0)
     assert runner.call(lambda: "still serving") == "still serving"
     runner.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):  # rather than wait for ever
+        runner.call(warm_up)
     assert results == ["done a", "done b"]
     assert thread_name == "pipeline-m"
     assert order == ["call after 1 batches"]  # after the running "a", before the waiting "b"
