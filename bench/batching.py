@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common.append(f"--qwen_image_location={args.location}")
     results = []
     log_dir = Path(tempfile.mkdtemp(prefix="qwen-batching-"))
+    print(f"predictor logs: {log_dir}", file=sys.stderr, flush=True)
     for label, batch in (("sequential", 1), ("batched", args.clients)):
         with run_predictor(
             "predictors.generation", "qwen-image", log_dir, *common, f"--max_batch_size={batch}"
