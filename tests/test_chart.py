@@ -650,6 +650,16 @@ def test_fast_modes_reach_each_predictor() -> None:
     )
 
 
+def test_extra_env_reaches_the_predictor_as_documented() -> None:
+    """The experimental CUDA graphs mode has no chart value: docs/deployment.md sets it with
+    predictor.extraEnv, which the predictor's parser must then read."""
+    values = {"predictor": {"extraEnv": [{"name": "QWEN_CUDA_GRAPHS", "value": "on"}]}}
+    objs = render_values(values)
+    for name in (GENERATION, EDIT):
+        isvc = one(objs, "InferenceService", name)
+        assert predictor_options(isvc).acceleration.cuda_graphs == "on"
+
+
 def test_schema_offers_the_predictors_choices() -> None:
     """The schema's enums are the predictor's and the adapter's own lists, so neither drifts
     from the other."""
