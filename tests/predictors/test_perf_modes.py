@@ -294,17 +294,6 @@ def test_cuda_graphs_on_a_gpu_pass_the_checks_and_pad_texts_to_buckets():
     assert Acceleration().text_bucket == 1
 
 
-def test_cuda_graphs_on_a_cpu_exit_with_a_clear_error_before_the_weights_load(
-    tiny_cache_env, caplog, no_weights
-):
-    caplog.set_level(logging.ERROR)
-    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--cuda_graphs", "on"]
-    with pytest.raises(SystemExit) as exit_info:
-        serve(QwenImageGenerationModel, argv)
-    assert exit_info.value.code == 2
-    assert "--cuda_graphs on needs a CUDA GPU" in caplog.text
-
-
 def test_compile_blocks_with_cuda_graphs_marks_each_forward_as_a_step(tiny_cache_env, monkeypatch):
     """The hook that starts a CUDA graph step per transformer call comes and goes with
     ``compile_blocks`` (bench/gpu_pipelines.py --smoke runs the mode end to end; on a CPU
@@ -330,15 +319,26 @@ def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
     assert not Acceleration(compile="auto").compiles(torch.device("cpu"))
 
 
-def test_fp8_on_a_cpu_exits_with_a_clear_error_before_the_weights_load(
-    tiny_cache_env, caplog, no_weights
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--quantization", "fp8"],
+            "--quantization fp8 needs a CUDA GPU of compute capability 8.9",
+        ),
+        (["--cuda_graphs", "on"], "--cuda_graphs on needs a CUDA GPU"),
+    ],
+    ids=["fp8", "cuda_graphs"],
+)
+def test_gpu_modes_on_a_cpu_exit_with_a_clear_error_before_the_weights_load(
+    tiny_cache_env, caplog, no_weights, flags, message
 ):
     caplog.set_level(logging.ERROR)
-    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], "--quantization", "fp8"]
+    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], *flags]
     with pytest.raises(SystemExit) as exit_info:
         serve(QwenImageGenerationModel, argv)
     assert exit_info.value.code == 2
-    assert "--quantization fp8 needs a CUDA GPU of compute capability 8.9" in caplog.text
+    assert message in caplog.text
 
 
 def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(
