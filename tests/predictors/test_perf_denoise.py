@@ -167,6 +167,15 @@ def test_text_buckets_keep_the_images(generation):
     assert len(no_cfg) == 1  # one text, padded on its own
 
 
+def test_text_buckets_keep_the_edited_images(edit):
+    """The edit's texts carry the input image's vision tokens: padded the same way."""
+    pixels = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, image=Image.fromarray(pixels))
+    (exact,) = generate(edit, [job], output_type="np")
+    (bucketed,) = generate(edit, [job], output_type="np", text_bucket=64)
+    assert np.abs(bucketed - exact).max() < TOLERANCE
+
+
 def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
     """``_native_flash`` refuses masks: with the padding split it must not see one."""
     job = Job("a red cube on a wooden table", " ", (7,), 64, 48, 2, 4.0)
