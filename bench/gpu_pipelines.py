@@ -79,7 +79,14 @@ from bench.vae_single_frame import compare as compare_vae_paths
 from predictors import acceleration, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
-from predictors.denoise import AttentionBackends, Job, condition, decode, generate
+from predictors.denoise import (
+    AttentionBackends,
+    Job,
+    condition,
+    decode,
+    generate,
+    padded_text_length,
+)
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
 # The special token ids are set from the offline tokenizer at build time.
@@ -821,12 +828,17 @@ class Bench:
             )[0]
         return run_baseline(pipeline, job, on_step_end)
 
-    def warm_up(self, case: Case, mode: Mode) -> dict[str, Any]:
-        """The predictor's load-time warm-up at the case's size, as ``mode`` runs it."""
+    def warmup_batches(self, case: Case, mode: Mode) -> list[list[Job]]:
+        """The predictor's load-time warm-up batches at the case's size, with ``mode``'s
+        negative prompt and CFG."""
         job = self.job(case, mode)
-        batches = acceleration.warmup_batches(
+        return acceleration.warmup_batches(
             [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
         )
+
+    def warm_up(self, case: Case, mode: Mode) -> dict[str, Any]:
+        """The predictor's load-time warm-up at the case's size, as ``mode`` runs it."""
+        batches = self.warmup_batches(case, mode)
         graphs = compiled_graphs()
         seconds = acceleration.warm_up(self.pipeline(case), batches, self.settings(mode))
         return {
@@ -845,12 +857,9 @@ class Bench:
 
         def padded(jobs: Sequence[Job]) -> int:
             longest = max(max(text_lengths(pipeline, each)) for each in jobs)
-            return -(-longest // bucket) * bucket
+            return padded_text_length(longest, bucket)
 
-        warmup = acceleration.warmup_batches(
-            [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
-        )
-        seen = {padded(batch) for batch in warmup} | {padded([job])}
+        seen = {padded(batch) for batch in self.warmup_batches(case, mode)} | {padded([job])}
         for repeats in range(2, 13):
             new = replace(job, prompt=" ".join([job.prompt] * repeats))
             if (length := padded([new])) not in seen:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
@@ -79,15 +80,17 @@ def padded_joint_attention(
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend_name)
 
-    if min(lengths) == text_tokens:  # nothing padded: one call over the whole batch
-        attended = attend(query, key, value)
+    runs = text_runs(lengths)
+    if len(runs) == 1:  # one text length (padded or not): one call over the real tokens
+        real = slice(0, image_tokens + runs[0][2])
+        attended = attend(query[:, real], key[:, real], value[:, real])
         # For one sample the kernel's output starts with the image part, contiguous: kept as
-        # it is. The outputs may not share memory, so the text part is copied.
-        text = attended[:, image_tokens:].clone(memory_format=torch.contiguous_format)
+        # it is. The outputs may not share memory: the text part is a new tensor, padded.
+        text = F.pad(attended[:, image_tokens:], (0, 0, 0, 0, 0, text_tokens - runs[0][2]))
         return attended[:, :image_tokens].contiguous(), text
     image_out = query.new_empty(batch, image_tokens, heads, head_dim)
     text_out = query.new_empty(batch, text_tokens, heads, head_dim)
-    for start, stop, length in text_runs(lengths):
+    for start, stop, length in runs:
         rows, real = slice(start, stop), slice(0, image_tokens + length)
         attended = attend(query[rows, real], key[rows, real], value[rows, real])
         image_out[rows] = attended[:, :image_tokens]

@@ -221,14 +221,18 @@ def pad_text(
     """Stack ``[len, dim]`` embeddings, zero-padded to the longest rounded up to a
     ``multiple`` of tokens, with a boolean mask of the real tokens; ``None`` when nothing was
     padded (diffusers drops all-true masks too)."""
-    longest = max(text.shape[0] for text in texts)
-    padded_length = -(-longest // multiple) * multiple
+    padded_length = padded_text_length(max(text.shape[0] for text in texts), multiple)
     padded = torch.stack([F.pad(text, (0, 0, 0, padded_length - text.shape[0])) for text in texts])
     if all(text.shape[0] == padded_length for text in texts):
         return padded, None
     lengths = torch.tensor([text.shape[0] for text in texts], device=padded.device)
     mask = torch.arange(padded_length, device=padded.device)[None, :] < lengths[:, None]
     return padded, mask
+
+
+def padded_text_length(longest: int, multiple: int = 1) -> int:
+    """The length a batch's texts are padded to: the longest, rounded up to a multiple."""
+    return -(-longest // multiple) * multiple
 
 
 def decode(

@@ -221,6 +221,15 @@ def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
     # One sample, nothing padded: the image output is the start of the kernel's own output.
     one = [x[:1] for x in (query, key, value)]
     torch.library.opcheck(op, (*one, torch.tensor([padded]), image_tokens))
+    # One text length, padded (a text bucket): one call over the real tokens.
+    short = torch.tensor([2] * len(lengths))
+    image_out, text_out = op(query, key, value, short, image_tokens)
+    real = slice(0, image_tokens + 2)
+    q, k, v = (x[:, real].transpose(1, 2) for x in (query, key, value))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert torch.allclose(torch.cat([image_out, text_out[:, :2]], dim=1), expected, atol=1e-6)
+    assert text_out[:, 2:].abs().sum() == 0 and text_out.shape[1] == padded
+    torch.library.opcheck(op, (query, key, value, short, image_tokens))
     # Its kernels follow lengths read on the host: CUDA graphs must leave it out.
     registered = torch.ops.qwen_image_serve.padded_joint_attention.default
     assert torch.Tag.cudagraph_unsafe in registered.tags
