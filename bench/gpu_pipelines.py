@@ -12,10 +12,12 @@ real; the images are noise.
 Per case and mode: seconds per image (median), seconds per step, the seconds before the
 loop and after it, peak GPU memory, and the difference from the baseline's image on the same
 seed. Compiled modes first run the predictor's load-time warm-up at the case's size
-(``acceleration.warmup_batches``): its seconds, and how many graphs the case's own runs
-compiled after it (0: none stalled); with CUDA graphs, also Inductor's CUDA graph counters
-and what the first request of a new text length pays to record its shape. Per case: the
-bf16 compute floor of a step (FLOPs from the model config / the matmul rate measured here).
+(``acceleration.warmup_batches``; with ``--compile-warmup case``, the case's request alone,
+one compile where the predictor's warm-up makes two or three): its seconds, and how many
+graphs the case's own runs compiled after it (0: none stalled); with CUDA graphs, also
+Inductor's CUDA graph counters and what the first request of a new text length pays to
+record its shape. Per case: the bf16 compute floor of a step (FLOPs from the model config /
+the matmul rate measured here).
 Then the throughput of 8 requests as one batch against 8 in turn, and an attention-backend
 sweep at the cases' shapes.
 With ``--profile``, each case and mode also gets a profile of one step (device time in
@@ -806,13 +808,21 @@ class Bench:
                         self.results.rows.append(self.run_batching(size, mode))
                     self.batching_done.add(mode.name)
             except Exception as exc:  # one GPU call runs many modes: report and go on
-                traceback.print_exc()
-                note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                first_line = (str(exc).splitlines() or [""])[0]
+                note = f"failed: {type(exc).__name__}: {first_line[:160]}"
                 self.results.rows.append(Row("-", mode.name, 0, note=note))
-                print_row(self.results.rows[-1])
+                print_row(self.results.rows[-1])  # before the traceback: a cut log keeps it
+                traceback.print_exc()
+                sys.stderr.flush()
             finally:
                 if mode.cache:
                     self.generation.transformer.disable_cache()
+                self.save()  # so a run stopped at its time limit keeps what it measured
+
+    def save(self) -> None:
+        """Write the results so far to ``--json``, if given."""
+        if self.args.json:
+            self.args.json.write_text(json.dumps(asdict(self.results), indent=2, default=str))
 
     def call(self, case: Case, mode: Mode, job: Job, on_step_end: Callable[..., dict]):
         """One image of ``case`` as ``mode`` makes it; ``on_step_end`` marks each step."""
@@ -830,8 +840,10 @@ class Bench:
 
     def warmup_batches(self, case: Case, mode: Mode) -> list[list[Job]]:
         """The predictor's load-time warm-up batches at the case's size, with ``mode``'s
-        negative prompt and CFG."""
+        negative prompt and CFG; with ``--compile-warmup case``, the case's request alone."""
         job = self.job(case, mode)
+        if self.args.compile_warmup == "case":
+            return [[job]]
         return acceleration.warmup_batches(
             [(case.width, case.height)], job.negative_prompt, job.true_cfg_scale, case.edit
         )
@@ -844,6 +856,7 @@ class Bench:
         return {
             "case": case.name,
             "mode": mode.name,
+            "warmup": self.args.compile_warmup,
             "warmup_seconds": seconds,
             "graphs_in_warmup": compiled_graphs() - graphs,
         }
@@ -851,7 +864,10 @@ class Bench:
     def new_shape_cost(self, case: Case, mode: Mode) -> dict[str, Any]:
         """With CUDA graphs: one request whose texts pad to a length that neither the warm-up
         nor the case had (its prompt repeated), timed at its first call, which records the
-        new shape in its first two steps, and at its second, which replays it."""
+        new shape in its first two steps, and at its second, which replays it. Only after the
+        predictor's warm-up: after the case's alone, a new length would compile anew."""
+        if self.args.compile_warmup == "case":
+            return {"new_shape": "not measured: --compile-warmup case compiled one shape"}
         pipeline, job = self.pipeline(case), self.job(case, mode)
         bucket = self.settings(mode).text_bucket
 
@@ -1165,7 +1181,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'words': the tokenizer knows the prompts' words, so texts are about as long as "
         "Qwen's tokenizer makes them; 'bytes': a token per byte, as in runs 1 to 6",
     )
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--compile-warmup",
+        choices=("predictor", "case"),
+        default="predictor",
+        help="what compiled modes run before a case: 'predictor', the predictor's load-time "
+        "warm-up (its batch sizes and text lengths: what a deployment pays at start); 'case', "
+        "the case's request alone (one compile: for a run short of time)",
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write the results here (after each mode, and at the end)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.repeats, args.warmup = 2, 1, 0
@@ -1198,10 +1224,9 @@ def main(argv: list[str] | None = None) -> Results:
     )
     try:
         results = bench.run(plan)
+        bench.save()
     finally:
         bench.close()
-    if args.json:
-        args.json.write_text(json.dumps(asdict(results), indent=2, default=str))
     return results
 
 

@@ -180,6 +180,41 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert parts[name]["vae_encode_2d_max_diff"] < 1e-5
 
 
+def test_the_harness_can_warm_up_compiled_modes_on_the_case_alone(tmp_path):
+    """``--compile-warmup case``: one compile per case (the predictor's warm-up makes two,
+    for one and two requests), after which the case's runs compile nothing; a new text
+    length, which would compile, is not timed."""
+    results_path = tmp_path / "results.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_pipelines.py",
+            "--smoke",
+            "--runs",
+            "64x64=engine+compile,engine+compile+graphs",
+            "--batch-sizes",
+            "none",
+            "--compile-warmup",
+            "case",
+            "--json",
+            str(results_path),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(results_path.read_text())
+    for warmup in results["warmups"]:
+        assert warmup["warmup"] == "case"
+        assert warmup["graphs_in_warmup"] == 1 and warmup["graphs_after_warmup"] == 0
+    plain, graphs = results["warmups"]
+    assert "new_shape" not in plain and graphs["new_shape"].startswith("not measured")
+    assert [row["mode"] for row in results["rows"]] == ["engine+compile", "engine+compile+graphs"]
+    assert all(row["seconds_per_image"] > 0 for row in results["rows"])
+
+
 def test_a_filled_compiler_cache_serves_a_new_process():
     """bench/compile_cache.py end to end: a new process finds in the compiler cache (the
     chart's predictor.compileCache) the blocks an earlier one compiled."""
