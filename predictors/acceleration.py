@@ -90,7 +90,7 @@ class Acceleration:
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
     text_padding: str = "split"
-    # auto: on for CUDA where Triton can build (1.26x at 1328x1328 and 1.19x for edit on an
+    # auto: on for CUDA where Triton can build (1.29x at 1328x1328 and 1.19x for edit on an
     # H100, exact to bf16 noise, docs/performance.md), at the cost of compiling at start.
     compile: str = "auto"
     # Replay each compiled block's kernels as CUDA graphs (Inductor's CUDA graph trees):
