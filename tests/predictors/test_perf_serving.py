@@ -103,24 +103,22 @@ def test_chart_speed_settings_configure_a_real_predictor(
         assert batch_histogram(predictor.url) == (1.0, 2.0), "one batch of both requests"
 
 
-def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
+def run_harness_on_the_cpu(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``bench/gpu_pipelines.py --smoke`` with ``args``: its process, and its JSON results."""
     results_path = tmp_path / "results.json"
     completed = subprocess.run(
-        [
-            sys.executable,
-            "bench/gpu_pipelines.py",
-            "--smoke",
-            "--profile",
-            "--json",
-            str(results_path),
-        ],
+        [sys.executable, "bench/gpu_pipelines.py", "--smoke", *args, "--json", str(results_path)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(results_path.read_text())
+    return completed, json.loads(results_path.read_text())
+
+
+def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    completed, results = run_harness_on_the_cpu(tmp_path, "--profile")
     rows = {(row["case"], row["mode"]): row for row in results["rows"]}
     for case in ("64x64", "edit-64x64"):
         assert rows[(case, "baseline")]["seconds_per_image"] > 0
@@ -184,28 +182,11 @@ def test_the_harness_can_warm_up_compiled_modes_on_the_case_alone(tmp_path):
     """``--compile-warmup case``: one compile per case (the predictor's warm-up makes two,
     for one and two requests), after which the case's runs compile nothing; a new text
     length, which would compile, is not timed."""
-    results_path = tmp_path / "results.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "bench/gpu_pipelines.py",
-            "--smoke",
-            "--runs",
-            "64x64=engine+compile,engine+compile+graphs",
-            "--batch-sizes",
-            "none",
-            "--compile-warmup",
-            "case",
-            "--json",
-            str(results_path),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _, results = run_harness_on_the_cpu(
+        tmp_path,
+        *("--runs", "64x64=engine+compile,engine+compile+graphs", "--batch-sizes", "none"),
+        *("--compile-warmup", "case"),
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(results_path.read_text())
     for warmup in results["warmups"]:
         assert warmup["warmup"] == "case"
         assert warmup["graphs_in_warmup"] == 1 and warmup["graphs_after_warmup"] == 0
