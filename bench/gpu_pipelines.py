@@ -663,7 +663,7 @@ class Bench:
         self.dtype = dtype
         self._scratch = tempfile.TemporaryDirectory(prefix="qwen-bench-")
         self.scratch = Path(self._scratch.name)  # the tokenizer, image processor and LoRA
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         words = tokenizer_texts() if args.tokenizer == "words" else ()
         if args.smoke:
             self.generation, self.edit = build_smoke_pipelines(self.scratch, words)
@@ -675,7 +675,7 @@ class Bench:
         if args.text_padding == "split":  # the baseline's calls pass no text lengths
             padding_free.install(self.generation.transformer)  # (the edit pipeline's too)
         synchronize(device)
-        self.build_seconds = time.perf_counter() - started
+        self.build_seconds = time.perf_counter() - self.started
         self.schedulers = {"qwen": self.generation.scheduler}
         self.applied: set[str] = set()  # "lightning", "fp8": applied for good
         self.compiled_with_graphs: bool | None = None  # None: the blocks are not compiled
@@ -784,11 +784,15 @@ class Bench:
                     print_row(self.results.rows[-1])
                 continue
             try:
+                self.progress(f"{mode.name}: preparing")
                 self.prepare(mode)
                 for case in cases:
                     cuda_graphs = cudagraph_counts()
+                    if mode.compile:
+                        self.progress(f"{mode.name}: warming up at {case.name}")
                     warmup = self.warm_up(case, mode) if mode.compile else None
                     graphs = compiled_graphs()
+                    self.progress(f"{mode.name}: timing {case.name}")
                     self.results.rows.append(self.run_case(case, mode))
                     if warmup is not None:
                         warmup["graphs_after_warmup"] = compiled_graphs() - graphs
@@ -818,6 +822,11 @@ class Bench:
                 if mode.cache:
                     self.generation.transformer.disable_cache()
                 self.save()  # so a run stopped at its time limit keeps what it measured
+
+    def progress(self, stage: str) -> None:
+        """Print the seconds since the harness started and what it starts now: a run stopped
+        at its time limit shows where its time went."""
+        print(f"progress {time.perf_counter() - self.started:.1f} s: {stage}", flush=True)
 
     def save(self) -> None:
         """Write the results so far to ``--json``, if given."""

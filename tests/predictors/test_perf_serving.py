@@ -181,12 +181,15 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
 def test_the_harness_can_warm_up_compiled_modes_on_the_case_alone(tmp_path):
     """``--compile-warmup case``: one compile per case (the predictor's warm-up makes two,
     for one and two requests), after which the case's runs compile nothing; a new text
-    length, which would compile, is not timed."""
-    _, results = run_harness_on_the_cpu(
+    length, which would compile, is not timed. Progress lines say what each mode is at."""
+    completed, results = run_harness_on_the_cpu(
         tmp_path,
         *("--runs", "64x64=engine+compile,engine+compile+graphs", "--batch-sizes", "none"),
         *("--compile-warmup", "case"),
     )
+    # where the time went, stage by stage, for a run stopped at its time limit
+    stages = re.findall(r"^progress [\d.]+ s: engine\+compile: (.*)$", completed.stdout, re.M)
+    assert stages == ["preparing", "warming up at 64x64", "timing 64x64"], stages
     for warmup in results["warmups"]:
         assert warmup["warmup"] == "case"
         assert warmup["graphs_in_warmup"] == 1 and warmup["graphs_after_warmup"] == 0
