@@ -3,7 +3,7 @@
 - attention backends for masked and mask-free batches, and padding-free attention for texts
   of different lengths (exact);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
-  optionally replayed as CUDA graphs (an experiment: not yet measured on a GPU);
+  optionally replayed as CUDA graphs (an experiment: no gain at 1328x1328 with CFG on an H100);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
 - FP8 weights and activations through torchao (fast mode: changes the outputs slightly);
@@ -94,7 +94,7 @@ class Acceleration:
     # H100, exact to bf16 noise, docs/performance.md), at the cost of compiling at start.
     compile: str = "auto"
     # Replay each compiled block's kernels as CUDA graphs (Inductor's CUDA graph trees):
-    # fewer kernel launches per step. Not yet measured on a GPU (docs/performance.md).
+    # fewer kernel launches per step. No gain yet on an H100 (docs/performance.md).
     cuda_graphs: str = "off"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"

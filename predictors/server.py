@@ -135,7 +135,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             str,
             "off",
             "replay the compiled blocks as CUDA graphs: off, or on (experimental: needs "
-            "compilation on a GPU; not yet measured)",
+            "compilation on a GPU; no gain measured yet)",
         ),
         (
             "--warmup_sizes",
