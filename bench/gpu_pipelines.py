@@ -760,12 +760,14 @@ class Bench:
         self.compiled_with_graphs = cuda_graphs
 
     def settings(self, mode: Mode) -> Acceleration:
-        """The predictor's settings for how ``mode`` runs the engine: attention, text padding
-        and, for the ``+graphs`` modes, CUDA graphs (whose texts are padded to buckets)."""
+        """The predictor's settings for how ``mode`` runs the engine: attention, text padding,
+        compilation, FP8 and CUDA graphs (with either of the last two, texts are padded to
+        buckets)."""
         return Acceleration(
             attention=self.attention,
             text_padding=self.args.text_padding,
             compile="on" if mode.compile else "off",
+            quantization="fp8" if mode.fp8 else "none",
             cuda_graphs="on" if mode.graphs else "off",
         )
 

@@ -3,7 +3,7 @@
 - attention backends for masked and mask-free batches, and padding-free attention for texts
   of different lengths (exact);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
-  optionally replayed as CUDA graphs (an experiment: no gain at 1328x1328 with CFG on an H100);
+  optionally replayed as CUDA graphs (an experiment: no gain on an H100, with CFG or Lightning);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
 - FP8 weights and activations through torchao (fast mode: changes the outputs slightly);
@@ -54,11 +54,15 @@ QUANTIZATIONS = ("none", "fp8")
 CACHES = {"none": None, "first_block": lambda threshold: FirstBlockCacheConfig(threshold=threshold)}
 COMPILE_CHOICES = ("auto", "on", "off")
 CUDA_GRAPHS_CHOICES = ("off", "on")
-# With CUDA graphs, a batch's texts are zero-padded to a multiple of this many tokens. Each
-# shape the compiled blocks see is recorded once, so buckets keep the recordings few: 8 text
-# lengths up to Qwen-Image's 512 tokens, where exact lengths would record one per length.
-# Padding is exact with split attention, which attends each text's real tokens only.
-CUDA_GRAPH_TEXT_BUCKET = 64
+# With CUDA graphs or FP8, a batch's texts are zero-padded to a multiple of this many tokens
+# (padding is exact with split attention, which attends each text's real tokens only).
+# - CUDA graphs record each shape the compiled blocks see once, so buckets keep the
+#   recordings few: 8 text lengths up to Qwen-Image's 512 tokens, where exact lengths would
+#   record one per length.
+# - FP8: on an H100 (torch 2.11, CUDA 13), cuBLASLt has no kernel for the MLP's down
+#   projection (12288 -> 3072, with bias) at fewer than 48 rows (CUBLAS_STATUS_NOT_SUPPORTED),
+#   and a text stream's rows are its batch times its tokens: a short prompt failed (run 8).
+TEXT_BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ class Acceleration:
     @property
     def text_bucket(self) -> int:
         """Texts are zero-padded to a multiple of this many tokens (1: to the longest)."""
-        return CUDA_GRAPH_TEXT_BUCKET if self.cuda_graphs == "on" else 1
+        padded = self.cuda_graphs == "on" or self.quantization == "fp8"
+        return TEXT_BUCKET if padded else 1
 
 
 def check(acceleration: Acceleration, device: torch.device) -> None:
@@ -355,7 +360,7 @@ def warmup_batches(
     """Short runs per ``(width, height)`` after which other text lengths and batch sizes
     compile nothing new: a single request, a batch of two, and a single request with another
     text length (a batch of one compiles apart from larger ones; the longer prompt is over
-    ``CUDA_GRAPH_TEXT_BUCKET`` tokens, so padded to buckets the lengths still differ).
+    ``TEXT_BUCKET`` tokens, so padded to buckets the lengths still differ).
     ``with_image`` (edit): also an input image of another aspect ratio, which changes the
     condition's token count. Two steps each: CUDA graphs record a shape at its second call.
     """

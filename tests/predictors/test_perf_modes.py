@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from predictors import acceleration, attention
 from predictors import model as model_module
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.denoise import Job, generate
+from predictors.denoise import Job, generate, pad_text
 from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import QwenImageModel
@@ -290,8 +290,18 @@ def test_cuda_graphs_on_a_gpu_pass_the_checks_and_pad_texts_to_buckets():
     compiler and its cache are this machine's)."""
     modes = Acceleration(cuda_graphs="on")
     acceleration.check(modes, torch.device("cuda"))
-    assert modes.text_bucket == acceleration.CUDA_GRAPH_TEXT_BUCKET == 64
+    assert modes.text_bucket == acceleration.TEXT_BUCKET == 64
     assert Acceleration().text_bucket == 1
+
+
+def test_fp8_pads_texts_to_buckets():
+    """FP8's text stream needs at least 48 rows for cuBLASLt's kernels on an H100 (run 8):
+    a short prompt alone has fewer, padded to a bucket it has 64."""
+    bucket = Acceleration(quantization="fp8").text_bucket
+    assert bucket == acceleration.TEXT_BUCKET == 64
+    short_prompt = torch.zeros(6, 8)
+    padded, mask = pad_text([short_prompt], bucket)
+    assert padded.shape[1] >= 48 and mask.sum() == 6
 
 
 def test_compile_blocks_with_cuda_graphs_marks_each_forward_as_a_step(tiny_cache_env, monkeypatch):
