@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.hooks import RemovableHandle
 
 from predictors import attention as padding_free
+from predictors.contract import SIZE_MULTIPLE
 from predictors.denoise import AttentionBackends, Job, generate
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ CUDA_GRAPHS_CHOICES = ("off", "on")
 #   projection (12288 -> 3072, with bias) at fewer than 48 rows (CUBLAS_STATUS_NOT_SUPPORTED),
 #   and a text stream's rows are its batch times its tokens: a short prompt failed (run 8).
 TEXT_BUCKET = 64
+# The fewest rows (batch times tokens) FP8's MLP down projection ran at on an H100 in run 8:
+# 48 ran, 41 and fewer did not. Texts pad to TEXT_BUCKET; images must have as many tokens.
+FP8_MIN_ROWS = 48
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,22 @@ def check_fp8(device: torch.device) -> None:
         raise AccelerationError(
             f"--quantization fp8 needs torchao (pip install torchao): {exc}"
         ) from exc
+
+
+def check_fp8_image_size(acceleration: Acceleration, min_size: int) -> None:
+    """Refuse FP8 where the smallest image a request may ask for (``min_size`` square,
+    rounded up to a valid size) has fewer tokens than FP8's kernels take (``FP8_MIN_ROWS``);
+    an image has a token per ``SIZE_MULTIPLE`` x ``SIZE_MULTIPLE`` pixels."""
+    if acceleration.quantization != "fp8":
+        return
+    side_tokens = -(-min_size // SIZE_MULTIPLE)
+    if side_tokens**2 < FP8_MIN_ROWS:
+        needed = (math.isqrt(FP8_MIN_ROWS - 1) + 1) * SIZE_MULTIPLE
+        raise AccelerationError(
+            f"--quantization fp8 needs a --min_size that allows no image under "
+            f"{needed}x{needed} (it is {min_size}): on an H100, FP8's kernels refused images "
+            f"of fewer than {FP8_MIN_ROWS} tokens"
+        )
 
 
 def quantize_fp8(transformer: torch.nn.Module) -> None:

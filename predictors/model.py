@@ -79,6 +79,7 @@ class QwenImageModel(Model):
         """
         modes = self.options.acceleration
         acceleration.check(modes, self.device)
+        acceleration.check_fp8_image_size(modes, self.options.limits.min_size)
         location = resolve_location(
             self.options.location, self.tiny_kind, self.options.tiny_cache_dir
         )

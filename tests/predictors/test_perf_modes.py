@@ -301,7 +301,28 @@ def test_fp8_pads_texts_to_buckets():
     assert bucket == acceleration.TEXT_BUCKET == 64
     short_prompt = torch.zeros(6, 8)
     padded, mask = pad_text([short_prompt], bucket)
-    assert padded.shape[1] >= 48 and mask.sum() == 6
+    assert padded.shape[1] >= acceleration.FP8_MIN_ROWS and mask.sum() == 6
+
+
+@pytest.mark.parametrize(
+    ("quantization", "min_size", "refused"),
+    [
+        ("fp8", 64, True),
+        ("fp8", 96, True),
+        ("fp8", 100, False),
+        ("fp8", 256, False),
+        ("none", 64, False),
+    ],
+)
+def test_fp8_refuses_images_too_small_for_its_kernels(quantization, min_size, refused):
+    """FP8 needs 48 image tokens (7x7 of 16x16 pixels: 112x112); --min_size 100 allows no
+    smaller valid size, since sizes are multiples of 16."""
+    modes = Acceleration(quantization=quantization)
+    if refused:
+        with pytest.raises(AccelerationError, match="112x112"):
+            acceleration.check_fp8_image_size(modes, min_size)
+    else:
+        acceleration.check_fp8_image_size(modes, min_size)
 
 
 def test_compile_blocks_with_cuda_graphs_marks_each_forward_as_a_step(tiny_cache_env, monkeypatch):
