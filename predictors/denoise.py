@@ -132,7 +132,8 @@ def generate(
     All jobs must share a ``batch_key``. ``output_type`` is the pipeline's: ``pil``, ``np``
     or ``latent``. ``on_step_end(i)`` is called after step ``i`` is queued on the device.
     ``text_bucket``: the texts are zero-padded to a multiple of this many tokens, so that
-    the transformer sees few distinct shapes (for CUDA graphs); the padding is masked out.
+    the transformer sees few distinct shapes (CUDA graphs) and enough rows (FP8's kernels);
+    the padding is masked out.
     """
     if len({job.batch_key for job in jobs}) != 1:
         raise ValueError("the jobs of one batch must share size, steps, CFG and condition size")
