@@ -12,7 +12,9 @@ import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
+from torch._inductor.utils import run_and_get_code
 
 from bench.gpu_pipelines import run_baseline
 from predictors import attention
@@ -191,6 +193,26 @@ def test_split_padding_never_hands_a_mask_to_the_kernel(generation):
 def test_text_runs_group_consecutive_equal_lengths():
     assert attention.text_runs([5, 5, 3, 5]) == ((0, 2, 5), (2, 3, 3), (3, 4, 5))
     assert attention.text_runs([7]) == ((0, 1, 7),)
+
+
+def test_compiled_rope_is_diffusers_complex_rope_in_real_numbers():
+    """Compiled, the processor's RoPE computes diffusers' complex product in real numbers:
+    Inductor has no kernels for complex numbers, and ran the complex product as an eager
+    kernel of its own (``aten.view_as_complex``, then ``aten.mul``, in its generated code)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 3, 8, generator=generator)  # [batch, tokens, heads, head_dim]
+    angles = torch.rand(10, 4, generator=generator) * 2 * torch.pi
+    freqs = torch.polar(torch.ones_like(angles), angles)
+
+    def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        return attention._rope(x, freqs)
+
+    actual, code = run_and_get_code(torch.compile(rope, fullgraph=True), x, freqs)
+    assert torch.allclose(actual, apply_rotary_emb_qwen(x, freqs, use_real=False), atol=1e-6)
+    generated = "\n".join(code)
+    assert "aten.mul" not in generated and "view_as_complex" not in generated
+    # Eager, it is diffusers' own complex product.
+    assert torch.equal(attention._rope(x, freqs), apply_rotary_emb_qwen(x, freqs, use_real=False))
 
 
 def test_padded_joint_attention_attends_each_sample_over_its_real_tokens():
