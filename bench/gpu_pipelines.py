@@ -180,8 +180,8 @@ SMOKE_CASES = (Case("64x64", 64, 64), Case("edit-64x64", 64, 64, edit=True))
 class Mode:
     """How a case is run. Modes run in this order: compilation, the fused LoRA and FP8 stay
     applied once a mode has applied them (as in a deployment; a mode that wants CUDA graphs
-    after one that did not, or the reverse, compiles the blocks anew); the cache is removed
-    again.
+    or autotuning after one that did not, or the reverse, compiles the blocks anew); the cache
+    is removed again.
     The harness's LoRA has B = 0 (see ``zero_lora``), so it leaves the weights unchanged and
     the exact modes after it still compare with the baseline."""
 
@@ -190,6 +190,7 @@ class Mode:
     cache: bool = False
     compile: bool = False
     graphs: bool = False  # the predictor's --cuda_graphs on (experimental)
+    autotune: bool = False  # the predictor's --max_autotune on (experimental)
     lightning: bool = False  # 8 steps, no CFG, Lightning scheduler, a fused LoRA
     fp8: bool = False
     exact: bool = True  # same outputs as the baseline up to bf16 noise
@@ -203,6 +204,7 @@ MODES = (
     Mode("lightning", lightning=True, exact=False, batching=True),
     Mode("engine+compile", compile=True, batching=True),
     Mode("engine+compile+graphs", compile=True, graphs=True),
+    Mode("engine+compile+autotune", compile=True, autotune=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
     Mode("fp8+compile", compile=True, fp8=True, exact=False),
     Mode(
@@ -217,6 +219,14 @@ MODES = (
         "lightning+fp8+compile+graphs",
         compile=True,
         graphs=True,
+        lightning=True,
+        fp8=True,
+        exact=False,
+    ),
+    Mode(
+        "lightning+fp8+compile+autotune",
+        compile=True,
+        autotune=True,
         lightning=True,
         fp8=True,
         exact=False,
@@ -616,7 +626,7 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_step(
-    call: Callable[[Callable[..., dict]], Any], device: torch.device, top: int = 6
+    call: Callable[[Callable[..., dict]], Any], device: torch.device, top: int = 12
 ) -> dict[str, Any]:
     """Device time of the third denoising step of ``call(on_step_end)``, by kind of kernel
     (on a CPU: operators' own time). Synchronises at each step end, so run it untimed."""
@@ -678,7 +688,8 @@ class Bench:
         self.build_seconds = time.perf_counter() - self.started
         self.schedulers = {"qwen": self.generation.scheduler}
         self.applied: set[str] = set()  # "lightning", "fp8": applied for good
-        self.compiled_with_graphs: bool | None = None  # None: the blocks are not compiled
+        # (CUDA graphs, autotuning) the blocks were compiled with; None: not compiled
+        self.compiled_as: tuple[bool, bool] | None = None
         self.step_marker: RemovableHandle | None = None  # the +graphs modes' hook
         self.lightning_later = False
         self.floor_done: set[str] = set()  # cases whose floor and attention sweep ran
@@ -730,8 +741,8 @@ class Bench:
     def prepare(self, mode: Mode) -> None:
         """Bring the shared transformer and schedulers into ``mode``'s state."""
         transformer = self.generation.transformer
-        if mode.compile and self.compiled_with_graphs != mode.graphs:
-            self.compile(mode.graphs)
+        if mode.compile and self.compiled_as != (mode.graphs, mode.autotune):
+            self.compile(mode.graphs, mode.autotune)
         # The LoRA is fused before FP8 takes the weights, as in a deployment.
         lightning = mode.lightning or (mode.fp8 and self.lightning_later)
         if lightning and "lightning" not in self.applied:
@@ -747,28 +758,29 @@ class Bench:
         scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
         self.generation.scheduler = self.edit.scheduler = scheduler
 
-    def compile(self, cuda_graphs: bool) -> None:
-        """Compile the blocks as the predictor does, with or without CUDA graphs
-        (``acceleration.compile_blocks``). Switching between the two starts dynamo afresh."""
-        if self.compiled_with_graphs is not None:
+    def compile(self, cuda_graphs: bool, max_autotune: bool) -> None:
+        """Compile the blocks as the predictor does, with or without CUDA graphs and
+        autotuning (``acceleration.compile_blocks``). Compiling anew starts dynamo afresh."""
+        if self.compiled_as is not None:
             torch._dynamo.reset()
         if self.step_marker is not None:
             self.step_marker.remove()
         self.step_marker = acceleration.compile_blocks(
-            self.generation.transformer, cuda_graphs=cuda_graphs
+            self.generation.transformer, cuda_graphs=cuda_graphs, max_autotune=max_autotune
         )
-        self.compiled_with_graphs = cuda_graphs
+        self.compiled_as = (cuda_graphs, max_autotune)
 
     def settings(self, mode: Mode) -> Acceleration:
         """The predictor's settings for how ``mode`` runs the engine: attention, text padding,
-        compilation, FP8 and CUDA graphs (with either of the last two, texts are padded to
-        buckets)."""
+        compilation, autotuning, FP8 and CUDA graphs (with FP8 or CUDA graphs, texts are
+        padded to buckets)."""
         return Acceleration(
             attention=self.attention,
             text_padding=self.args.text_padding,
             compile="on" if mode.compile else "off",
             quantization="fp8" if mode.fp8 else "none",
             cuda_graphs="on" if mode.graphs else "off",
+            max_autotune="on" if mode.autotune else "off",
         )
 
     def run(self, plan: list[tuple[list[Case], list[Mode]]]) -> Results:
@@ -1048,7 +1060,7 @@ class Bench:
             ]
             return np.concatenate(outputs)
 
-        plain = not self.applied and self.compiled_with_graphs is None
+        plain = not self.applied and self.compiled_as is None
         if like.batch_key not in self.original_service and plain:
             original = measure(original_service, self.device, self.args.warmup, 1)
             self.original_service[like.batch_key] = original.seconds[0] / len(jobs)

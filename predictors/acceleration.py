@@ -3,7 +3,8 @@
 - attention backends for masked and mask-free batches, and padding-free attention for texts
   of different lengths (exact);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
-  optionally replayed as CUDA graphs (an experiment: no gain on an H100, with CFG or Lightning);
+  optionally replayed as CUDA graphs (an experiment: no gain on an H100, with CFG or Lightning)
+  or autotuned (an experiment, not measured on a GPU yet);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
 - FP8 weights and activations through torchao (fast mode: changes the outputs slightly);
@@ -55,6 +56,12 @@ QUANTIZATIONS = ("none", "fp8")
 CACHES = {"none": None, "first_block": lambda threshold: FirstBlockCacheConfig(threshold=threshold)}
 COMPILE_CHOICES = ("auto", "on", "off")
 CUDA_GRAPHS_CHOICES = ("off", "on")
+MAX_AUTOTUNE_CHOICES = ("off", "on")
+# Inductor's options for --max_autotune on: torch.compile's "max-autotune-no-cudagraphs" mode
+# (CUDA graphs are --cuda_graphs's). Each matrix product is timed as cuBLAS and as Triton's
+# templates, which can take the elementwise work after it, and the fastest is kept; the other
+# kernels' launch settings are tuned by coordinate descent.
+MAX_AUTOTUNE_OPTIONS = {"max_autotune": True, "coordinate_descent_tuning": True}
 # With CUDA graphs or FP8, a batch's texts are zero-padded to a multiple of this many tokens
 # (padding is exact with split attention, which attends each text's real tokens only).
 # - CUDA graphs record each shape the compiled blocks see once, so buckets keep the
@@ -104,6 +111,9 @@ class Acceleration:
     # Replay each compiled block's kernels as CUDA graphs (Inductor's CUDA graph trees):
     # fewer kernel launches per step. No gain yet on an H100 (docs/performance.md).
     cuda_graphs: str = "off"
+    # Autotune the compiled blocks' kernels at load (MAX_AUTOTUNE_OPTIONS): compiling takes
+    # longer. Not measured on a GPU yet (docs/performance.md).
+    max_autotune: str = "off"
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the predictor's default
     quantization: str = "none"
     cache: str = "none"
@@ -116,6 +126,7 @@ class Acceleration:
         for name, value, known in (
             ("compile", self.compile, COMPILE_CHOICES),
             ("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS_CHOICES),
+            ("max_autotune", self.max_autotune, MAX_AUTOTUNE_CHOICES),
             ("text_padding", self.text_padding, TEXT_PADDINGS),
             ("quantization", self.quantization, QUANTIZATIONS),
             ("cache", self.cache, tuple(CACHES)),
@@ -142,7 +153,8 @@ def check(acceleration: Acceleration, device: torch.device) -> None:
     attention backend that mis-handles Qwen's masks or is not installed, FP8 without a
     capable GPU or torchao, compilation on a GPU without Triton's build tools (``auto``
     then runs uncompiled) or without a writable compiler cache, CUDA graphs where they cannot
-    apply (``check_cuda_graphs``). (A LoRA is only known to load once it has.)"""
+    apply (``check_cuda_graphs``), autotuning without compiled blocks. (A LoRA is only known
+    to load once it has.)"""
     check_attention(acceleration.attention, masks=acceleration.text_padding == "mask")
     if acceleration.text_padding == "split" and (
         acceleration.attention.masked != AttentionBackends().masked
@@ -159,6 +171,11 @@ def check(acceleration: Acceleration, device: torch.device) -> None:
         check_compile_caches()
     if acceleration.cuda_graphs == "on":
         check_cuda_graphs(acceleration, device)
+    if acceleration.max_autotune == "on" and not acceleration.compiles(device):
+        raise AccelerationError(
+            "--max_autotune on needs compiled blocks (--compile on, or auto where Triton can "
+            "build on a GPU), or use --max_autotune off"
+        )
 
 
 def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
@@ -176,27 +193,37 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
     if acceleration.compiles(pipeline.transformer.device):
         # The cache hooks decide on the host whether to skip blocks: a graph break.
         fullgraph = acceleration.cache == "none"
-        compile_blocks(pipeline.transformer, fullgraph, acceleration.cuda_graphs == "on")
+        compile_blocks(
+            pipeline.transformer,
+            fullgraph,
+            cuda_graphs=acceleration.cuda_graphs == "on",
+            max_autotune=acceleration.max_autotune == "on",
+        )
 
 
 def compile_blocks(
-    transformer: torch.nn.Module, fullgraph: bool = True, cuda_graphs: bool = False
+    transformer: torch.nn.Module,
+    fullgraph: bool = True,
+    cuda_graphs: bool = False,
+    max_autotune: bool = False,
 ) -> RemovableHandle | None:
     """Compile the transformer's repeated blocks (``compile_repeated_blocks``).
 
-    With ``cuda_graphs``, Inductor's CUDA graph trees record each block's kernels at the
-    second call of each shape and replay them after. Graph partitioning splits each block
-    around the attention op, which must run outside (tagged ``cudagraph_unsafe``: it reads
-    the text lengths on the host). A forward pre-hook starts a new CUDA graph step with each
-    transformer call; without it each block's call would start one and free the outputs of
-    the block before. Returns that hook's handle (None without CUDA graphs).
+    With ``max_autotune``, Inductor autotunes their kernels as it compiles them
+    (``MAX_AUTOTUNE_OPTIONS``). With ``cuda_graphs``, Inductor's CUDA graph trees record each
+    block's kernels at the second call of each shape and replay them after. Graph
+    partitioning splits each block around the attention op, which must run outside (tagged
+    ``cudagraph_unsafe``: it reads the text lengths on the host). A forward pre-hook starts a
+    new CUDA graph step with each transformer call; without it each block's call would start
+    one and free the outputs of the block before. Returns that hook's handle (None without
+    CUDA graphs).
     """
+    options = dict(MAX_AUTOTUNE_OPTIONS) if max_autotune else {}
+    if cuda_graphs:
+        options.update({"triton.cudagraphs": True, "graph_partition": True})
+    transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)
     if not cuda_graphs:
-        transformer.compile_repeated_blocks(fullgraph=fullgraph)
         return None
-    transformer.compile_repeated_blocks(
-        fullgraph=fullgraph, options={"triton.cudagraphs": True, "graph_partition": True}
-    )
     return transformer.register_forward_pre_hook(
         lambda *_: torch.compiler.cudagraph_mark_step_begin()
     )

@@ -138,6 +138,14 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "compilation on a GPU; no gain measured on an H100)",
         ),
         (
+            "--max_autotune",
+            "QWEN_MAX_AUTOTUNE",
+            str,
+            "off",
+            "autotune the compiled blocks' kernels at load: off, or on (experimental: needs "
+            "compilation; longer starts; not measured on a GPU)",
+        ),
+        (
             "--warmup_sizes",
             "QWEN_WARMUP_SIZES",
             parse_sizes,
@@ -162,6 +170,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         "--text_padding": acceleration.TEXT_PADDINGS,
         "--compile": acceleration.COMPILE_CHOICES,
         "--cuda_graphs": acceleration.CUDA_GRAPHS_CHOICES,
+        "--max_autotune": acceleration.MAX_AUTOTUNE_CHOICES,
         "--quantization": acceleration.QUANTIZATIONS,
         "--cache": tuple(acceleration.CACHES),
     }
@@ -201,6 +210,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
             text_padding=args.text_padding,
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
+            max_autotune=args.max_autotune,
             warmup_sizes=args.warmup_sizes,
             quantization=args.quantization,
             cache=args.cache,

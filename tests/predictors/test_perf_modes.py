@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from diffusers import QwenImageTransformer2DModel
 from diffusers.hooks import HookRegistry
 from PIL import Image
 from torch._dynamo.utils import counters
@@ -294,6 +295,46 @@ def test_cuda_graphs_on_a_gpu_pass_the_checks_and_pad_texts_to_buckets():
     assert Acceleration().text_bucket == 1
 
 
+@pytest.mark.parametrize(
+    ("modes", "device", "refused"),
+    [
+        (Acceleration(max_autotune="on", compile="off"), "cuda", True),
+        (Acceleration(max_autotune="on"), "cpu", True),  # auto compiles on CUDA only
+        (Acceleration(max_autotune="on", compile="on"), "cpu", False),
+    ],
+    ids=["uncompiled", "auto-on-a-cpu", "compiled-on-a-cpu"],
+)
+def test_max_autotune_needs_compiled_blocks(modes, device, refused):
+    if refused:
+        with pytest.raises(AccelerationError, match="--max_autotune on needs compiled blocks"):
+            acceleration.check(modes, torch.device(device))
+    else:
+        acceleration.check(modes, torch.device(device))
+
+
+def test_max_autotune_hands_inductor_its_options_as_the_blocks_compile(tiny_cache_env, monkeypatch):
+    """``--max_autotune on`` compiles the blocks with Inductor's autotuning options, merged
+    with CUDA graphs' when both are on (bench/gpu_pipelines.py --smoke runs it end to end)."""
+    calls = []
+    compile_repeated_blocks = QwenImageTransformer2DModel.compile_repeated_blocks
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("options"))
+        return compile_repeated_blocks(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks", spy)
+    model = load_model(
+        tiny_cache_env, "--compile", "on", "--max_autotune", "on", "--warmup_sizes", "none"
+    )
+    assert calls == [acceleration.MAX_AUTOTUNE_OPTIONS]
+    transformer = model.pipeline.transformer
+    acceleration.compile_blocks(transformer, cuda_graphs=True, max_autotune=True).remove()
+    graphs = {"triton.cudagraphs": True, "graph_partition": True}
+    assert calls[-1] == {**acceleration.MAX_AUTOTUNE_OPTIONS, **graphs}
+    acceleration.compile_blocks(transformer)
+    assert calls[-1] is None
+
+
 def test_fp8_pads_texts_to_buckets():
     """FP8's text stream needs at least 48 rows for cuBLASLt's kernels on an H100 (run 8):
     a short prompt alone has fewer, padded to a bucket it has 64."""
@@ -358,8 +399,9 @@ def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
             "--quantization fp8 needs a CUDA GPU of compute capability 8.9",
         ),
         (["--cuda_graphs", "on"], "--cuda_graphs on needs a CUDA GPU"),
+        (["--max_autotune", "on"], "--max_autotune on needs compiled blocks"),
     ],
-    ids=["fp8", "cuda_graphs"],
+    ids=["fp8", "cuda_graphs", "max_autotune"],
 )
 def test_gpu_modes_on_a_cpu_exit_with_a_clear_error_before_the_weights_load(
     tiny_cache_env, caplog, no_weights, flags, message
@@ -395,9 +437,11 @@ def test_flags_read_their_environment_variables(monkeypatch):
     monkeypatch.setenv("QWEN_CACHE", "first_block")
     monkeypatch.setenv("QWEN_TEXT_PADDING", "mask")
     monkeypatch.setenv("QWEN_CUDA_GRAPHS", "on")
+    monkeypatch.setenv("QWEN_MAX_AUTOTUNE", "on")
     options = options_from_args(build_parser(QwenImageGenerationModel).parse_args([]))
     assert options.acceleration.text_padding == "mask"
     assert options.acceleration.cuda_graphs == "on"
+    assert options.acceleration.max_autotune == "on"
     assert (options.batching.max_batch_size, options.batching.batch_wait_ms) == (8, 25.0)
     assert options.acceleration.warmup_sizes == ((1328, 1328), (1664, 928))
     assert options.acceleration.cache == "first_block"

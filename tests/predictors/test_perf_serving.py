@@ -136,6 +136,7 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
         assert rows[(case, "engine+compile")]["max_abs_diff"] < 1e-4  # compiled on the CPU
         # compiled anew with CUDA graphs asked for (on a CPU Inductor declines to capture)
         assert rows[(case, "engine+compile+graphs")]["max_abs_diff"] < 1e-4
+        assert rows[(case, "engine+compile+autotune")]["max_abs_diff"] < 1e-4  # compiled anew
         fp8_note = rows[(case, "lightning+fp8+compile")]["note"]
         assert fp8_note.startswith("skipped: --quantization fp8 needs a CUDA GPU"), fp8_note
     warmups = {(entry["case"], entry["mode"]): entry for entry in results["warmups"]}
