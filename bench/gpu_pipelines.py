@@ -78,7 +78,7 @@ from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCond
 
 from bench.timing import median_seconds, synchronize
 from bench.vae_single_frame import compare as compare_vae_paths
-from predictors import acceleration, tiny
+from predictors import acceleration, feedforward, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import (
@@ -408,20 +408,22 @@ class StepTimer:
 
 def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
     """The original service: one plain pipeline call with diffusers' defaults, image i
-    seeded with its own generator; ``on_step_end`` is its step-end callback."""
+    seeded with its own generator; ``on_step_end`` is its step-end callback. The engine's
+    feed-forward projections, where installed, run as diffusers' for it."""
     extra = {} if job.image is None else {"image": job.image}
-    return pipeline(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        true_cfg_scale=job.true_cfg_scale,
-        width=job.width,
-        height=job.height,
-        num_inference_steps=job.num_inference_steps,
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
-        output_type="np",
-        callback_on_step_end=on_step_end,
-        **extra,
-    ).images
+    with feedforward.as_diffusers(pipeline.transformer):
+        return pipeline(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            true_cfg_scale=job.true_cfg_scale,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=job.num_inference_steps,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            **extra,
+        ).images
 
 
 def compare(image: np.ndarray, reference: np.ndarray | None) -> tuple[float | None, float | None]:
@@ -682,8 +684,12 @@ class Bench:
         for pipeline in (self.generation, self.edit):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
-        if args.text_padding == "split":  # the baseline's calls pass no text lengths
-            padding_free.install(self.generation.transformer)  # (the edit pipeline's too)
+        # The engine's exact modules, as in a deployment (the transformer is the edit
+        # pipeline's too); the baseline's calls pass no text lengths and run the feed-forwards
+        # as diffusers does (run_baseline).
+        if args.text_padding == "split":
+            padding_free.install(self.generation.transformer)
+        feedforward.install(self.generation.transformer)
         synchronize(device)
         self.build_seconds = time.perf_counter() - self.started
         self.schedulers = {"qwen": self.generation.scheduler}

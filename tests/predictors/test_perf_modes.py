@@ -14,10 +14,11 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.hooks import HookRegistry
+from diffusers.models.activations import GELU
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from predictors import acceleration, attention
+from predictors import acceleration, attention, feedforward
 from predictors import model as model_module
 from predictors.acceleration import Acceleration, AccelerationError
 from predictors.denoise import Job, generate, pad_text
@@ -69,6 +70,32 @@ def test_defaults_change_nothing(tiny_cache_env):
     assert blocks[0]._compiled_call_impl is None  # --compile auto: not on a CPU
     assert not HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
     assert attention.installed(model.pipeline.transformer)  # --text_padding split
+    assert feedforward.installed(model.pipeline.transformer)  # exact to bf16 rounding
+
+
+def test_feedforwards_take_the_gelu_epilogue_and_step_aside_for_the_baseline(tiny_cache_env):
+    """Every block's tanh-GELU projections become ``EpilogueGELU`` on the same linear layer
+    (its parameter names stay, for LoRAs and FP8); ``as_diffusers`` turns the epilogue off for
+    the benchmark's baseline and back on. The epilogue itself runs on CUDA only (on a CPU the
+    op's GELU is the erf one): its images are compared with the baseline's on a GPU."""
+    model = load_model(tiny_cache_env)
+    transformer = model.pipeline.transformer
+    blocks = transformer.transformer_blocks
+    modules = [mlp.net[0] for block in blocks for mlp in (block.img_mlp, block.txt_mlp)]
+    assert all(isinstance(module, feedforward.EpilogueGELU) for module in modules)
+    assert "transformer_blocks.0.img_mlp.net.0.proj.weight" in dict(transformer.named_parameters())
+    feedforward.install(transformer)  # a second call changes nothing
+    assert [mlp.net[0] for block in blocks for mlp in (block.img_mlp, block.txt_mlp)] == modules
+    with feedforward.as_diffusers(transformer):
+        assert not any(module.epilogue for module in modules)
+    assert all(module.epilogue for module in modules)
+    gelu = GELU(8, 32, approximate="tanh")  # off CUDA: diffusers' own computation
+    inputs = torch.randn(2, 5, 8)
+    assert torch.equal(feedforward.EpilogueGELU(gelu)(inputs), gelu(inputs))
+    # The epilogue's call (the product's operands and shapes), with a CPU's erf GELU.
+    fused = feedforward.linear_gelu(inputs, gelu.proj.weight, gelu.proj.bias)
+    expected = torch.nn.functional.gelu(gelu.proj(inputs), approximate="none")
+    assert fused.shape == (2, 5, 32) and torch.allclose(fused, expected, atol=1e-6)
 
 
 def test_text_padding_mask_keeps_diffusers_processor(tiny_cache_env):
