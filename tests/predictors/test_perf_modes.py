@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.models.activations import GELU
 from PIL import Image
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 from predictors import acceleration, attention, feedforward
 from predictors import model as model_module
@@ -92,10 +93,14 @@ def test_feedforwards_take_the_gelu_epilogue_and_step_aside_for_the_baseline(tin
     gelu = GELU(8, 32, approximate="tanh")  # off CUDA: diffusers' own computation
     inputs = torch.randn(2, 5, 8)
     assert torch.equal(feedforward.EpilogueGELU(gelu)(inputs), gelu(inputs))
-    # The epilogue's call (the product's operands and shapes), with a CPU's erf GELU.
-    fused = feedforward.linear_gelu(inputs, gelu.proj.weight, gelu.proj.bias)
+    # The epilogue's call (the product's operands and shapes), with a CPU's erf GELU; compiled,
+    # it stays one op, which Inductor calls as it is (no product and GELU apart).
+    weight, bias = gelu.proj.weight.detach(), gelu.proj.bias.detach()
+    compiled = torch.compile(feedforward.linear_gelu, fullgraph=True)
+    fused, code = run_and_get_code(compiled, inputs, weight, bias)
     expected = torch.nn.functional.gelu(gelu.proj(inputs), approximate="none")
     assert fused.shape == (2, 5, 32) and torch.allclose(fused, expected, atol=1e-6)
+    assert "torch.ops.aten._addmm_activation.default(" in "\n".join(code)
 
 
 def test_text_padding_mask_keeps_diffusers_processor(tiny_cache_env):
