@@ -57,8 +57,7 @@ QUANTIZATIONS = ("none", "fp8")
 # FasterCache do not); the value builds diffusers' config from the threshold.
 CACHES = {"none": None, "first_block": lambda threshold: FirstBlockCacheConfig(threshold=threshold)}
 COMPILE_CHOICES = ("auto", "on", "off")
-CUDA_GRAPHS_CHOICES = ("off", "on")
-MAX_AUTOTUNE_CHOICES = ("off", "on")
+SWITCH_CHOICES = ("off", "on")  # --cuda_graphs and --max_autotune
 # Inductor's options for --max_autotune on: torch.compile's "max-autotune-no-cudagraphs" mode
 # (CUDA graphs are --cuda_graphs's). Each matrix product is timed as cuBLAS and as Triton's
 # templates, which can take the elementwise work after it, and the fastest is kept; the other
@@ -127,8 +126,8 @@ class Acceleration:
     def __post_init__(self) -> None:
         for name, value, known in (
             ("compile", self.compile, COMPILE_CHOICES),
-            ("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS_CHOICES),
-            ("max_autotune", self.max_autotune, MAX_AUTOTUNE_CHOICES),
+            ("cuda_graphs", self.cuda_graphs, SWITCH_CHOICES),
+            ("max_autotune", self.max_autotune, SWITCH_CHOICES),
             ("text_padding", self.text_padding, TEXT_PADDINGS),
             ("quantization", self.quantization, QUANTIZATIONS),
             ("cache", self.cache, tuple(CACHES)),

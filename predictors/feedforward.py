@@ -49,33 +49,35 @@ def linear_gelu(
     return projected.unflatten(0, hidden_states.shape[:-1])
 
 
-def _epilogue_modules(transformer: torch.nn.Module) -> Iterator[EpilogueGELU]:
+def _feedforwards(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     for block in transformer.transformer_blocks:
-        for feedforward in (block.img_mlp, block.txt_mlp):
-            if isinstance(feedforward.net[0], EpilogueGELU):
-                yield feedforward.net[0]
+        yield block.img_mlp
+        yield block.txt_mlp
+
+
+def _epilogue_modules(transformer: torch.nn.Module) -> list[EpilogueGELU]:
+    return [ff.net[0] for ff in _feedforwards(transformer) if isinstance(ff.net[0], EpilogueGELU)]
 
 
 def install(transformer: torch.nn.Module) -> None:
     """Use ``EpilogueGELU`` for the tanh-GELU input projection of every block's feed-forwards
     (a second call changes nothing)."""
-    for block in transformer.transformer_blocks:
-        for feedforward in (block.img_mlp, block.txt_mlp):
-            first = feedforward.net[0]
-            if isinstance(first, GELU) and first.approximate == "tanh":
-                feedforward.net[0] = EpilogueGELU(first)
+    for feedforward in _feedforwards(transformer):
+        first = feedforward.net[0]
+        if isinstance(first, GELU) and first.approximate == "tanh":
+            feedforward.net[0] = EpilogueGELU(first)
 
 
 def installed(transformer: torch.nn.Module) -> bool:
     """Whether ``install`` ran on this transformer."""
-    return any(True for _ in _epilogue_modules(transformer))
+    return bool(_epilogue_modules(transformer))
 
 
 @contextmanager
 def as_diffusers(transformer: torch.nn.Module) -> Iterator[None]:
     """Run the projections as diffusers does inside the block: product, then GELU (the
     original service's computation, for the benchmark's baseline)."""
-    modules = list(_epilogue_modules(transformer))
+    modules = _epilogue_modules(transformer)
     for module in modules:
         module.epilogue = False
     try:

@@ -169,8 +169,8 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
     choices = {
         "--text_padding": acceleration.TEXT_PADDINGS,
         "--compile": acceleration.COMPILE_CHOICES,
-        "--cuda_graphs": acceleration.CUDA_GRAPHS_CHOICES,
-        "--max_autotune": acceleration.MAX_AUTOTUNE_CHOICES,
+        "--cuda_graphs": acceleration.SWITCH_CHOICES,
+        "--max_autotune": acceleration.SWITCH_CHOICES,
         "--quantization": acceleration.QUANTIZATIONS,
         "--cache": tuple(acceleration.CACHES),
     }
