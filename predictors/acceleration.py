@@ -3,6 +3,7 @@
 - attention backends for masked and mask-free batches, and padding-free attention for texts
   of different lengths (exact);
 - the feed-forwards' GELU in the product's epilogue on CUDA (exact to bf16 rounding);
+- the blocks' modulation computed for all of a request's steps at once (exact to rounding);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
   optionally replayed as CUDA graphs (an experiment: no gain on an H100, with CFG or Lightning)
   or autotuned (an experiment, not measured on a GPU yet);
@@ -36,7 +37,7 @@ from PIL import Image
 from torch.utils.hooks import RemovableHandle
 
 from predictors import attention as padding_free
-from predictors import feedforward
+from predictors import feedforward, modulation
 from predictors.contract import SIZE_MULTIPLE
 from predictors.denoise import AttentionBackends, Job, generate
 
@@ -102,7 +103,8 @@ class AccelerationError(RuntimeError):
 @dataclass(frozen=True)
 class Acceleration:
     """The speed modes of one deployment. The defaults change nothing but the loop, how
-    attention skips text padding and where GELU runs, all exact (GELU to bf16 rounding)."""
+    attention skips text padding, where GELU runs and when the modulation is computed, all
+    exact (GELU and the modulation to rounding)."""
 
     attention: AttentionBackends = field(default_factory=AttentionBackends)
     text_padding: str = "split"
@@ -188,6 +190,7 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
     if acceleration.lora:
         fuse_lora(pipeline, acceleration.lora, acceleration.lora_weight_name)
     feedforward.install(pipeline.transformer)
+    modulation.install(pipeline.transformer)
     if acceleration.quantization == "fp8":
         quantize_fp8(pipeline.transformer)
     if acceleration.cache != "none":

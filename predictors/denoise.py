@@ -11,6 +11,8 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
   ``acceleration.apply`` does), else through diffusers' padding mask;
 - the guided prediction is the pipeline's own norm-rescaled combination;
 - timesteps are prepared once, and the step loop reads nothing back to the host;
+- the blocks' modulation is computed for all steps at once where ``predictors.modulation`` is
+  installed (as ``acceleration.apply`` does);
 - a prompt that several images of a batch share (the default negative prompt, say) is
   encoded once;
 - the VAE encodes edit images and decodes outputs with its convolutions as 2D ones
@@ -36,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from predictors import attention as padding_free
+from predictors import modulation
 from predictors.vae import decode_single_frame, encode_single_frame
 
 logger = logging.getLogger(__name__)
@@ -176,8 +179,12 @@ def generate(
 
         pipeline.scheduler.set_begin_index(0)
         try:
-            with attention_backend(backend):
+            with (
+                attention_backend(backend),
+                modulation.precomputed(transformer, model_timesteps) as select_step,
+            ):
                 for i, t in enumerate(timesteps):
+                    select_step(i)
                     model_input = latents
                     if image_latents is not None:
                         model_input = torch.cat([latents, image_latents], dim=1)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageEditPipeline, QwenImagePipeline
+from diffusers import QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
 from torch._inductor.utils import run_and_get_code
 
 from bench.gpu_pipelines import run_baseline
-from predictors import attention
+from predictors import attention, modulation
 from predictors.denoise import AttentionBackends, Job, _to_pil, generate, pad_text
 from predictors.loading import load_pipeline, resolve_location
+from predictors.tiny import build_transformer
 
 TOLERANCE = 1e-5  # images in [0, 1]
 CPU = torch.device("cpu")
@@ -31,6 +32,7 @@ def tiny(pipeline_class, kind: str, directory, text_padding: str):
     )
     if text_padding == "split":
         attention.install(pipeline.transformer)
+    modulation.install(pipeline.transformer)  # as a deployment runs it
     return pipeline
 
 
@@ -107,6 +109,45 @@ def test_a_batch_encodes_each_prompt_once(generation, monkeypatch):
     assert sorted(prompts) == [" ", "a cat", "a red cube"]
     for expected, actual in zip(alone, batched, strict=True):
         assert np.abs(actual - expected).max() < TOLERANCE
+
+
+def test_the_modulation_is_computed_once_a_request(generation):
+    """The engine runs each block's modulation layer once over all of a request's steps (its
+    weights read once, not at each step); a plain pipeline call, outside the engine's loop,
+    still runs it at each step. That both give the same images is the tests above."""
+    assert modulation.installed(generation.transformer)
+    blocks = generation.transformer.transformer_blocks
+    rows_per_call = []
+    hook = (
+        blocks[0]
+        .img_mod[1]
+        .register_forward_hook(lambda module, args, output: rows_per_call.append(args[0].shape[0]))
+    )
+    job = Job("a red cube", " ", (1,), 64, 48, 3, 4.0)
+    try:
+        generate(generation, [job, Job("a cat", " ", (2,), 64, 48, 3, 4.0)], output_type="np")
+        assert rows_per_call == [3]  # one row per step, for both requests and their CFG
+        rows_per_call.clear()
+        run_baseline(generation, job)
+        assert rows_per_call == [1] * 6  # diffusers: 3 steps of two passes
+    finally:
+        hook.remove()
+    assert all(block.img_mod.rows is None and block.txt_mod.rows is None for block in blocks)
+
+
+def test_modulation_install_keeps_names_and_skips_other_modulations():
+    """Parameter names stay (LoRAs and FP8 find the same layers); transformers whose
+    modulation takes more than the step (Qwen-Image-Edit-2511's ``zero_cond_t``) keep
+    diffusers' layers."""
+    transformer = build_transformer()
+    names = list(transformer.state_dict())
+    modulation.install(transformer)
+    assert isinstance(transformer.transformer_blocks[0].txt_mod, modulation.StepModulation)
+    assert list(transformer.state_dict()) == names
+    config = {key: value for key, value in transformer.config.items() if key[0] != "_"}
+    with_condition_timestep = QwenImageTransformer2DModel(**{**config, "zero_cond_t": True})
+    modulation.install(with_condition_timestep)
+    assert not modulation.installed(with_condition_timestep)
 
 
 def test_pil_output_and_mixed_batches_refused(generation):

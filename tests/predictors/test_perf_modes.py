@@ -8,6 +8,7 @@ import math
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from predictors import acceleration, attention, feedforward
+from predictors import acceleration, attention, feedforward, modulation
 from predictors import model as model_module
 from predictors.acceleration import Acceleration, AccelerationError
 from predictors.denoise import Job, generate, pad_text
@@ -72,6 +73,7 @@ def test_defaults_change_nothing(tiny_cache_env):
     assert not HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
     assert attention.installed(model.pipeline.transformer)  # --text_padding split
     assert feedforward.installed(model.pipeline.transformer)  # exact to bf16 rounding
+    assert modulation.installed(model.pipeline.transformer)  # exact to rounding
 
 
 def test_feedforwards_take_the_gelu_epilogue_and_step_aside_for_the_baseline(tiny_cache_env):
@@ -152,9 +154,10 @@ def test_cache_and_compile_flags_reach_the_transformer(tiny_cache_env):
 
 
 def test_compiled_blocks_take_any_mix_of_prompts_without_recompiling(tiny_cache_env):
-    """After the load-time warm-up, batches of 1 to 8 requests with prompts of any lengths
-    compile nothing more (a per-batch recompile would stall requests, and past dynamo's
-    recompile limit fail them), and give the uncompiled images to float32 rounding."""
+    """After the load-time warm-up, batches of 1 to 8 requests with prompts of any lengths,
+    and another step count (another table of precomputed modulation), compile nothing more (a
+    per-batch recompile would stall requests, and past dynamo's recompile limit fail them),
+    and give the uncompiled images to float32 rounding."""
     model = load_model(tiny_cache_env, "--compile", "on", "--warmup_sizes", "64x64")
     graphs = counters["stats"]["unique_graphs"]
     sentence = "a red green cube sphere on the old wooden table in morning light"
@@ -163,6 +166,7 @@ def test_compiled_blocks_take_any_mix_of_prompts_without_recompiling(tiny_cache_
         for index in range(8)
     ]
     batches = [jobs[:1], jobs[:8], jobs[2:5], jobs[5:7], jobs[1:7:2]]
+    batches.append([replace(jobs[3], num_inference_steps=3)])
     compiled = [generate(model.pipeline, batch, output_type="np") for batch in batches]
     assert counters["stats"]["unique_graphs"] == graphs, "a mixed batch recompiled the blocks"
 
