@@ -24,6 +24,7 @@ MISSING_PARAMETER = "missing_required_parameter"
 UNKNOWN_PARAMETER = "unknown_parameter"
 UNSUPPORTED_VALUE = "unsupported_value"
 INVALID_JSON = "invalid_json"
+NOT_MULTIPART = "invalid_content_type"
 INVALID_IMAGE_FORMAT = "invalid_image_format"
 IMAGE_TOO_LARGE = "image_too_large"
 INVALID_API_KEY = "invalid_api_key"
@@ -95,12 +96,16 @@ def _validation_info(exc: RequestValidationError) -> ErrorInfo:
     param = fields[0] if fields else None
     code = _VALIDATION_CODES.get(error.get("type", ""), INVALID_VALUE)
     reason = str(error.get("msg", "")).removeprefix("Value error, ")
+    if param is None:  # the body as a whole: missing, not JSON, or not a JSON object
+        message = {
+            MISSING_PARAMETER: "Missing request body: send a JSON object",
+            INVALID_JSON: f"The request body is not valid JSON: {reason}",
+        }.get(code, "The request body must be a JSON object, sent as 'application/json'")
+        return ErrorInfo(message=message, type=INVALID_REQUEST, code=INVALID_JSON)
     if code == UNKNOWN_PARAMETER:
         message = f"Unrecognized request argument supplied: {param}"
     elif code == MISSING_PARAMETER:
         message = f"Missing required parameter: '{param}'"
-    elif param is None:
-        message = f"Invalid request body: {reason}"
     else:
         message = f"Invalid value for '{param}': {reason}"
     return ErrorInfo(message=message, type=INVALID_REQUEST, param=param, code=code)

@@ -125,6 +125,13 @@ def _commands(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, 
     return commands
 
 
+def adapter_url(host: str, port: int) -> str:
+    """The adapter's base URL for a client on this machine: an any-address bind is reached
+    on loopback, and an IPv6 literal goes in brackets."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _is_ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -144,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
 
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    base = f"http://{host}:{args.port}"
+    base = adapter_url(args.host, args.port)
     children: list[Child] = []
     status = 0
     try:

@@ -1,4 +1,5 @@
-"""KServe v2 REST calls to the predictors over one pooled ``httpx.AsyncClient``."""
+"""KServe v2 REST calls to the predictors: inference over one pooled ``httpx.AsyncClient``,
+readiness checks over a small one of their own."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from predictors.contract import (
 logger = logging.getLogger(__name__)
 
 _NO_RETRY = {"x-should-retry": "false"}
+# Connections of the readiness client: one check per model at a time is the usual load.
+_READY_CONNECTIONS = 4
 
 
 class PredictorClient:
@@ -51,10 +54,18 @@ class PredictorClient:
                 max_keepalive_connections=settings.max_connections,
             ),
         )
+        # Readiness checks get their own pool, so that generations holding every inference
+        # connection do not make a ready predictor look unreachable.
+        self._ready_http = httpx.AsyncClient(
+            transport=transport,
+            timeout=settings.ready_timeout_seconds,
+            limits=httpx.Limits(max_connections=_READY_CONNECTIONS),
+        )
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
         await self._http.aclose()
+        await self._ready_http.aclose()
 
     def _model_url(self, model: str) -> str:
         return f"{self._settings.predictor_url(model)}/v2/models/{model}"
@@ -102,7 +113,7 @@ class PredictorClient:
         if response.status_code == 200:
             try:
                 return _parse_results(response)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 message = f"The '{model}' predictor sent an invalid answer: {exc}"
                 raise OpenAIError(502, message, code=PREDICTOR_ERROR) from exc
         raise self._status_error(model, response, param_names)
@@ -148,9 +159,7 @@ class PredictorClient:
     async def not_ready(self, model: str) -> str | None:
         """Why ``model``'s predictor is not ready, or None when it is."""
         try:
-            response = await self._http.get(
-                f"{self._model_url(model)}/ready", timeout=self._settings.ready_timeout_seconds
-            )
+            response = await self._ready_http.get(f"{self._model_url(model)}/ready")
         except httpx.HTTPError as exc:
             return f"unreachable ({type(exc).__name__})"
         return None if response.status_code == 200 else f"answered {response.status_code}"

@@ -51,7 +51,13 @@ class ImageRequest(BaseModel):
         None, description="'transparent' is not supported."
     )
     stream: bool | None = Field(None, description="Streaming is not supported.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Partial images (streaming) are not supported; only 0."
+    )
     user: str | None = Field(None, description="End-user id; accepted and ignored.")
+    safety_identifier: str | None = Field(
+        None, description="End-user id for abuse monitoring; accepted and ignored."
+    )
     # The original Qwen-Image service's fields (``extra_body`` in the openai SDK).
     width: int | None = Field(None, description="Image width in pixels (multiple of 16).")
     height: int | None = Field(None, description="Image height in pixels (multiple of 16).")
@@ -84,7 +90,9 @@ class ImageGenerationRequest(ImageRequest):
     """``POST /v1/images/generations`` (JSON)."""
 
     moderation: Literal["low", "auto"] | None = Field(None, description="Accepted and ignored.")
-    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="dall-e-3's style; accepted and ignored."
+    )
 
 
 class ImageEditRequest(ImageRequest):
@@ -97,6 +105,7 @@ class ImageEditRequest(ImageRequest):
         None, alias="image[]", description="The same, as the openai SDK sends a list."
     )
     mask: UploadFile | None = Field(None, description="Not supported yet.")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
 
     @property
     def images(self) -> list[UploadFile]:

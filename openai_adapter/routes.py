@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from openai_adapter.errors import INVALID_API_KEY, NOT_READY, OpenAIError
+from openai_adapter.errors import INVALID_API_KEY, NOT_MULTIPART, NOT_READY, OpenAIError
 from openai_adapter.middleware import request_id_of
 from openai_adapter.protocol import (
     ErrorResponse,
@@ -27,6 +27,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Invalid request",
         401: "Missing or wrong API key",
         404: "Unknown model",
+        413: "Request body too large",
         500: "Inference failed",
         502: "Invalid answer from a predictor",
         503: "Predictor unreachable or busy (see Retry-After)",
@@ -45,7 +46,7 @@ async def require_api_key(
         return
     if credentials is None:
         raise OpenAIError(
-            401, "Missing API key: send 'Authorization: Bearer <key>'", code=INVALID_API_KEY
+            401, "No API key in an 'Authorization: Bearer <key>' header", code=INVALID_API_KEY
         )
     if not secrets.compare_digest(
         credentials.credentials.encode(), expected.get_secret_value().encode()
@@ -77,7 +78,27 @@ async def create_image(
     return _json(await service.generate(body, request_id_of(request)))
 
 
-@v1.post("/images/edits", response_model=ImagesResponse, tags=["images"])
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def require_form(request: Request) -> None:
+    """Edits carry their image as a file: a multipart form, as the openai SDK sends them (a
+    JSON body would otherwise read as an empty form, missing its prompt)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in _FORMS:
+        raise OpenAIError(
+            400,
+            "Image edits take a multipart/form-data body with the image as a file",
+            code=NOT_MULTIPART,
+        )
+
+
+@v1.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    tags=["images"],
+    dependencies=[Depends(require_form)],
+)
 async def create_image_edit(
     form: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")],
     request: Request,

@@ -166,6 +166,12 @@ def _reject_unsupported(request: ImageRequest) -> None:
         )
     if request.stream:
         raise bad_request("Streaming is not supported yet", "stream", UNSUPPORTED_VALUE)
+    if request.partial_images:
+        raise bad_request(
+            "partial_images needs streaming, which is not supported yet; send 0 or none",
+            "partial_images",
+            UNSUPPORTED_VALUE,
+        )
 
 
 def _first(*values: int | None) -> int | None:

@@ -29,7 +29,10 @@ class Settings(BaseSettings):
         None, description="When set, clients must send 'Authorization: Bearer <key>'."
     )
     request_timeout_seconds: float = Field(
-        600.0, gt=0, description="Longest wait for a predictor's answer (then 504)."
+        570.0,
+        gt=0,
+        description="Longest wait for a predictor's answer (then 504); below the clients' own "
+        "timeout (the openai SDK's is 600 s), or they give up and resend first.",
     )
     connect_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest wait to connect to a predictor (then 503)."

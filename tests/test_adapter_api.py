@@ -154,6 +154,21 @@ def test_edit_one_item_list(client: OpenAI):
     assert [item.seed for item in result.data] == [42, 43]
 
 
+def test_ignored_openai_fields_are_accepted(client: OpenAI):
+    """The SDK's fields that mean nothing to Qwen-Image pass, as docs/adapter.md says."""
+    ignored = {"user": "user-1", "safety_identifier": "hashed-user-1"}
+    generated = small(client, moderation="low", style="vivid", partial_images=0, **ignored)
+    edited = client.images.edit(
+        image=encode_image((64, 64)),
+        prompt="add a hat",
+        size="64x64",
+        input_fidelity="high",
+        extra_body=FAST,
+        **ignored,
+    )
+    assert generated.size == edited.size == "64x64"
+
+
 def test_models(client: OpenAI):
     assert {model.id for model in client.models.list()} == {"qwen-image", "qwen-image-edit"}
     model = client.models.retrieve("qwen-image-edit")
@@ -188,6 +203,7 @@ def assert_api_error(caught: pytest.ExceptionInfo, cls: type, status: int, code:
         ({"response_format": "url"}, 400, "unsupported_value", "response_format"),
         ({"background": "transparent"}, 400, "unsupported_value", "background"),
         ({"stream": True}, 400, "unsupported_value", "stream"),
+        ({"partial_images": 2}, 400, "unsupported_value", "partial_images"),
         ({"extra": {"guidance": 3}}, 400, "unknown_parameter", "guidance"),
         ({"model": "dall-e-3"}, 404, "model_not_found", "model"),
         ({"model": "qwen-image-edit"}, 400, "invalid_value", "model"),
@@ -205,6 +221,7 @@ def test_generation_errors(client: OpenAI, kwargs, status, code, param):
     [
         ({"image": "two"}, "unsupported_value", "image"),
         ({"mask": "png"}, "unsupported_value", "mask"),
+        ({"partial_images": 1}, "unsupported_value", "partial_images"),
         ({"image": b"just some text"}, "invalid_image_format", "image"),
         ({"model": "qwen-image"}, "invalid_value", "model"),
         ({"size": "64x48"}, "invalid_value", "size"),

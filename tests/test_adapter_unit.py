@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -10,11 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
 import httpx
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from openai_adapter.app import create_app
+from openai_adapter.local_stack import adapter_url
 from openai_adapter.media import detect_image_format
 from openai_adapter.protocol import OutputFormat
 from openai_adapter.settings import Settings
@@ -24,6 +27,7 @@ from tests.servers import PROJECT_ROOT
 Handler = Callable[[httpx.Request], httpx.Response]
 RETRY_LATER = {"retry-after": "5"}
 NO_RETRY = {"x-should-retry": "false"}
+BINARY_HEADER_2 = {contract.BINARY_HEADER_LENGTH: "2"}
 
 
 def encode(size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:
@@ -263,6 +267,9 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"response_format": "url"}, "response_format", "unsupported_value"),
         ({"background": "transparent"}, "background", "unsupported_value"),
         ({"stream": True}, "stream", "unsupported_value"),
+        ({"partial_images": 2}, "partial_images", "unsupported_value"),
+        ({"partial_images": 4}, "partial_images", "invalid_value"),
+        ({"style": "anime"}, "style", "invalid_value"),
     ],
 )
 def test_generation_validation_errors(client, predictor, fields, param, code):
@@ -279,6 +286,29 @@ def test_missing_prompt_and_bad_json(client: TestClient):
         "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"}
     )
     assert_error(response, 400, "invalid_json", None)
+
+
+def test_an_edit_that_is_not_a_multipart_form(client, predictor):
+    response = client.post("/v1/images/edits", json={"prompt": "make it blue", "image": "x"})
+    error = assert_error(response, 400, "invalid_content_type", None)
+    assert "multipart/form-data" in error["message"]
+    assert not predictor.requests
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "message"),
+    [
+        (b"", None, "Missing request body"),
+        (b"", "application/json", "Missing request body"),
+        (b'[{"prompt": "x"}]', "application/json", "must be a JSON object"),
+        (b'{"prompt": "x"}', "text/plain", "must be a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object(client, predictor, content, content_type, message):
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/images/generations", content=content, headers=headers)
+    assert message in assert_error(response, 400, "invalid_json", None)["message"]
+    assert not predictor.requests
 
 
 @pytest.mark.parametrize(
@@ -309,6 +339,8 @@ def test_predictor_400_names_the_clients_field(
         (httpx.Response(500, json={"error": "CUDA OOM"}), 500, "inference_error", NO_RETRY),
         (httpx.Response(404, text="no such model"), 502, "predictor_error", {}),
         (httpx.Response(200, json={"outputs": []}), 502, "predictor_error", {}),
+        (httpx.Response(200, json=[{"outputs": []}]), 502, "predictor_error", {}),
+        (httpx.Response(200, content=b"[]", headers=BINARY_HEADER_2), 502, "predictor_error", {}),
         (v2_images(b"not an image"), 502, "predictor_error", {}),
         (v2_images(b"\x89PNG\r\n\x1a\n but not really"), 502, "predictor_error", {}),
     ],
@@ -319,6 +351,7 @@ def test_predictor_failures(client, predictor, answer, status, code, headers):
     assert_error(response, status, code, None)
     for name, value in headers.items():
         assert response.headers[name] == value
+    assert ("x-should-retry" in response.headers) == (headers == NO_RETRY)
 
 
 @pytest.mark.parametrize(
@@ -420,7 +453,11 @@ def test_a_body_past_the_upload_limit_is_refused_before_it_is_read(make_client, 
 
 def test_api_key(make_client: Callable[..., TestClient]):
     client = make_client(api_key="s3cret")
-    assert_error(client.get("/v1/models"), 401, "invalid_api_key", None)
+    for headers in ({}, {"Authorization": "Basic dXNlcjpzM2NyZXQ="}):
+        error = assert_error(
+            client.get("/v1/models", headers=headers), 401, "invalid_api_key", None
+        )
+        assert error["message"] == "No API key in an 'Authorization: Bearer <key>' header"
     wrong = {"Authorization": "Bearer nope"}
     assert_error(client.get("/v1/models", headers=wrong), 401, "invalid_api_key", None)
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).is_success
@@ -445,6 +482,7 @@ def test_unexpected_exception_is_a_500(make_client, predictor):
         )
     assert_error(response, 500, "internal_error", None)
     assert response.headers["x-request-id"] == "r1"
+    assert "x-should-retry" not in response.headers  # the SDK may retry it
 
 
 def test_health(client: TestClient, predictor: FakePredictor):
@@ -462,12 +500,80 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
     schema = client.get("/openapi.json").json()
     for path in ("/v1/images/generations", "/v1/images/edits", "/v1/models"):
         assert path in schema["paths"]
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        assert {"400", "401", "413", "503", "504"} <= set(
+            schema["paths"][path]["post"]["responses"]
+        )
     text = json.dumps(schema)
     assert '"422"' not in text and "HTTPValidationError" not in text
     assert "image[]" in text
     edit_body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert list(edit_body) == ["multipart/form-data"]
     assert client.get("/docs").status_code == 200
+
+
+def test_readiness_has_connections_of_its_own():
+    """Generations holding every inference connection do not make /health/ready fail."""
+
+    async def scenario() -> httpx.Response:
+        generating, release = asyncio.Event(), asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/infer " in head:
+                generating.set()
+                await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        settings = Settings(
+            generation_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+            edit_url="",
+            max_connections=1,
+            ready_timeout_seconds=1,
+        )
+        app = create_app(settings)
+        transport = httpx.ASGITransport(app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://adapter") as http,
+        ):
+            generation = asyncio.create_task(
+                http.post("/v1/images/generations", json={"prompt": "x"})
+            )
+            await asyncio.wait_for(generating.wait(), 10)
+            try:
+                return await http.get("/health/ready")
+            finally:
+                release.set()
+                await generation
+                server.close()
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+
+
+def test_the_request_timeout_is_below_the_sdks():
+    """A client that gives up first never sees the 504, and the SDK resends the request
+    while the GPU still runs it."""
+    default = Settings.model_fields["request_timeout_seconds"].default
+    assert default <= openai.DEFAULT_TIMEOUT.read - 30
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("localhost", "http://localhost:8000"),
+    ],
+)
+def test_the_stack_reaches_the_adapter_on_any_host(host: str, url: str):
+    assert adapter_url(host, 8000) == url
 
 
 def test_protocol_formats_match_the_contract():
