@@ -97,7 +97,8 @@ EDIT_DEFAULTS = Defaults(width=None, height=None, negative_prompt=" ")
 
 @dataclass(frozen=True)
 class Limits:
-    """What a predictor accepts; each bound is configurable per deployment."""
+    """What a predictor accepts. The sizes, ``max_steps``, ``max_images`` and
+    ``max_input_pixels`` are set per deployment (flags); the other bounds are fixed."""
 
     min_size: int = 256
     max_size: int = 2048
@@ -109,6 +110,20 @@ class Limits:
     max_cfg_scale: float = 20.0
     max_images: int = 10
     max_input_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        ranges = (
+            ("size", self.min_size, self.max_size),
+            ("steps", self.min_steps, self.max_steps),
+            ("CFG scale", self.min_cfg_scale, self.max_cfg_scale),
+        )
+        for what, least, most in ranges:
+            if least > most:
+                raise ValueError(f"the least {what} ({least}) is above the most ({most})")
+        if self.min_size < SIZE_MULTIPLE or self.max_images < 1 or self.max_input_pixels < 1:
+            raise ValueError(
+                f"sizes start at {SIZE_MULTIPLE}, and image counts and pixel limits at 1"
+            )
 
 
 @dataclass
@@ -266,8 +281,12 @@ def encode_bytes_for_rest(data: bytes) -> str:
     return pybase64.b64encode_as_string(data)
 
 
-def decode_bytes_from_rest(name: str, value: str | bytes) -> bytes:
+def decode_bytes_from_rest(name: str, value: object) -> bytes:
     """Raw bytes of a base64 BYTES image tensor from a REST JSON body."""
+    if not isinstance(value, str | bytes):
+        raise ContractError(
+            name, f"'{name}' must be a base64-encoded string over REST, got {type(value).__name__}"
+        )
     try:
         return pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -131,16 +131,20 @@ class PipelineRunner(Generic[JobT, ResultT]):
             raise ServerBusy(self.model_name, self._pending, self.capacity)
 
     async def run(self, job: JobT) -> ResultT:
-        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full."""
+        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full, and
+        ``RuntimeError`` once shut down."""
         self.check_capacity()
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
+        with self._condition:
+            if self._closed:
+                raise RuntimeError(f"the pipeline runner of {self.model_name} is shut down")
+            self._waiting.append(waiting)
+            self._condition.notify()
+        # Counted once queued: its done callback, run on this loop, cannot come before.
         self._pending += 1
         self._depth.set(self._pending)
         waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
-        with self._condition:
-            self._waiting.append(waiting)
-            self._condition.notify()
         return await asyncio.wrap_future(waiting.future)
 
     def call(self, function: Callable[[], T]) -> T:
@@ -213,7 +217,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
 
     def _execute(self, batch: list[_Waiting[JobT]]) -> None:
         """Run a batch; if a batch of several fails, run its requests one by one, so that
-        one bad request (or a batch too big for the GPU) does not fail the others."""
+        one bad request (or a batch too big for the GPU) does not fail the others. Results
+        that cannot be handed out (not one per request) fail the batch, not the worker."""
         self._batch_sizes.observe(len(batch))
         try:
             results = self.process([item.job for item in batch])
@@ -225,5 +230,12 @@ class PipelineRunner(Generic[JobT, ResultT]):
             for item in batch:
                 self._execute([item])
             return
-        for item, result in zip(batch, results, strict=True):
-            item.future.set_result(result)
+        try:
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")
+            for item, result in zip(batch, results, strict=True):
+                item.future.set_result(result)
+        except Exception as exc:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)

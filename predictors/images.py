@@ -9,12 +9,15 @@ from PIL import Image, UnidentifiedImageError
 
 from predictors.contract import IMAGE, ContractError
 
-ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+# MPO is the multi-picture JPEG phone cameras write; it decodes to its first picture, as a
+# JPEG decoder reads it.
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 PIL_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image from encoded PNG/JPEG/WebP bytes; ``ContractError`` for anything else.
+    """An RGB image from encoded PNG/JPEG/WebP bytes (a multi-picture JPEG gives its first
+    picture); ``ContractError`` for anything else.
 
     The pixel count is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing.

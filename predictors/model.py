@@ -73,9 +73,10 @@ class QwenImageModel(Model):
         """Load the pipeline (tiny when no location is set) and apply the speed modes.
 
         Raises ``ModelLocationError`` or ``AccelerationError``. With a step-distilled LoRA,
-        requests that name no steps or CFG scale get the LoRA's (8 steps, no CFG). With
-        compilation on, the blocks are compiled here, by a warm-up at the warm-up sizes (with
-        ``auto``, a failure to compile leaves them uncompiled), on the worker thread.
+        requests that name no steps or CFG scale get ``lora_steps`` steps (``--lora_steps``,
+        8 by default) and no CFG. With compilation on, the blocks are compiled here, by a
+        warm-up at the warm-up sizes (with ``auto``, a failure to compile leaves them
+        uncompiled), on the worker thread.
         """
         modes = self.options.acceleration
         acceleration.check(modes, self.device)
@@ -157,6 +158,12 @@ class QwenImageModel(Model):
             self.runner.check_capacity()  # before decoding an edit image that would be refused
             job = await asyncio.to_thread(self.prepare, request)
             images = await self.runner.run(job)
+            encoded = await asyncio.to_thread(
+                lambda: [
+                    encode_image(image, request.output_format, request.output_compression)
+                    for image in images
+                ]
+            )
         except ContractError as exc:
             REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
             self.log_refusal(request_id, "invalid", started, exc.message)
@@ -171,12 +178,6 @@ class QwenImageModel(Model):
             )
             self.log_refusal(request_id, "error", started, f"{type(exc).__name__}: {exc}")
             raise
-        encoded = await asyncio.to_thread(
-            lambda: [
-                encode_image(image, request.output_format, request.output_compression)
-                for image in images
-            ]
-        )
         seconds = time.perf_counter() - started
         REQUEST_LATENCY.labels(model_name=self.name, outcome="ok").observe(seconds)
         IMAGES_GENERATED.labels(model_name=self.name).inc(len(images))

@@ -75,6 +75,14 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "requests that may wait beyond a full batch: at most max_batch_size + this are "
             "accepted and unfinished, then 503",
         ),
+        (
+            "--shutdown_grace_seconds",
+            "QWEN_SHUTDOWN_GRACE_SECONDS",
+            int,
+            600,
+            "on SIGTERM or SIGINT, how long accepted requests (running and queued) may take "
+            "to finish before the server cancels them",
+        ),
         ("--min_size", "QWEN_MIN_SIZE", int, limits.min_size, "smallest width/height"),
         ("--max_size", "QWEN_MAX_SIZE", int, limits.max_size, "largest width/height"),
         ("--max_steps", "QWEN_MAX_STEPS", int, limits.max_steps, "most inference steps"),
@@ -186,7 +194,10 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> PredictorOptions:
-    """The predictor options named by parsed flags."""
+    """The predictor options named by parsed flags (``ValueError`` for values out of range)."""
+    for flag in ("max_queue_size", "shutdown_grace_seconds"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
     return PredictorOptions(
         location=args.location,
         device=args.device,
@@ -223,20 +234,23 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
 
 
 def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) -> None:
-    """Parse flags, load the model and serve it until SIGINT/SIGTERM.
+    """Parse flags, load the model and serve it until SIGINT/SIGTERM, after which accepted
+    requests get up to ``--shutdown_grace_seconds`` to finish.
 
-    A location that cannot be loaded, a device or dtype this machine lacks, or a speed mode
-    that cannot be applied, ends the process with a one-line error and exit code 2.
+    A setting out of range, a location that cannot be loaded, a device or dtype this machine
+    lacks, or a speed mode that cannot be applied, ends the process with a one-line error and
+    exit code 2.
     """
     parser = build_parser(model_class)
     args = parser.parse_args(argv)
     try:
+        # Out-of-range values, and values from the environment, which argparse does not check.
         options = options_from_args(args)
-    except ValueError as exc:  # a value from the environment that the flags would refuse
+    except ValueError as exc:
         parser.error(str(exc))
     if args.configure_logging:
         logging.basicConfig(
-            level=args.log_level if hasattr(args, "log_level") else logging.INFO,
+            level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
     try:
@@ -250,4 +264,5 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
         grpc_port=args.grpc_port,
         enable_grpc=args.enable_grpc,
         workers=1,
+        grace_period=args.shutdown_grace_seconds,
     ).start([model])

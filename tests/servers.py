@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,11 +19,22 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = PROJECT_ROOT.parent / "shared"
 
 
+# Ports for test servers, below Linux's default ephemeral range (32768-60999): a predictor
+# binds its port only after loading its model, tens of seconds after the port is picked, and
+# meanwhile any outgoing connection on this machine may take an ephemeral port as its own.
+TEST_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on loopback that nothing listens on right now, outside the ephemeral range."""
+    for port in random.sample(TEST_PORTS, 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {TEST_PORTS}")
 
 
 @dataclass
@@ -69,6 +81,16 @@ def wait_until_ready(predictor: RunningPredictor, timeout: float = 180) -> None:
     """Block until the model's readiness endpoint answers 200; fail with the log otherwise."""
     ready_url = f"{predictor.url}/v2/models/{predictor.model_name}/ready"
     wait_for_ok(ready_url, predictor.process, predictor.log_path, timeout)
+
+
+def wait_for_queue_depth(predictor: RunningPredictor, depth: int, timeout: float = 30) -> None:
+    """Block until the predictor's queue-depth metric reads ``depth`` (requests accepted and
+    unfinished); fail after ``timeout`` seconds."""
+    sample = f'qwen_image_queue_depth{{model_name="{predictor.model_name}"}} {depth:.1f}'
+    deadline = time.monotonic() + timeout
+    while sample not in httpx.get(f"{predictor.url}/metrics").text:
+        assert time.monotonic() < deadline, f"the queue never held {depth} request(s)"
+        time.sleep(0.05)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from predictors import contract
+from predictors.images import decode_image
 from tests.predictors.conftest import EDIT_MAX_INPUT_PIXELS
 from tests.servers import RunningPredictor
 
@@ -44,6 +45,47 @@ def test_edit_honours_an_explicit_size(edit_predictor):
     response = edit(edit_predictor, encoded((64, 64), "PNG"), width=128, height=64, **FAST)
     (result,) = contract.parse_rest_response(response.json())
     assert Image.open(io.BytesIO(result.data)).size == (128, 64)
+
+
+def test_an_extreme_aspect_ratio_is_refused_with_an_explicit_size_too(edit_predictor):
+    """The pipeline resizes the input to its ~1024x1024 area whatever the output size: a
+    1x4096 input would become 0 pixels wide."""
+    response = edit(edit_predictor, encoded((1, 4096), "PNG"), width=128, height=64, **FAST)
+    assert response.status_code == 400
+    assert "'image' has an aspect ratio of 1:4096" in response.json()["error"]
+
+
+def test_an_elongated_input_is_edited_at_an_explicit_size(edit_predictor):
+    """A 6:1 panorama gives an output outside the size limits at the pipeline's own size,
+    but is fine at a size the request names."""
+    response = edit(edit_predictor, encoded((600, 100), "PNG"), width=384, height=64, **FAST)
+    assert response.status_code == 200, response.text
+    (result,) = contract.parse_rest_response(response.json())
+    assert Image.open(io.BytesIO(result.data)).size == (384, 64)
+
+
+def multi_picture_jpeg() -> bytes:
+    """An MPO, as phone cameras write: a 96x64 red picture, then a 64x96 blue one."""
+    buffer = io.BytesIO()
+    second = Image.new("RGB", (64, 96), "blue")
+    Image.new("RGB", (96, 64), "red").save(
+        buffer, format="MPO", save_all=True, append_images=[second]
+    )
+    return buffer.getvalue()
+
+
+def test_a_multi_picture_jpeg_is_edited_from_its_first_picture(edit_predictor):
+    data = multi_picture_jpeg()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    first = decode_image(data, EDIT_MAX_INPUT_PIXELS)
+    assert first.size == (96, 64)
+    assert np.abs(np.asarray(first, dtype=int) - (255, 0, 0)).max() < 8
+
+    response = edit(edit_predictor, data, **FAST)
+    assert response.status_code == 200, response.text
+    (result,) = contract.parse_rest_response(response.json())
+    width, height = Image.open(io.BytesIO(result.data)).size
+    assert abs(width / height - 1.5) < 0.05
 
 
 def decompression_bomb() -> bytes:
@@ -88,3 +130,12 @@ def test_missing_image_and_bad_base64_get_a_clear_400(edit_predictor):
     response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
     assert response.status_code == 400
     assert "'image' must be base64-encoded over REST" in response.json()["error"]
+
+
+@pytest.mark.parametrize("element", [5, ["abc"]], ids=["number", "list"])
+def test_an_image_element_that_is_not_a_string_gets_a_clear_400(edit_predictor, element):
+    body = contract.build_rest_body("make it blue", image=b"x", **FAST)
+    body["inputs"][1]["data"] = [element]
+    response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
+    assert response.status_code == 400
+    assert "'image' must be a base64-encoded string over REST" in response.json()["error"]

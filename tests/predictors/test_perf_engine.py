@@ -166,3 +166,37 @@ def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
     assert thread_name == "pipeline-m"
     assert order == ["call after 1 batches"]  # after the running "a", before the waiting "b"
     assert pipeline.batches == [["a"], ["b"]]
+
+
+def test_a_wrong_number_of_results_fails_its_batch_and_the_worker_keeps_serving():
+    """Results that cannot be handed out one per request fail those requests, not the worker
+    thread (which every later request would wait on for ever)."""
+    pipeline = FakePipeline()
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        results = pipeline(jobs)
+        return [] if jobs[0].name == "lost" else results
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="0 results for a batch of 1 requests"):
+            await asyncio.wait_for(runner.run(FakeJob("lost")), 5)
+        assert await asyncio.wait_for(runner.run(FakeJob("next")), 5) == "done next"
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    runner.shutdown()
+    assert pipeline.batches == [["lost"], ["next"]]
+
+
+def test_a_request_after_shutdown_is_refused_rather_than_left_waiting():
+    runner = PipelineRunner("m", FakePipeline(), 4, BatchPolicy(max_batch_size=1))
+    runner.shutdown()
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(runner.run(FakeJob("late")), 5)
+
+    asyncio.run(scenario())
+    assert runner.pending == 0

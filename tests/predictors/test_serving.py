@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import subprocess
@@ -14,9 +15,14 @@ import grpc
 import httpx
 import pytest
 from kserve import InferenceGRPCClient, InferInput, InferRequest, InferResponse
+from PIL import Image
+from prometheus_client import REGISTRY
 
 from predictors import contract
-from tests.servers import PROJECT_ROOT, run_predictor
+from predictors import model as model_module
+from predictors.generation import QwenImageGenerationModel
+from predictors.model import PredictorOptions
+from tests.servers import PROJECT_ROOT, run_predictor, wait_for_queue_depth
 
 # Slow enough on the tiny CPU pipeline (several seconds) to overlap with other calls.
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 6}
@@ -62,9 +68,12 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ("--device=cuda:7", "device 'cuda:7' is not available: this machine has"),
         ("--device=tpu", "unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
         ("--dtype=int4", "unknown dtype 'int4': use auto or one of bfloat16, float16, float32"),
+        ("--max_queue_size=-1", "--max_queue_size must be 0 or more, not -1"),
+        ("--min_size=4096", "the least size (4096) is above the most (2048)"),
+        ("--max_steps=1", "the least steps (2) is above the most (1)"),
     ],
 )
-def test_an_unusable_device_or_dtype_is_a_clear_error(tiny_cache_env, flag, message):
+def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flag, message):
     result = run_to_exit(flag, env=tiny_cache_env)
     assert result.returncode == 2
     assert message in result.stderr
@@ -85,13 +94,7 @@ def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
 
         worker = threading.Thread(target=slow_request)
         worker.start()
-        deadline = time.monotonic() + 10
-        while (
-            'qwen_image_queue_depth{model_name="qwen-image"} 1.0'
-            not in httpx.get(f"{predictor.url}/metrics").text
-        ):
-            assert time.monotonic() < deadline, "the slow request never started"
-            time.sleep(0.05)
+        wait_for_queue_depth(predictor, 1, timeout=10)
 
         for path in ("/v2/health/live", "/v2/models/qwen-image/ready"):
             started = time.perf_counter()
@@ -138,3 +141,33 @@ async def grpc_infer(port: int, prompt: str) -> InferResponse:
         return await client.infer(request)
     finally:
         await client.close()
+
+
+def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch, caplog):
+    """A request that fails while its images are encoded gets its log line (with its id) and
+    its error latency sample, as a failure in the pipeline does."""
+    model = QwenImageGenerationModel("encode-fails", PredictorOptions(device="cpu"))
+    model.runner.process = lambda jobs: [[Image.new("RGB", (256, 256))] for _ in jobs]
+    model.ready = True
+
+    def encode_image(*args) -> bytes:
+        raise OSError("encoder unavailable")
+
+    monkeypatch.setattr(model_module, "encode_image", encode_image)
+    request = InferRequest(
+        model_name=model.name,
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a cat"])],
+        request_id="req-encode-789",
+        parameters={"width": 256, "height": 256},
+    )
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="encoder"):
+            asyncio.run(model.predict(request))
+    finally:
+        model.stop()
+    assert "request_id=req-encode-789 model=encode-fails outcome=error" in caplog.text
+    errors = REGISTRY.get_sample_value(
+        "qwen_image_request_duration_seconds_count",
+        {"model_name": "encode-fails", "outcome": "error"},
+    )
+    assert errors == 1
