@@ -19,6 +19,7 @@ from typing import Any
 from unittest import mock
 
 import helm_python
+import openai
 import pytest
 import yaml
 
@@ -439,7 +440,9 @@ def test_defaults_adapter_service_pdb_and_test_hook() -> None:
     # the other model off the Service (adapter.readinessPath).
     assert main["readinessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     assert "annotations" not in pod["metadata"]  # no chart-created API key to track
-    assert env_values(main)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"] == "600"
+    # The adapter answers (504, not to be retried) before the SDK gives up and resends.
+    timeout = float(env_values(main)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"])
+    assert timeout < openai.DEFAULT_TIMEOUT.read
     assert "QWEN_ADAPTER_API_KEY" not in env_of(main)
     assert deployment["spec"]["replicas"] == 2
     assert pod["spec"]["serviceAccountName"] == ADAPTER
@@ -586,6 +589,35 @@ def test_readiness_on_the_predictors_is_a_choice() -> None:
 def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmError, match=message):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_pods_stop_only_after_the_requests_they_hold() -> None:
+    """A rollout or a drain must not cut accepted requests: each pod's grace period covers
+    the adapter's request timeout, and the adapter keeps serving while the Service drops it."""
+    objs = objects("defaults")
+    pod = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]
+    (adapter,) = pod["containers"]
+    timeout = int(env_values(adapter)["QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS"])
+    assert adapter["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    assert pod["terminationGracePeriodSeconds"] == timeout + 5 + 25
+    for isvc in by_kind(objs, "InferenceService").values():
+        grace = predictor(isvc)["terminationGracePeriodSeconds"]
+        assert grace >= timeout
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(grace)
+    for isvc in by_kind(objects("knative"), "InferenceService").values():
+        timeout_s = predictor(isvc)["timeout"]  # Knative's grace period
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(timeout_s)
+
+    values = {"adapter": {"preStopSleepSeconds": 0}}
+    no_sleep = chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    assert "preStop" not in no_sleep["qwen-image-serve/templates/adapter-deployment.yaml"]
+    longer = render_values({"adapter": {"requestTimeoutSeconds": 900}})
+    pod = one(longer, "Deployment", ADAPTER)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 930, "follows the request timeout"
+    with pytest.raises(helm_python.HelmError, match=r"terminationGracePeriodSeconds \(60\)"):
+        chart().render(
+            {"adapter": {"terminationGracePeriodSeconds": 60}}, name=RELEASE, namespace=NAMESPACE
+        )
 
 
 def test_lora_models_leave_quality_to_their_steps() -> None:
@@ -761,7 +793,7 @@ def test_knative_mode() -> None:
         assert "serving.kserve.io/autoscalerClass" not in annotations
         assert isvc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
         spec = predictor(isvc)
-        assert spec["annotations"]["serving.knative.dev/progress-deadline"] == "1800s"
+        assert spec["annotations"]["serving.knative.dev/progress-deadline"] == "2400s"
         assert spec["containerConcurrency"] == 4
         assert (spec["minReplicas"], spec["maxReplicas"]) == (0, 3)
         assert (spec["scaleMetric"], spec["scaleTarget"]) == ("concurrency", 2)
@@ -795,7 +827,7 @@ def test_legacy_raw_deployment_name_is_standard_mode() -> None:
         )
         assert predictor(isvc)["deploymentStrategy"] == {"type": "Recreate"}
         assert "containerConcurrency" not in predictor(isvc)
-        assert predictor(isvc)["terminationGracePeriodSeconds"] == 120
+        assert predictor(isvc)["terminationGracePeriodSeconds"] == 600
         assert predictor(isvc)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
@@ -1001,6 +1033,16 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},
         "/adapter/readinessPath",
+    ),
+    # Kubernetes requires 1 for liveness and startup probes, and has no grace period on
+    # readiness probes: the API server would refuse the pods at install.
+    "liveness success threshold other than 1": (
+        {"predictor": {"probes": {"liveness": {"successThreshold": 2}}}},
+        "/predictor/probes/liveness/successThreshold",
+    ),
+    "grace period on a readiness probe": (
+        {"adapter": {"probes": {"readiness": {"terminationGracePeriodSeconds": 30}}}},
+        "terminationGracePeriodSeconds",
     ),
 }
 
