@@ -46,8 +46,13 @@ class PredictorClient:
         self._retry_after = {"retry-after": str(settings.retry_after_seconds)}
         self._http = httpx.AsyncClient(
             transport=transport,
+            # A request that finds every connection busy waits no longer for one than for a
+            # connection to open: it is shed with a 503 and Retry-After, as a full
+            # predictor queue sheds it, rather than queued here for minutes.
             timeout=httpx.Timeout(
-                settings.request_timeout_seconds, connect=settings.connect_timeout_seconds
+                settings.request_timeout_seconds,
+                connect=settings.connect_timeout_seconds,
+                pool=settings.connect_timeout_seconds,
             ),
             limits=httpx.Limits(
                 max_connections=settings.max_connections,

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
         "timeout (the openai SDK's is 600 s), or they give up and resend first.",
     )
     connect_timeout_seconds: float = Field(
-        5.0, gt=0, description="Longest wait to connect to a predictor (then 503)."
+        5.0,
+        gt=0,
+        description="Longest wait to connect to a predictor, or for a free pooled connection "
+        "to one (then 503).",
     )
     ready_timeout_seconds: float = Field(
         2.0, gt=0, description="Longest wait for a predictor's readiness answer."

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
@@ -512,10 +513,12 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
     assert client.get("/docs").status_code == 200
 
 
-def test_readiness_has_connections_of_its_own():
-    """Generations holding every inference connection do not make /health/ready fail."""
+def test_with_every_connection_busy_ready_answers_and_a_request_is_shed():
+    """Generations holding every inference connection neither make /health/ready fail (it
+    has connections of its own) nor make another request wait for a connection for longer
+    than the connect timeout: it gets a 503 with Retry-After, as from a busy predictor."""
 
-    async def scenario() -> httpx.Response:
+    async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
         generating, release = asyncio.Event(), asyncio.Event()
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -533,6 +536,7 @@ def test_readiness_has_connections_of_its_own():
             edit_url="",
             max_connections=1,
             ready_timeout_seconds=1,
+            connect_timeout_seconds=0.5,
         )
         app = create_app(settings)
         transport = httpx.ASGITransport(app)
@@ -545,14 +549,20 @@ def test_readiness_has_connections_of_its_own():
             )
             await asyncio.wait_for(generating.wait(), 10)
             try:
-                return await http.get("/health/ready")
+                ready = await http.get("/health/ready")
+                started = time.perf_counter()
+                shed = await http.post("/v1/images/generations", json={"prompt": "y"})
+                return ready, shed, time.perf_counter() - started
             finally:
                 release.set()
                 await generation
                 server.close()
 
-    response = asyncio.run(scenario())
-    assert response.status_code == 200, response.text
+    ready, shed, seconds = asyncio.run(scenario())
+    assert ready.status_code == 200, ready.text
+    assert_error(shed, 503, "predictor_unavailable", None)
+    assert shed.headers["retry-after"] == RETRY_LATER["retry-after"]
+    assert seconds < 5, f"waited {seconds:.1f} s for a connection"
 
 
 def test_the_request_timeout_is_below_the_sdks():
