@@ -198,6 +198,11 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
     for flag in ("max_queue_size", "shutdown_grace_seconds"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
+    if args.workers != 1:
+        raise ValueError(
+            f"--workers must be 1, not {args.workers}: one process holds the pipeline on its "
+            "device; serve more requests with more replicas"
+        )
     return PredictorOptions(
         location=args.location,
         device=args.device,

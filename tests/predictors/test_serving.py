@@ -71,6 +71,7 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ("--max_queue_size=-1", "--max_queue_size must be 0 or more, not -1"),
         ("--min_size=4096", "the least size (4096) is above the most (2048)"),
         ("--max_steps=1", "the least steps (2) is above the most (1)"),
+        ("--workers=2", "--workers must be 1, not 2: one process holds the pipeline"),
     ],
 )
 def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flag, message):
