@@ -651,6 +651,20 @@ def test_notes_list_each_predictors_speed_modes() -> None:
     assert eager.count("speed modes: compile off") == 2, "compile off is not the default"
 
 
+def test_notes_name_the_gpu_resource_each_predictor_asks_for() -> None:
+    values = {
+        "edit": {"overrides": {"gpu": {"count": 1, "resourceName": "nvidia.com/mig-3g.71gb"}}}
+    }
+    notes = chart().render(values, name=RELEASE, namespace=NAMESPACE)[
+        "qwen-image-serve/templates/NOTES.txt"
+    ]
+    assert '"Insufficient nvidia.com/gpu" or "nvidia.com/mig-3g.71gb"' in notes
+    assert (
+        '"Insufficient nvidia.com/mig-3g.71gb")'
+        in render_text("mig")["qwen-image-serve/templates/NOTES.txt"]
+    )
+
+
 def test_fp8_without_a_gpu_is_refused() -> None:
     values = {"predictor": {"gpu": {"count": 0}, "performance": {"quantization": "fp8"}}}
     with pytest.raises(helm_python.HelmError, match=r"fp8 needs a GPU, but gpu\.count is 0"):
