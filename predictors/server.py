@@ -18,7 +18,7 @@ from kserve import model_server as kserve_server
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.contract import Limits
+from predictors.contract import SIZE_MULTIPLE, Limits
 from predictors.denoise import AttentionBackends
 from predictors.engine import BatchPolicy
 from predictors.loading import ModelLocationError, PlacementError
@@ -38,7 +38,7 @@ def parse_sizes(value: str) -> tuple[tuple[int, int], ...] | None:
     if value == "none":
         return ()
     try:
-        return tuple(
+        sizes = tuple(
             (int(width), int(height))
             for width, height in (size.lower().split("x") for size in value.split(","))
         )
@@ -46,6 +46,11 @@ def parse_sizes(value: str) -> tuple[tuple[int, int], ...] | None:
         raise argparse.ArgumentTypeError(
             f"invalid sizes {value!r}: use auto, none or WxH[,WxH...] such as 1328x1328"
         ) from None
+    if any(side <= 0 or side % SIZE_MULTIPLE for size in sizes for side in size):
+        raise argparse.ArgumentTypeError(
+            f"invalid sizes {value!r}: widths and heights are positive multiples of {SIZE_MULTIPLE}"
+        )
+    return sizes
 
 
 def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:

@@ -72,6 +72,7 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ("--min_size=4096", "the least size (4096) is above the most (2048)"),
         ("--max_steps=1", "the least steps (2) is above the most (1)"),
         ("--workers=2", "--workers must be 1, not 2: one process holds the pipeline"),
+        ("--warmup_sizes=1000x1000", "widths and heights are positive multiples of 16"),
     ],
 )
 def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flag, message):
