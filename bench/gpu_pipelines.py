@@ -78,7 +78,7 @@ from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCond
 
 from bench.timing import median_seconds, synchronize
 from bench.vae_single_frame import compare as compare_vae_paths
-from predictors import acceleration, feedforward, modulation, tiny
+from predictors import acceleration, feedforward, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import (
@@ -688,10 +688,7 @@ class Bench:
         # pipeline's too). The baseline's calls pass no text lengths, run the feed-forwards as
         # diffusers does (run_baseline) and compute the modulation at each step (only the
         # engine's loop precomputes it).
-        if args.text_padding == "split":
-            padding_free.install(self.generation.transformer)
-        feedforward.install(self.generation.transformer)
-        modulation.install(self.generation.transformer)
+        acceleration.install_exact_modules(self.generation.transformer, args.text_padding)
         synchronize(device)
         self.build_seconds = time.perf_counter() - self.started
         self.schedulers = {"qwen": self.generation.scheduler}

@@ -185,12 +185,9 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
     """Apply every mode of ``acceleration`` to a loaded pipeline (``check`` them first), in
     the order they compose: the LoRA is fused into bf16 weights before FP8 takes them, and
     compilation comes last."""
-    if acceleration.text_padding == "split":
-        padding_free.install(pipeline.transformer)
-    if acceleration.lora:
+    install_exact_modules(pipeline.transformer, acceleration.text_padding)
+    if acceleration.lora:  # the modules above keep the layers' names, which the LoRA targets
         fuse_lora(pipeline, acceleration.lora, acceleration.lora_weight_name)
-    feedforward.install(pipeline.transformer)
-    modulation.install(pipeline.transformer)
     if acceleration.quantization == "fp8":
         quantize_fp8(pipeline.transformer)
     if acceleration.cache != "none":
@@ -204,6 +201,16 @@ def apply(pipeline: DiffusionPipeline, acceleration: Acceleration) -> None:
             cuda_graphs=acceleration.cuda_graphs == "on",
             max_autotune=acceleration.max_autotune == "on",
         )
+
+
+def install_exact_modules(transformer: torch.nn.Module, text_padding: str) -> None:
+    """The transformer's modules every deployment runs, exact to rounding: padding-free
+    attention (``text_padding`` ``split``), the feed-forwards' GELU epilogue and the step
+    modulation. Layer names stay, so LoRAs and FP8 find the same layers afterwards."""
+    if text_padding == "split":
+        padding_free.install(transformer)
+    feedforward.install(transformer)
+    modulation.install(transformer)
 
 
 def compile_blocks(

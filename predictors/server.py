@@ -53,6 +53,14 @@ def parse_sizes(value: str) -> tuple[tuple[int, int], ...] | None:
     return sizes
 
 
+def non_negative_int(value: str) -> int:
+    """An int of 0 or more (argparse type)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
+    return number
+
+
 def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
     """KServe's server flags, with this model's name, location and limits added."""
     limits = Limits()
@@ -75,7 +83,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         (
             "--max_queue_size",
             "QWEN_MAX_QUEUE_SIZE",
-            int,
+            non_negative_int,
             4,
             "requests that may wait beyond a full batch: at most max_batch_size + this are "
             "accepted and unfinished, then 503",
@@ -83,7 +91,7 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         (
             "--shutdown_grace_seconds",
             "QWEN_SHUTDOWN_GRACE_SECONDS",
-            int,
+            non_negative_int,
             600,
             "on SIGTERM or SIGINT, how long accepted requests (running and queued) may take "
             "to finish before the server cancels them",
@@ -200,9 +208,6 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> PredictorOptions:
     """The predictor options named by parsed flags (``ValueError`` for values out of range)."""
-    for flag in ("max_queue_size", "shutdown_grace_seconds"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
     if args.workers != 1:
         raise ValueError(
             f"--workers must be 1, not {args.workers}: one process holds the pipeline on its "

@@ -68,7 +68,7 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ("--device=cuda:7", "device 'cuda:7' is not available: this machine has"),
         ("--device=tpu", "unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
         ("--dtype=int4", "unknown dtype 'int4': use auto or one of bfloat16, float16, float32"),
-        ("--max_queue_size=-1", "--max_queue_size must be 0 or more, not -1"),
+        ("--max_queue_size=-1", "argument --max_queue_size: must be 0 or more, not -1"),
         ("--min_size=4096", "the least size (4096) is above the most (2048)"),
         ("--max_steps=1", "the least steps (2) is above the most (1)"),
         ("--workers=2", "--workers must be 1, not 2: one process holds the pipeline"),
