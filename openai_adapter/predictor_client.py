@@ -1,5 +1,5 @@
-"""KServe v2 REST calls to the predictors: inference over one pooled ``httpx.AsyncClient``,
-readiness checks over a small one of their own."""
+"""KServe v2 REST calls to the predictors: inference over one pooled ``httpx.AsyncClient`` per
+predictor, readiness checks over a small one of their own."""
 
 from __future__ import annotations
 
@@ -44,21 +44,11 @@ class PredictorClient:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
         self._retry_after = {"retry-after": str(settings.retry_after_seconds)}
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            # A request that finds every connection busy waits no longer for one than for a
-            # connection to open: it is shed with a 503 and Retry-After, as a full
-            # predictor queue sheds it, rather than queued here for minutes.
-            timeout=httpx.Timeout(
-                settings.request_timeout_seconds,
-                connect=settings.connect_timeout_seconds,
-                pool=settings.connect_timeout_seconds,
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.max_connections,
-                max_keepalive_connections=settings.max_connections,
-            ),
-        )
+        # One pool per predictor, so that one saturated predictor cannot take the
+        # connections another one needs.
+        self._inference = {
+            model: _inference_client(settings, transport) for model in settings.models
+        }
         # Readiness checks get their own pool, so that generations holding every inference
         # connection do not make a ready predictor look unreachable.
         self._ready_http = httpx.AsyncClient(
@@ -69,7 +59,8 @@ class PredictorClient:
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
-        await self._http.aclose()
+        for client in self._inference.values():
+            await client.aclose()
         await self._ready_http.aclose()
 
     def _model_url(self, model: str) -> str:
@@ -89,7 +80,7 @@ class PredictorClient:
         """
         start = time.perf_counter()
         try:
-            response = await self._http.post(
+            response = await self._inference[model].post(
                 f"{self._model_url(model)}/infer",
                 content=pydantic_core.to_json(body),
                 headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id},
@@ -173,6 +164,27 @@ class PredictorClient:
         """The models whose predictors are not ready, with the reason, checked concurrently."""
         reasons = await asyncio.gather(*(self.not_ready(model) for model in models))
         return {model: reason for model, reason in zip(models, reasons, strict=True) if reason}
+
+
+def _inference_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncClient:
+    """The pooled client of one predictor's inference calls."""
+    return httpx.AsyncClient(
+        transport=transport,
+        # A request that finds every connection busy waits no longer for one than for a
+        # connection to open: it is shed with a 503 and Retry-After, as a full predictor
+        # queue sheds it, rather than queued here for minutes.
+        timeout=httpx.Timeout(
+            settings.request_timeout_seconds,
+            connect=settings.connect_timeout_seconds,
+            pool=settings.connect_timeout_seconds,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        ),
+    )
 
 
 def _parse_results(response: httpx.Response) -> list[ImageResult]:

@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         64,
         ge=1,
-        description="Most open (pooled, reused) connections to the predictors; more requests "
-        "wait for one.",
+        description="Most open (pooled, reused) connections to each predictor; a request that "
+        "finds them all busy waits for one up to the connect timeout.",
     )
     retry_after_seconds: int = Field(5, ge=0, description="Retry-After sent with 503 answers.")
     max_upload_bytes: int = Field(

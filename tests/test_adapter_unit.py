@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -514,26 +515,36 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
 
 
 def test_with_every_connection_busy_ready_answers_and_a_request_is_shed():
-    """Generations holding every inference connection neither make /health/ready fail (it
-    has connections of its own) nor make another request wait for a connection for longer
+    """Generations holding every connection to their predictor neither make /health/ready
+    fail (it has connections of its own), nor take the edit predictor's connections (each
+    predictor has its pool), nor make another generation wait for a connection for longer
     than the connect timeout: it gets a 503 with Retry-After, as from a busy predictor."""
 
-    async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
+    async def scenario() -> dict[str, httpx.Response | float]:
         generating, release = asyncio.Event(), asyncio.Event()
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             head = await reader.readuntil(b"\r\n\r\n")
-            if b"/infer " in head:
+            length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+            body = await reader.readexactly(int(length[1])) if length else b""
+            answer = httpx.Response(200)
+            if b"/v2/models/qwen-image/infer " in head:
                 generating.set()
                 await release.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            elif b"/infer " in head:
+                answer = v2_answer(httpx.Request("POST", "http://predictor", content=body))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(answer.content), answer.content)
+            )
             await writer.drain()
             writer.close()
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         settings = Settings(
-            generation_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
-            edit_url="",
+            generation_url=url,
+            edit_url=url,
             max_connections=1,
             ready_timeout_seconds=1,
             connect_timeout_seconds=0.5,
@@ -549,20 +560,26 @@ def test_with_every_connection_busy_ready_answers_and_a_request_is_shed():
             )
             await asyncio.wait_for(generating.wait(), 10)
             try:
-                ready = await http.get("/health/ready")
+                answers: dict[str, httpx.Response | float] = {}
+                answers["ready"] = await http.get("/health/ready")
+                answers["edit"] = await http.post(
+                    "/v1/images/edits", data={"prompt": "hat"}, files={"image": encode()}
+                )
                 started = time.perf_counter()
-                shed = await http.post("/v1/images/generations", json={"prompt": "y"})
-                return ready, shed, time.perf_counter() - started
+                answers["shed"] = await http.post("/v1/images/generations", json={"prompt": "y"})
+                answers["seconds"] = time.perf_counter() - started
+                return answers
             finally:
                 release.set()
                 await generation
                 server.close()
 
-    ready, shed, seconds = asyncio.run(scenario())
-    assert ready.status_code == 200, ready.text
-    assert_error(shed, 503, "predictor_unavailable", None)
-    assert shed.headers["retry-after"] == RETRY_LATER["retry-after"]
-    assert seconds < 5, f"waited {seconds:.1f} s for a connection"
+    answers = asyncio.run(scenario())
+    assert answers["ready"].status_code == 200, answers["ready"].text
+    assert answers["edit"].status_code == 200, answers["edit"].text
+    assert_error(answers["shed"], 503, "predictor_unavailable", None)
+    assert answers["shed"].headers["retry-after"] == RETRY_LATER["retry-after"]
+    assert answers["seconds"] < 5, f"waited {answers['seconds']:.1f} s for a connection"
 
 
 def test_the_request_timeout_is_below_the_sdks():
