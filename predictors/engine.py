@@ -68,6 +68,18 @@ class ServerBusy(ServerNotReady):
         self.reason = self.error_msg  # KServe's gRPC error handler aborts with `.reason`
 
 
+class ServerStopping(ServerNotReady):
+    """The server is shutting down and takes no new work. KServe answers it with 503 (gRPC
+    UNAVAILABLE); a retry reaches another replica."""
+
+    def __init__(self, model_name: str):
+        super().__init__()
+        self.error_msg = (
+            f"Server is shutting down: model {model_name} takes no new requests. Retry later."
+        )
+        self.reason = self.error_msg
+
+
 @dataclass
 class _Waiting(Generic[JobT]):
     job: JobT
@@ -90,7 +102,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
     waiting). Past that, ``run`` raises ``ServerBusy`` at once instead of queueing without
     bound. A request counts until its work has really finished, even when its caller gave up
     earlier, so the count always matches what the GPU still has to do; a request cancelled
-    before its batch starts is dropped.
+    before its batch starts leaves the queue at once and never runs. Once shutting down,
+    ``run`` raises ``ServerStopping`` (503).
     """
 
     def __init__(
@@ -132,19 +145,22 @@ class PipelineRunner(Generic[JobT, ResultT]):
 
     async def run(self, job: JobT) -> ResultT:
         """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full, and
-        ``RuntimeError`` once shut down."""
+        ``ServerStopping`` once shutting down."""
         self.check_capacity()
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
         with self._condition:
             if self._closed:
-                raise RuntimeError(f"the pipeline runner of {self.model_name} is shut down")
+                raise ServerStopping(self.model_name)
             self._waiting.append(waiting)
             self._condition.notify()
         # Counted once queued: its done callback, run on this loop, cannot come before.
         self._pending += 1
         self._depth.set(self._pending)
         waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
+        # A request cancelled while it waits leaves the queue at once: it takes no room in
+        # the batch the worker is gathering.
+        waiting.future.add_done_callback(lambda future: future.cancelled() and self._wake())
         return await asyncio.wrap_future(waiting.future)
 
     def call(self, function: Callable[[], T]) -> T:
@@ -165,6 +181,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
             self._closed = True
             self._condition.notify()
         self._worker.join()
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._condition.notify()
 
     def _finish(self) -> None:
         self._pending -= 1
@@ -188,8 +208,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
         wait_s = self.policy.batch_wait_ms / 1000
         with self._condition:
             while True:
+                self._drop_cancelled()
                 while not self._waiting and not self._calls and not self._closed:
                     self._condition.wait()
+                    self._drop_cancelled()
                 if self._calls:
                     return self._calls.popleft()
                 if not self._waiting:
@@ -203,6 +225,11 @@ class PipelineRunner(Generic[JobT, ResultT]):
             for item in batch:
                 self._waiting.remove(item)
         return batch
+
+    def _drop_cancelled(self) -> None:
+        """Forget the waiting requests whose callers gave up (called with the lock held)."""
+        if any(item.future.cancelled() for item in self._waiting):
+            self._waiting = deque(item for item in self._waiting if not item.future.cancelled())
 
     def _select(self) -> list[_Waiting[JobT]]:
         """The oldest request and the later compatible ones that fit beside it."""

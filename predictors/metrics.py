@@ -20,7 +20,8 @@ IMAGES_GENERATED = Counter(
 )
 REQUESTS_REJECTED = Counter(
     "qwen_image_requests_rejected_total",
-    "Requests refused before running: 'invalid' (400) or 'busy' (queue full, 503).",
+    "Requests refused before running: 'invalid' (400), 'busy' (queue full, 503) or "
+    "'stopping' (shutting down, 503).",
     [*LABELS, "reason"],
 )
 BATCH_REQUESTS = Histogram(

@@ -28,7 +28,7 @@ from predictors import acceleration, contract, denoise
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.contract import ContractError, Defaults, ImageRequest, Limits
 from predictors.denoise import Job
-from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy
+from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy, ServerStopping
 from predictors.images import encode_image
 from predictors.loading import load_pipeline, resolve_device, resolve_dtype, resolve_location
 from predictors.metrics import IMAGES_GENERATED, REQUEST_LATENCY, REQUESTS_REJECTED
@@ -168,9 +168,10 @@ class QwenImageModel(Model):
             REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
             self.log_refusal(request_id, "invalid", started, exc.message)
             raise InvalidInput(exc.message) from None
-        except ServerBusy as exc:
-            REQUESTS_REJECTED.labels(model_name=self.name, reason="busy").inc()
-            self.log_refusal(request_id, "busy", started, str(exc))
+        except (ServerBusy, ServerStopping) as exc:
+            reason = "busy" if isinstance(exc, ServerBusy) else "stopping"
+            REQUESTS_REJECTED.labels(model_name=self.name, reason=reason).inc()
+            self.log_refusal(request_id, reason, started, str(exc))
             raise
         except Exception as exc:
             REQUEST_LATENCY.labels(model_name=self.name, outcome="error").observe(

@@ -7,8 +7,9 @@ import threading
 from dataclasses import dataclass
 
 import pytest
+from kserve.errors import ServerNotReady
 
-from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy
+from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy, ServerStopping
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,30 @@ def test_a_request_cancelled_while_waiting_never_runs():
     assert pipeline.batches == [["a"]]
 
 
+def test_a_request_cancelled_while_waiting_takes_no_room_in_a_batch():
+    """A cancelled request leaves the queue when cancelled: the next batch is gathered from
+    the requests still waiting, not cut short by it."""
+    gate = threading.Event()
+    pipeline = FakePipeline(gate)
+    runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=2, batch_wait_ms=0))
+
+    async def scenario() -> list[str]:
+        running = asyncio.create_task(runner.run(FakeJob("running", batch_key="other")))
+        await asyncio.sleep(0.05)
+        cancelled = asyncio.create_task(runner.run(FakeJob("cancelled")))
+        rest = [asyncio.create_task(runner.run(FakeJob(name))) for name in ("b", "c")]
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(running, *rest)
+
+    assert asyncio.run(scenario()) == ["done running", "done b", "done c"]
+    runner.shutdown()
+    assert pipeline.batches == [["running"], ["b", "c"]]
+    assert runner.pending == 0
+
+
 def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
     """What must run where the batches run (the load-time warm-up: CUDA graphs are recorded
     per thread) goes before requests already waiting, and returns or raises to its caller."""
@@ -195,8 +220,9 @@ def test_a_request_after_shutdown_is_refused_rather_than_left_waiting():
     runner.shutdown()
 
     async def scenario() -> None:
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(ServerStopping, match="shutting down") as refused:
             await asyncio.wait_for(runner.run(FakeJob("late")), 5)
+        assert isinstance(refused.value, ServerNotReady)  # KServe's 503: retry elsewhere
 
     asyncio.run(scenario())
     assert runner.pending == 0
