@@ -8,8 +8,8 @@ from diffusers import QwenImageEditPipeline
 
 from predictors.contract import EDIT_DEFAULTS, EDIT_MODEL_NAME, IMAGE, ContractError, ImageRequest
 from predictors.denoise import Job, edit_condition_size
-from predictors.images import decode_image
-from predictors.model import QwenImageModel
+from predictors.images import decode_image, raise_decoder_pixel_limit
+from predictors.model import PredictorOptions, QwenImageModel
 from predictors.server import serve
 
 # What the edit pipeline takes of the input, once resized for its condition: sides are
@@ -28,6 +28,10 @@ class QwenImageEditModel(QwenImageModel):
     default_name = EDIT_MODEL_NAME
     location_env = "QWEN_IMAGE_EDIT_LOCATION"
     needs_image = True
+
+    def __init__(self, name: str, options: PredictorOptions):
+        super().__init__(name, options)
+        raise_decoder_pixel_limit(options.limits.max_input_pixels)
 
     def prepare(self, request: ImageRequest) -> Job:
         """Decode the input image; without an explicit size, the output keeps its aspect

@@ -15,6 +15,14 @@ ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 PIL_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
+def raise_decoder_pixel_limit(max_pixels: int) -> None:
+    """Let Pillow open images of up to ``max_pixels``: its own decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, 89.5 M pixels by default) would otherwise refuse larger
+    inputs that a deployment allows. Process-wide, as Pillow's setting is."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB image from encoded PNG/JPEG/WebP bytes (a multi-picture JPEG gives its first
     picture); ``ContractError`` for anything else.

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from predictors import contract
+from predictors.contract import ContractError, Limits
+from predictors.edit import QwenImageEditModel
 from predictors.images import decode_image
+from predictors.model import PredictorOptions
 from tests.predictors.conftest import EDIT_MAX_INPUT_PIXELS
 from tests.servers import RunningPredictor
 
@@ -86,6 +89,22 @@ def test_a_multi_picture_jpeg_is_edited_from_its_first_picture(edit_predictor):
     (result,) = contract.parse_rest_response(response.json())
     width, height = Image.open(io.BytesIO(result.data)).size
     assert abs(width / height - 1.5) < 0.05
+
+
+def test_a_deployment_may_accept_inputs_past_pillows_own_pixel_limit(monkeypatch):
+    """``--max_input_pixels`` above Pillow's decompression-bomb limit (89.5 M pixels) is
+    honoured: the edit model raises Pillow's limit to it, and larger inputs are refused
+    with the deployment's limit in the message."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    size = (10000, 9000)  # 90 M pixels
+    buffer = io.BytesIO()
+    Image.new("1", size).save(buffer, format="PNG")
+    limits = Limits(max_input_pixels=100_000_000)
+    QwenImageEditModel("edit", PredictorOptions(limits=limits)).stop()
+
+    assert decode_image(buffer.getvalue(), limits.max_input_pixels).size == size
+    with pytest.raises(ContractError, match="more than the 80000000 pixels"):
+        decode_image(buffer.getvalue(), 80_000_000)
 
 
 def decompression_bomb() -> bytes:
