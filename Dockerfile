@@ -19,8 +19,13 @@
 # and need an NVIDIA driver >= 580 on the nodes. For older drivers install torch from a
 # PyTorch index built against an older CUDA, for example
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# (check that the index carries the torch version pyproject.toml asks for), and for a small
-# CPU-only image (smoke tests with the tiny model) use https://download.pytorch.org/whl/cpu.
+# (it must carry the torch version requirements/predictor.txt pins, as a local version such
+# as 2.13.0+cu128; the other packages still come from PyPI), and for a small CPU-only image
+# (smoke tests with the tiny model) use https://download.pytorch.org/whl/cpu.
+#
+# Reproducible dependencies: every package is installed at the version requirements/*.txt
+# pins (`make lock` writes them from pyproject.toml, for Linux x86_64 and the base image's
+# Python), used as pip constraints.
 #
 # Nothing secret goes into the image: Hugging Face tokens and the adapter's API key arrive at
 # run time as environment variables from Kubernetes Secrets.
@@ -73,13 +78,15 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 FROM base AS predictor-build
 ARG TORCH_INDEX_URL=""
 COPY --from=requirements /src/requirements-torch.txt /src/requirements-predictor.txt /tmp/
+COPY requirements/predictor.txt /tmp/constraints.txt
 RUN python -m venv /opt/venv \
     && if [ -n "${TORCH_INDEX_URL}" ]; then \
-         pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/requirements-torch.txt; \
+         pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
+           -c /tmp/constraints.txt -r /tmp/requirements-torch.txt; \
        else \
-         pip install -r /tmp/requirements-torch.txt; \
+         pip install -c /tmp/constraints.txt -r /tmp/requirements-torch.txt; \
        fi
-RUN pip install -r /tmp/requirements-predictor.txt
+RUN pip install -c /tmp/constraints.txt -r /tmp/requirements-predictor.txt
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-deps /wheels/*.whl
 
@@ -87,8 +94,9 @@ RUN pip install --no-deps /wheels/*.whl
 # adapter-build: the base dependencies only (no torch), then the project wheel.
 FROM base AS adapter-build
 COPY --from=requirements /src/requirements-base.txt /tmp/
+COPY requirements/adapter.txt /tmp/constraints.txt
 RUN python -m venv /opt/venv \
-    && pip install -r /tmp/requirements-base.txt
+    && pip install -c /tmp/constraints.txt -r /tmp/requirements-base.txt
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-deps /wheels/*.whl
 

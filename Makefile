@@ -1,6 +1,8 @@
 # Two commands for a fresh machine, each creating .venv on first use:
 #   make run    start both predictors and the OpenAI adapter on loopback (tiny models)
 #   make test   run the linters and the whole test suite (what CI runs)
+# and, after changing a dependency in pyproject.toml:
+#   make lock   pin the container images' dependencies (requirements/*.txt)
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed on its own, first: 2.13.0 is the build CI tests with (CPU on this
@@ -8,7 +10,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint
+# The images' Python (the Dockerfile's PYTHON_IMAGE) and platform, which the locks are for.
+IMAGE_PYTHON ?= 3.12
+IMAGE_PLATFORM ?= x86_64-manylinux_2_28
+LOCK := $(BIN)/uv pip compile pyproject.toml --quiet --custom-compile-command "make lock" \
+	--python-version $(IMAGE_PYTHON) --python-platform $(IMAGE_PLATFORM)
+
+.PHONY: install run test lint lock
 
 install: $(VENV)/.installed
 
@@ -28,3 +36,10 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Every dependency of each image, pinned: the adapter's (no extras) and the predictor's
+# (predictor and fp8 extras, torch at the version CI tests). The Dockerfile installs with
+# these as constraints.
+lock: install
+	$(LOCK) --output-file requirements/adapter.txt
+	echo "$(TORCH)" | $(LOCK) - --extra predictor --extra fp8 --output-file requirements/predictor.txt

@@ -2,9 +2,9 @@
 
 hadolint lints it; the rest parses it: the two targets exist and run as a fixed non-root
 UID, every COPY source exists and survives .dockerignore, dependencies are installed before
-the source is copied, nothing secret is baked in, the predictor image has the C compiler
-Triton needs, and every console script the Dockerfile or the Helm chart runs is declared in
-pyproject.toml.
+the source is copied, and pinned by the locks in requirements/, nothing secret is baked in,
+the predictor image has the C compiler Triton needs, and every console script the
+Dockerfile or the Helm chart runs is declared in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import helm_python
 import pytest
 import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 CHART_DIR = ROOT / "charts" / "qwen-image-serve"
 CHART_VALUES_DIR = Path(__file__).parent / "chart_values"
+LOCKS = ROOT / "requirements"
 
 
 @dataclass
@@ -173,6 +176,67 @@ def test_dependencies_are_installed_before_the_source_arrives() -> None:
             index for index, (keyword, arguments) in enumerate(steps) if "--from=wheel" in arguments
         )
         assert installs and max(installs) < wheel, f"{name}: dependencies before the project wheel"
+
+
+def locked_versions(image: str) -> dict[str, str]:
+    """The pins of ``requirements/{image}.txt``: canonical name -> version."""
+    pins = {}
+    for line in (LOCKS / f"{image}.txt").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, version = line.strip().partition("==")
+            assert version, f"{image}.txt: not a pin: {line}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def makefile_variable(name: str) -> str:
+    """The default of a ``NAME ?= value`` line of the Makefile."""
+    text = (ROOT / "Makefile").read_text()
+    match = re.search(rf"^{name} \?= (\S+)$", text, re.MULTILINE)
+    assert match, f"Makefile sets {name}"
+    return match[1]
+
+
+@pytest.mark.parametrize(
+    ("image", "extras"), [("adapter", []), ("predictor", ["predictor", "fp8"])]
+)
+def test_each_image_dependency_is_pinned_within_pyprojects_range(image, extras) -> None:
+    """The locks cover pyproject.toml as it is now (else: `make lock`), torch at the version
+    CI tests, for the base image's Python."""
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)["project"]
+    requirements = project["dependencies"] + [
+        requirement for extra in extras for requirement in project["optional-dependencies"][extra]
+    ]
+    pins = locked_versions(image)
+    for text in requirements:
+        requirement = Requirement(text)
+        version = pins.get(canonicalize_name(requirement.name))
+        assert version, f"{requirement.name} is not in requirements/{image}.txt: run make lock"
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"requirements/{image}.txt pins {requirement.name}=={version}, outside {text}: "
+            "run make lock"
+        )
+    if "predictor" in extras:
+        assert f"torch=={pins['torch']}" == makefile_variable("TORCH")
+    else:
+        assert "torch" not in pins
+    python_image = next(
+        arguments for keyword, arguments in instructions() if keyword == "ARG"
+    ).partition("=")[2]
+    assert python_image.startswith(f"python:{makefile_variable('IMAGE_PYTHON')}-"), python_image
+
+
+def test_images_install_with_their_lock_as_constraints() -> None:
+    found = stages()
+    for image in ("predictor", "adapter"):
+        steps = found[f"{image}-build"].instructions
+        assert ("COPY", f"requirements/{image}.txt /tmp/constraints.txt") in steps
+        installs = [arguments for keyword, arguments in steps if " -r " in arguments]
+        assert installs, image
+        for install in installs:
+            for command in re.findall(r"pip install[^;&]*", install):
+                assert "-c /tmp/constraints.txt" in command, f"{image}-build: {command}"
 
 
 def test_no_secrets_baked_in() -> None:
