@@ -17,6 +17,7 @@ from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.routes import health, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
+from predictors.disconnect import CancelOnDisconnect
 
 # Room beside the largest image for the other form fields of an edit.
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -55,11 +56,13 @@ def create_app(
     app.include_router(v1)
     app.include_router(health)
     install_error_handlers(app)
-    # Middleware added last runs first: the request id wraps the size check.
+    # Middleware added last runs first: a client's disconnect cancels everything inside,
+    # the request id (and its access log line) wraps the size check.
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(CancelOnDisconnect)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema without its 422 answers, which this app never gives."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -17,6 +18,8 @@ from openai_adapter.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger("openai_adapter.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+# The access log's status of a request whose client left before its answer (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
@@ -30,7 +33,7 @@ def request_id_of(request: Request) -> str:
 
 class RequestIdMiddleware:
     """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
-    response, and log one access line with it."""
+    response, and log one access line with it (status 499 when the client left first)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -56,6 +59,9 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             logger.info(
                 "request_id=%s %s %s %d %.1fms",

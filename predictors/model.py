@@ -173,6 +173,16 @@ class QwenImageModel(Model):
             REQUESTS_REJECTED.labels(model_name=self.name, reason=reason).inc()
             self.log_refusal(request_id, reason, started, str(exc))
             raise
+        except asyncio.CancelledError:
+            # The client left (``predictors.disconnect``) or the server stops: a request still
+            # waiting leaves the queue, a running batch finishes for the others.
+            REQUEST_LATENCY.labels(model_name=self.name, outcome="cancelled").observe(
+                time.perf_counter() - started
+            )
+            self.log_refusal(
+                request_id, "cancelled", started, "the client left or the server stopped"
+            )
+            raise
         except Exception as exc:
             REQUEST_LATENCY.labels(model_name=self.name, outcome="error").observe(
                 time.perf_counter() - started

@@ -20,6 +20,7 @@ from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
 from predictors.contract import SIZE_MULTIPLE, Limits
 from predictors.denoise import AttentionBackends
+from predictors.disconnect import CancelOnDisconnect
 from predictors.engine import BatchPolicy
 from predictors.loading import ModelLocationError, PlacementError
 from predictors.model import PredictorOptions, QwenImageModel
@@ -274,6 +275,9 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     except (ModelLocationError, PlacementError, AccelerationError) as exc:
         logger.error("%s", exc)
         sys.exit(2)
+    # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
+    # handler, and with it a request waiting in the queue.
+    kserve_server.app.add_middleware(CancelOnDisconnect)
     ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,

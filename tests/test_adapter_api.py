@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import re
 import time
 from typing import Any
 
@@ -262,6 +263,36 @@ def test_busy_predictor_answers_503_and_keeps_what_it_accepted(client: OpenAI, s
         assert caught.value.response.headers["retry-after"] == "5"
         results = [future.result() for future in accepted]
     assert [result.data[0].seed for result in results] == list(range(capacity))
+
+
+def test_a_client_that_gives_up_frees_its_place_in_the_queue(client: OpenAI, stack: Stack):
+    """A client that times out while its request waits behind a running one takes it out of
+    the predictor's queue: the adapter cancels its predictor call when the client leaves
+    (access log 499), and the predictor drops the waiting request, which never runs."""
+    metrics_url = f"http://127.0.0.1:{stack.generation_port}/metrics"
+
+    def wait_for_depth(depth: int) -> None:
+        sample = f'qwen_image_queue_depth{{model_name="qwen-image"}} {depth:.1f}'
+        deadline = time.monotonic() + 20
+        while sample not in httpx.get(metrics_url).text:
+            assert time.monotonic() < deadline, f"the queue never held {depth} request(s)"
+            time.sleep(0.05)
+
+    impatient = client.with_options(timeout=2, max_retries=0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            small, client, size="1024x1024", extra={"num_inference_steps": 24, "seed": 7}
+        )
+        wait_for_depth(1)
+        with pytest.raises(openai.APITimeoutError):
+            small(impatient, extra_headers={"x-request-id": "gave-up"})
+        wait_for_depth(1)
+        assert running.result().data[0].seed == 7
+    assert stack.wait_for(
+        lambda log: "request_id=gave-up model=qwen-image outcome=cancelled" in log, 10
+    ), stack.log()[-3000:]
+    assert re.search(r"request_id=gave-up POST /v1/images/generations 499", stack.log())
+    assert "request_id=gave-up model=qwen-image size=" not in stack.log(), "it ran"
 
 
 def test_predictor_down_is_503(down_adapter: str):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -131,14 +134,17 @@ def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
         assert busy_count and float(busy_count.group(1)) >= 2
 
 
-async def grpc_infer(port: int, prompt: str) -> InferResponse:
-    client = InferenceGRPCClient(f"127.0.0.1:{port}")
+async def grpc_infer(
+    port: int, prompt: str, timeout: float = 60, request_id: str | None = None
+) -> InferResponse:
+    client = InferenceGRPCClient(f"127.0.0.1:{port}", timeout=timeout)
     try:
         parameters = contract.build_parameters(width=256, height=256, for_grpc=True)
         request = InferRequest(
             model_name="qwen-image",
             infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
             parameters=parameters,
+            request_id=request_id,
         )
         return await client.infer(request)
     finally:
@@ -173,3 +179,49 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
         {"model_name": "encode-fails", "outcome": "error"},
     )
     assert errors == 1
+
+
+def test_a_request_whose_client_leaves_while_queued_never_runs(generation_predictor):
+    """A REST client that disconnects while its request waits behind a running one takes
+    the request out of the queue (``predictors.disconnect``): it is logged as cancelled,
+    never runs, and the running one finishes."""
+    predictor = generation_predictor
+    slow = contract.build_rest_body("running", **SLOW)
+    left = json.dumps(
+        contract.build_rest_body("given up", request_id="given-up", width=64, height=64)
+    ).encode()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
+        wait_for_queue_depth(predictor, 1, timeout=10)
+        with socket.create_connection(("127.0.0.1", predictor.http_port)) as client:
+            client.sendall(
+                b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(left), left)
+            )
+            wait_for_queue_depth(predictor, 2, timeout=10)
+        wait_for_queue_depth(predictor, 1, timeout=5)
+        assert running.result().status_code == 200
+    log = predictor.log()
+    assert re.search(r"request_id=given-up model=qwen-image outcome=cancelled", log), log[-2000:]
+    assert not re.search(r"request_id=given-up model=qwen-image size=", log), "it ran"
+
+
+def test_a_grpc_call_past_its_deadline_leaves_the_queue(generation_predictor):
+    """gRPC cancels the handler of a call whose deadline passed (or whose client cancelled
+    it): a waiting request leaves the queue as with REST."""
+    predictor = generation_predictor
+    slow = contract.build_rest_body("running", **SLOW)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
+        wait_for_queue_depth(predictor, 1, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            asyncio.run(
+                grpc_infer(predictor.grpc_port, "given up", timeout=1, request_id="grpc-late")
+            )
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for_queue_depth(predictor, 1, timeout=5)
+        assert running.result().status_code == 200
+    log = predictor.log()
+    assert re.search(r"request_id=grpc-late model=qwen-image outcome=cancelled", log), log[-2000:]
+    assert not re.search(r"request_id=grpc-late model=qwen-image size=", log), "it ran"

@@ -1,0 +1,64 @@
+"""Cancel a request's handler when its client goes away (ASGI middleware, no torch).
+
+Servers built on uvicorn and Starlette keep running a handler after its client has
+disconnected: a generation nobody waits for would still hold its place in the predictor's
+queue. With this middleware, a client that gives up (a timeout, a closed connection)
+cancels the handler, and that cancellation travels on: the adapter's call to the predictor
+is cancelled, which closes its connection, and the predictor's handler is cancelled in
+turn, which takes a waiting request out of the queue. Both servers use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class CancelOnDisconnect:
+    """Cancel the wrapped app when the client disconnects after sending its request and
+    before any response has started; a response already under way is left to finish."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_received = asyncio.Event()
+        response_started = False
+        client_left = False
+
+        async def receive_request() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_received.set()
+            return message
+
+        async def send_response(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def watch() -> None:
+            # Once the request is read, the next message is a disconnect: the client's, or
+            # the server's own once the response is complete.
+            nonlocal client_left
+            await body_received.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not response_started:
+                client_left = True
+                handler.cancel()
+
+        handler = asyncio.ensure_future(self.app(scope, receive_request, send_response))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not client_left:
+                raise
+        finally:
+            watcher.cancel()
