@@ -80,11 +80,17 @@ class ServerStopping(ServerNotReady):
         self.reason = self.error_msg
 
 
+class BatchAbandoned(Exception):
+    """Every request of the running batch was given up by its caller: ``process`` raises it
+    (through ``PipelineRunner.stop_if_abandoned``) to stop work that nobody waits for."""
+
+
 @dataclass
 class _Waiting(Generic[JobT]):
     job: JobT
     arrived: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    abandoned: bool = False  # its caller gave up (set on the event loop, read by the worker)
 
 
 @dataclass
@@ -102,8 +108,9 @@ class PipelineRunner(Generic[JobT, ResultT]):
     waiting). Past that, ``run`` raises ``ServerBusy`` at once instead of queueing without
     bound. A request counts until its work has really finished, even when its caller gave up
     earlier, so the count always matches what the GPU still has to do; a request cancelled
-    before its batch starts leaves the queue at once and never runs. Once shutting down,
-    ``run`` raises ``ServerStopping`` (503).
+    before its batch starts leaves the queue at once and never runs, and a running batch
+    whose every request was cancelled stops at ``process``'s next ``stop_if_abandoned``.
+    Once shutting down, ``run`` raises ``ServerStopping`` (503).
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._calls: deque[_Call] = deque()
         self._condition = threading.Condition()
         self._closed = False
+        self._running: list[_Waiting[JobT]] = []
         self._depth = QUEUE_DEPTH.labels(model_name=model_name)
         self._depth.set(0)
         self._batch_sizes = BATCH_REQUESTS.labels(model_name=model_name)
@@ -161,7 +169,19 @@ class PipelineRunner(Generic[JobT, ResultT]):
         # A request cancelled while it waits leaves the queue at once: it takes no room in
         # the batch the worker is gathering.
         waiting.future.add_done_callback(lambda future: future.cancelled() and self._wake())
-        return await asyncio.wrap_future(waiting.future)
+        try:
+            return await asyncio.wrap_future(waiting.future)
+        except asyncio.CancelledError:
+            waiting.abandoned = True  # once running, its batch stops if all are abandoned
+            raise
+
+    def stop_if_abandoned(self, where: str) -> None:
+        """Raise ``BatchAbandoned`` when every request of the running batch has been given up
+        by its caller. ``process`` calls it between steps (on the worker thread), so that a
+        batch nobody waits for any more frees the GPU early; ``where`` says when, for the log."""
+        running = self._running
+        if running and all(item.abandoned for item in running):
+            raise BatchAbandoned(f"every caller of a batch of {len(running)} left; {where}")
 
     def call(self, function: Callable[[], T]) -> T:
         """Run ``function`` on the worker thread, before any waiting batch, and return what
@@ -247,8 +267,14 @@ class PipelineRunner(Generic[JobT, ResultT]):
         one bad request (or a batch too big for the GPU) does not fail the others. Results
         that cannot be handed out (not one per request) fail the batch, not the worker."""
         self._batch_sizes.observe(len(batch))
+        self._running = batch
         try:
             results = self.process([item.job for item in batch])
+        except BatchAbandoned as exc:
+            logger.info("Stopped a batch: %s", exc)
+            for item in batch:
+                item.future.set_exception(exc)
+            return
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
@@ -257,6 +283,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
             for item in batch:
                 self._execute([item])
             return
+        finally:
+            self._running = []
         try:
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")

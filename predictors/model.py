@@ -246,17 +246,21 @@ class QwenImageModel(Model):
         )
 
     def generate(self, jobs: list[Job]) -> list[list[Image.Image]]:
-        """Run one batch of jobs on the worker thread: the images of each job, in order."""
+        """Run one batch of jobs on the worker thread: the images of each job, in order.
+
+        Between steps, a batch whose every client has left stops (``BatchAbandoned``).
+        """
         steps = jobs[0].num_inference_steps
 
-        def log_step(step: int) -> None:
+        def after_step(step: int) -> None:
             logger.debug("batch of %d requests: step %d/%d", len(jobs), step + 1, steps)
+            self.runner.stop_if_abandoned(f"after step {step + 1}/{steps}")
 
         return denoise.generate(
             self.pipeline,
             jobs,
             attention=self.options.acceleration.attention,
-            on_step_end=log_step if logger.isEnabledFor(logging.DEBUG) else None,
+            on_step_end=after_step,
             text_bucket=self.options.acceleration.text_bucket,
         )
 

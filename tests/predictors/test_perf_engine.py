@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -151,6 +152,41 @@ def test_a_request_cancelled_while_waiting_takes_no_room_in_a_batch():
     runner.shutdown()
     assert pipeline.batches == [["running"], ["b", "c"]]
     assert runner.pending == 0
+
+
+def test_a_running_batch_stops_once_every_caller_has_left():
+    """While one caller of a running batch still waits, the batch goes on; once the last one
+    has left too, the next ``stop_if_abandoned`` stops it, and the runner serves on."""
+    started = threading.Event()
+    steps: list[int] = []
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        started.set()
+        for step in range(3 if jobs[0].name == "next" else 500):
+            time.sleep(0.01)
+            steps.append(step)
+            runner.stop_if_abandoned(f"after step {step + 1}")
+        return [f"done {job.name}" for job in jobs]
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=2, batch_wait_ms=100))
+
+    async def scenario() -> str:
+        first = asyncio.create_task(runner.run(FakeJob("a")))
+        second = asyncio.create_task(runner.run(FakeJob("b")))
+        await asyncio.to_thread(started.wait, 5)
+        first.cancel()
+        await asyncio.sleep(0.2)
+        steps_with_one_caller = len(steps)
+        await asyncio.sleep(0.2)
+        assert len(steps) > steps_with_one_caller, "the batch stopped while b still waited"
+        second.cancel()
+        while runner.pending:
+            await asyncio.sleep(0.01)
+        assert len(steps) < 500, "the batch ran to its end"
+        return await asyncio.wait_for(runner.run(FakeJob("next")), 5)
+
+    assert asyncio.run(scenario()) == "done next"
+    runner.shutdown()
 
 
 def test_a_call_runs_on_the_worker_thread_before_waiting_batches():

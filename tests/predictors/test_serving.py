@@ -225,3 +225,27 @@ def test_a_grpc_call_past_its_deadline_leaves_the_queue(generation_predictor):
     log = predictor.log()
     assert re.search(r"request_id=grpc-late model=qwen-image outcome=cancelled", log), log[-2000:]
     assert not re.search(r"request_id=grpc-late model=qwen-image size=", log), "it ran"
+
+
+def test_a_running_request_whose_client_leaves_stops_between_steps(generation_predictor):
+    """Once every client of the running batch has left, the batch stops at its next step
+    and frees the worker, instead of denoising images nobody will receive."""
+    predictor = generation_predictor
+    steps = 100  # the most allowed: over ten seconds on the tiny CPU pipeline
+    body = json.dumps(
+        contract.build_rest_body(
+            "abandoned", request_id="abandoned", width=1024, height=1024, num_inference_steps=steps
+        )
+    ).encode()
+    with socket.create_connection(("127.0.0.1", predictor.http_port)) as client:
+        client.sendall(
+            b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        wait_for_queue_depth(predictor, 1, timeout=10)
+        time.sleep(1)  # into its steps
+    wait_for_queue_depth(predictor, 0, timeout=10)
+    log = predictor.log()
+    stopped = re.search(rf"every caller of a batch of 1 left; after step (\d+)/{steps}", log)
+    assert stopped and int(stopped[1]) < steps, log[-2000:]
+    assert "request_id=abandoned model=qwen-image outcome=cancelled" in log
