@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -25,7 +27,7 @@ from predictors import contract
 from predictors import model as model_module
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import PredictorOptions
-from tests.servers import PROJECT_ROOT, run_predictor, wait_for_queue_depth
+from tests.servers import PROJECT_ROOT, RunningPredictor, run_predictor, wait_for_queue_depth
 
 # Slow enough on the tiny CPU pipeline (several seconds) to overlap with other calls.
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 6}
@@ -181,50 +183,59 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
     assert errors == 1
 
 
+@contextlib.contextmanager
+def slow_request_running(predictor: RunningPredictor) -> Iterator[None]:
+    """A slow request runs during the block (nothing else queued); it succeeds afterwards."""
+    slow = contract.build_rest_body("running", **SLOW)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
+        wait_for_queue_depth(predictor, 1, timeout=10)
+        yield
+        assert running.result().status_code == 200
+
+
+def send_without_reading(client: socket.socket, body: dict) -> None:
+    """Send a v2 infer request over ``client`` and leave its answer unread, as a client that
+    is about to give up."""
+    data = json.dumps(body).encode()
+    client.sendall(
+        b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+    )
+
+
+def assert_cancelled_before_running(predictor: RunningPredictor, request_id: str) -> None:
+    log = predictor.log()
+    assert f"request_id={request_id} model=qwen-image outcome=cancelled" in log, log[-2000:]
+    assert f"request_id={request_id} model=qwen-image size=" not in log, f"{request_id} ran"
+
+
 def test_a_request_whose_client_leaves_while_queued_never_runs(generation_predictor):
     """A REST client that disconnects while its request waits behind a running one takes
     the request out of the queue (``predictors.disconnect``): it is logged as cancelled,
     never runs, and the running one finishes."""
     predictor = generation_predictor
-    slow = contract.build_rest_body("running", **SLOW)
-    left = json.dumps(
-        contract.build_rest_body("given up", request_id="given-up", width=64, height=64)
-    ).encode()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
-        wait_for_queue_depth(predictor, 1, timeout=10)
+    left = contract.build_rest_body("given up", request_id="given-up", width=64, height=64)
+    with slow_request_running(predictor):
         with socket.create_connection(("127.0.0.1", predictor.http_port)) as client:
-            client.sendall(
-                b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
-                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                % (len(left), left)
-            )
+            send_without_reading(client, left)
             wait_for_queue_depth(predictor, 2, timeout=10)
         wait_for_queue_depth(predictor, 1, timeout=5)
-        assert running.result().status_code == 200
-    log = predictor.log()
-    assert re.search(r"request_id=given-up model=qwen-image outcome=cancelled", log), log[-2000:]
-    assert not re.search(r"request_id=given-up model=qwen-image size=", log), "it ran"
+    assert_cancelled_before_running(predictor, "given-up")
 
 
 def test_a_grpc_call_past_its_deadline_leaves_the_queue(generation_predictor):
     """gRPC cancels the handler of a call whose deadline passed (or whose client cancelled
     it): a waiting request leaves the queue as with REST."""
     predictor = generation_predictor
-    slow = contract.build_rest_body("running", **SLOW)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
-        wait_for_queue_depth(predictor, 1, timeout=10)
+    with slow_request_running(predictor):
         with pytest.raises(grpc.aio.AioRpcError) as late:
             asyncio.run(
                 grpc_infer(predictor.grpc_port, "given up", timeout=1, request_id="grpc-late")
             )
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for_queue_depth(predictor, 1, timeout=5)
-        assert running.result().status_code == 200
-    log = predictor.log()
-    assert re.search(r"request_id=grpc-late model=qwen-image outcome=cancelled", log), log[-2000:]
-    assert not re.search(r"request_id=grpc-late model=qwen-image size=", log), "it ran"
+    assert_cancelled_before_running(predictor, "grpc-late")
 
 
 def test_a_running_request_whose_client_leaves_stops_between_steps(generation_predictor):
@@ -232,16 +243,11 @@ def test_a_running_request_whose_client_leaves_stops_between_steps(generation_pr
     and frees the worker, instead of denoising images nobody will receive."""
     predictor = generation_predictor
     steps = 100  # the most allowed: over ten seconds on the tiny CPU pipeline
-    body = json.dumps(
-        contract.build_rest_body(
-            "abandoned", request_id="abandoned", width=1024, height=1024, num_inference_steps=steps
-        )
-    ).encode()
+    body = contract.build_rest_body(
+        "abandoned", request_id="abandoned", width=1024, height=1024, num_inference_steps=steps
+    )
     with socket.create_connection(("127.0.0.1", predictor.http_port)) as client:
-        client.sendall(
-            b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        send_without_reading(client, body)
         wait_for_queue_depth(predictor, 1, timeout=10)
         time.sleep(1)  # into its steps
     wait_for_queue_depth(predictor, 0, timeout=10)
