@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from openai_adapter.errors import install_error_handlers
-from openai_adapter.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from openai_adapter.middleware import AccessMiddleware, BodySizeLimitMiddleware
 from openai_adapter.predictor_client import PredictorClient
-from openai_adapter.routes import health, v1
+from openai_adapter.routes import health, metrics, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
 from predictors.disconnect import CancelOnDisconnect
@@ -55,13 +55,14 @@ def create_app(
     app.state.settings = settings
     app.include_router(v1)
     app.include_router(health)
+    app.include_router(metrics)
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
-    # the request id (and its access log line) wraps the size check.
+    # the request id (with its access log line and metrics) wraps the size check.
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AccessMiddleware)
     app.add_middleware(CancelOnDisconnect)
 
     def openapi() -> dict[str, Any]:

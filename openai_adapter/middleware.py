@@ -1,4 +1,4 @@
-"""Request ids and access logs for every request, and a cap on request bodies."""
+"""Request ids, access logs and metrics for every request, and a cap on request bodies."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from openai_adapter import metrics
 from openai_adapter.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("openai_adapter.access")
@@ -27,13 +28,14 @@ _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 def request_id_of(request: Request) -> str:
-    """The id that ``RequestIdMiddleware`` gave this request."""
+    """The id that ``AccessMiddleware`` gave this request."""
     return request.scope.get("state", {}).get(_STATE_KEY, "")
 
 
-class RequestIdMiddleware:
+class AccessMiddleware:
     """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
-    response, and log one access line with it (status 499 when the client left first)."""
+    response, log one access line with it and count it in ``openai_adapter.metrics``
+    (status 499 when the client left first)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -45,6 +47,7 @@ class RequestIdMiddleware:
         sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
         request_id = sent if _VALID_ID.match(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})[_STATE_KEY] = request_id
+        metrics.IN_PROGRESS.inc()
         start = time.perf_counter()
         status = 500
 
@@ -63,13 +66,16 @@ class RequestIdMiddleware:
             status = CLIENT_CLOSED_REQUEST
             raise
         finally:
+            seconds = time.perf_counter() - start
+            metrics.IN_PROGRESS.dec()
+            metrics.record(scope, status, seconds)
             logger.info(
                 "request_id=%s %s %s %d %.1fms",
                 request_id,
                 scope["method"],
                 scope["path"],
                 status,
-                (time.perf_counter() - start) * 1000,
+                seconds * 1000,
             )
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from openai_adapter.errors import INVALID_API_KEY, NOT_MULTIPART, NOT_READY, OpenAIError
 from openai_adapter.middleware import request_id_of
@@ -137,3 +138,12 @@ async def ready(service: Service) -> dict[str, Any]:
         reasons = ", ".join(f"{model}: {why}" for model, why in not_ready.items())
         raise OpenAIError(503, f"Not ready ({reasons})", code=NOT_READY)
     return {"status": "ready", "models": service.model_ids}
+
+
+metrics = APIRouter(include_in_schema=False)
+
+
+@metrics.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """Prometheus metrics (``openai_adapter.metrics``), in the text exposition format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -293,6 +293,11 @@ def test_a_client_that_gives_up_frees_its_place_in_the_queue(client: OpenAI, sta
     ), stack.log()[-3000:]
     assert re.search(r"request_id=gave-up POST /v1/images/generations 499", stack.log())
     assert "request_id=gave-up model=qwen-image size=" not in stack.log(), "it ran"
+    adapter_metrics = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics").text
+    assert (
+        'qwen_image_adapter_requests_total{method="POST",route="/v1/images/generations",'
+        'status="499"} 1.0' in adapter_metrics
+    )
 
 
 def test_predictor_down_is_503(down_adapter: str):

@@ -17,6 +17,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from openai_adapter.app import create_app
 from openai_adapter.local_stack import adapter_url
@@ -580,6 +581,45 @@ def test_with_every_connection_busy_ready_answers_and_a_request_is_shed():
     assert_error(answers["shed"], 503, "predictor_unavailable", None)
     assert answers["shed"].headers["retry-after"] == RETRY_LATER["retry-after"]
     assert answers["seconds"] < 5, f"waited {answers['seconds']:.1f} s for a connection"
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    """A sample of the adapter's /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_requests_by_route_and_status(make_client, predictor):
+    client = make_client(max_upload_bytes=1000)
+    generations = "/v1/images/generations"
+    requests: list[tuple[str, str, dict[str, Any], str, str]] = [
+        # method, path, request fields, route label, status
+        ("POST", generations, {"json": {"prompt": "x"}}, generations, "200"),
+        ("POST", generations, {"json": {}}, generations, "400"),
+        ("GET", "/v1/models/nope", {}, "/v1/models/{model_id:path}", "404"),
+        ("GET", "/v1/nope", {}, "unrouted", "404"),
+        ("POST", "/v1/images/edits", {"content": bytes(2_000_000)}, "unrouted", "413"),
+    ]
+    counted = "qwen_image_adapter_requests_total"
+    timed = "qwen_image_adapter_request_duration_seconds_count"
+
+    def counts() -> list[float]:
+        return [
+            metric(client, counted, route=route, method=method, status=status)
+            for method, _, _, route, status in requests
+        ]
+
+    before = counts()
+    timed_before = metric(client, timed, route=generations, method="POST")
+    for method, path, fields, _, status in requests:
+        assert str(client.request(method, path, **fields).status_code) == status
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [1] * len(requests)
+    assert metric(client, timed, route=generations, method="POST") - timed_before == 2
+    assert metric(client, "qwen_image_adapter_requests_in_progress") == 1  # the scrape itself
+    assert "/metrics" not in client.get("/openapi.json").json()["paths"]
 
 
 def test_the_request_timeout_is_below_the_sdks():

@@ -928,9 +928,22 @@ def test_ingress_httproute_hpa_and_monitoring() -> None:
     } in peers
 
 
-def test_service_monitor_defaults_to_the_predictors_only() -> None:
+def test_service_monitors_scrape_the_predictors_and_the_adapters_metrics_route() -> None:
+    from fastapi.testclient import TestClient
+
+    from openai_adapter.app import create_app
+
     objs = render_values({"metrics": {"serviceMonitor": {"enabled": True}}})
-    assert sorted(by_kind(objs, "ServiceMonitor")) == [f"{FULLNAME}-predictors"]
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert sorted(monitors) == sorted([f"{FULLNAME}-predictors", ADAPTER])
+    (endpoint,) = monitors[ADAPTER]["spec"]["endpoints"]
+    with TestClient(create_app()) as adapter:
+        scraped = adapter.get(endpoint["path"])
+    assert scraped.status_code == 200 and "qwen_image_adapter_requests_total" in scraped.text
+    only_predictors = {"metrics": {"serviceMonitor": {"enabled": True, "adapter": False}}}
+    assert sorted(by_kind(render_values(only_predictors), "ServiceMonitor")) == [
+        f"{FULLNAME}-predictors"
+    ]
 
 
 def test_keda_scales_a_predictor_on_its_queue() -> None:

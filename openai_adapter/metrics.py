@@ -1,0 +1,34 @@
+"""Prometheus metrics of the adapter, served at ``/metrics`` (the predictors export their
+own, from the GPU side)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import Scope
+
+LABELS = ["route", "method"]
+# The route of requests answered without reaching one: unknown paths (so that they cannot
+# grow the label set) and bodies refused by their Content-Length (413).
+UNROUTED = "unrouted"
+
+REQUESTS = Counter(
+    "qwen_image_adapter_requests_total",
+    "Requests answered, by route template, method and HTTP status (499: the client left).",
+    [*LABELS, "status"],
+)
+REQUEST_LATENCY = Histogram(
+    "qwen_image_adapter_request_duration_seconds",
+    "Time from receiving a request to the end of its answer, predictor time included.",
+    LABELS,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+IN_PROGRESS = Gauge("qwen_image_adapter_requests_in_progress", "Requests not answered yet.")
+
+
+def record(scope: Scope, status: int, seconds: float) -> None:
+    """Count an answered request under the template of the route it reached (such as
+    ``/v1/models/{model_id:path}``), or ``unrouted``."""
+    route = scope.get("route")
+    labels = {"route": getattr(route, "path", UNROUTED), "method": scope["method"]}
+    REQUESTS.labels(**labels, status=str(status)).inc()
+    REQUEST_LATENCY.labels(**labels).observe(seconds)
