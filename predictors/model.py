@@ -175,7 +175,7 @@ class QwenImageModel(Model):
             raise
         except asyncio.CancelledError:
             # The client left (``predictors.disconnect``) or the server stops: a request still
-            # waiting leaves the queue, a running batch finishes for the others.
+            # waiting leaves the queue; a running batch stops once all its clients have left.
             REQUEST_LATENCY.labels(model_name=self.name, outcome="cancelled").observe(
                 time.perf_counter() - started
             )
