@@ -928,6 +928,28 @@ def test_ingress_httproute_hpa_and_monitoring() -> None:
     } in peers
 
 
+def test_ingress_and_httproute_expose_only_the_openai_api_by_default() -> None:
+    """Clients reach /v1; the adapter's unauthenticated /metrics, /health and /docs stay
+    inside the cluster."""
+    from openai_adapter.app import create_app
+
+    objs = render_values(
+        {
+            "ingress": {"enabled": True},
+            "httpRoute": {"enabled": True, "parentRefs": [{"name": "g"}]},
+        }
+    )
+    (rule,) = one(objs, "Ingress", ADAPTER)["spec"]["rules"]
+    (ingress_path,) = rule["http"]["paths"]
+    (route_rule,) = one(objs, "HTTPRoute", ADAPTER)["spec"]["rules"]
+    (route_match,) = route_rule["matches"]
+    assert (ingress_path["path"], ingress_path["pathType"]) == ("/v1", "Prefix")
+    assert route_match["path"] == {"type": "PathPrefix", "value": "/v1"}
+    paths = create_app().openapi()["paths"]
+    assert {"/v1/images/generations", "/v1/images/edits", "/v1/models"} <= set(paths)
+    assert {"/health/live", "/health/ready"} <= set(paths)  # served, but not routed
+
+
 def test_service_monitors_scrape_the_predictors_and_the_adapters_metrics_route() -> None:
     from fastapi.testclient import TestClient
 
