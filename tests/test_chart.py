@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import typing
 from collections.abc import Iterator
 from functools import cache
@@ -20,6 +21,7 @@ from unittest import mock
 
 import helm_python
 import openai
+import prometheus_client
 import pytest
 import yaml
 
@@ -966,6 +968,36 @@ def test_service_monitors_scrape_the_predictors_and_the_adapters_metrics_route()
     assert sorted(by_kind(render_values(only_predictors), "ServiceMonitor")) == [
         f"{FULLNAME}-predictors"
     ]
+
+
+def exported_series() -> dict[str, set[str]]:
+    """The series names of every metric the adapter and the predictors export, by family."""
+    from openai_adapter import metrics as adapter_metrics
+    from predictors import metrics as predictor_metrics
+
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"]}
+    series = {}
+    for module in (adapter_metrics, predictor_metrics):
+        for value in vars(module).values():
+            if isinstance(value, prometheus_client.metrics.MetricWrapperBase):
+                (family,) = value.describe()
+                series[family.name] = {family.name + end for end in suffixes[family.type]}
+    return series
+
+
+def test_grafana_dashboard_charts_every_exported_metric_and_no_other() -> None:
+    objs = objects("ingress-httproute")
+    config_map = one(objs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["qwen-image-serve.json"])
+    assert dashboard == json.loads((CHART_DIR / "dashboards" / "qwen-image-serve.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert all('namespace="$namespace"' in expr for expr in exprs)
+    used = set(re.findall(r"\bqwen_image_[a-z_]+", " ".join(exprs)))
+    series = exported_series()
+    assert used <= set().union(*series.values()), used - set().union(*series.values())
+    assert {family for family, names in series.items() if names & used} == set(series)
+    assert not by_kind(render_values({}), "ConfigMap"), "off by default"
 
 
 def test_keda_scales_a_predictor_on_its_queue() -> None:
