@@ -7,6 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import Scope
 
 LABELS = ["route", "method"]
+# Methods are counted by name only when standard: a client's made-up ones would grow the
+# label set.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The route of requests answered without reaching one: unknown paths (so that they cannot
 # grow the label set) and bodies refused by their Content-Length (413).
 UNROUTED = "unrouted"
@@ -29,6 +32,7 @@ def record(scope: Scope, status: int, seconds: float) -> None:
     """Count an answered request under the template of the route it reached (such as
     ``/v1/models/{model_id:path}``), or ``unrouted``."""
     route = scope.get("route")
-    labels = {"route": getattr(route, "path", UNROUTED), "method": scope["method"]}
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    labels = {"route": getattr(route, "path", UNROUTED), "method": method}
     REQUESTS.labels(**labels, status=str(status)).inc()
     REQUEST_LATENCY.labels(**labels).observe(seconds)
