@@ -28,7 +28,9 @@ _print_lock = threading.Lock()
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:
-    with _print_lock:
+    # A closed terminal (SIGHUP) makes writes fail: the children's output is still drained,
+    # so that none of them blocks on a full pipe while it stops.
+    with _print_lock, contextlib.suppress(OSError):
         print(text, file=stream or sys.stdout, flush=True)
 
 
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         _say(f"[stack] {signal.Signals(signum).name}: stopping")
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal running the stack was closed.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
 
     base = adapter_url(args.host, args.port)

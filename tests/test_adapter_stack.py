@@ -10,6 +10,8 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.adapter_stack import alive, start_stack, stop
 
 CHILDREN = {"generation-predictor", "edit-predictor", "adapter"}
@@ -35,13 +37,16 @@ def test_a_child_that_dies_stops_the_stack(tmp_path: Path):
     assert not [name for name, pid in pids.items() if alive(pid)]
 
 
-def test_sigterm_during_startup_stops_everything(tmp_path: Path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_during_startup_stops_everything(tmp_path: Path, signum: signal.Signals):
+    """SIGTERM, or SIGHUP from a closed terminal, stops the children too: they run in
+    sessions of their own, so no signal reaches them but the stack's."""
     stack = start_stack(tmp_path / "stack.log")
     started = stack.wait_for(lambda log: log.count("[stack] started ") == 3, 60)
-    status = stop(stack.process, signal.SIGTERM)
+    status = stop(stack.process, signum)
     log = stack.log()
     assert started and status == 0, log[-3000:]
-    assert "[stack] SIGTERM: stopping" in log and log.rstrip().endswith("[stack] stopped")
+    assert f"[stack] {signum.name}: stopping" in log and log.rstrip().endswith("[stack] stopped")
     pids = stack.child_pids()
     assert set(pids) == CHILDREN
     assert not [name for name, pid in pids.items() if alive(pid)]
