@@ -604,11 +604,21 @@ def test_pods_stop_only_after_the_requests_they_hold() -> None:
     assert pod["terminationGracePeriodSeconds"] == timeout + 5 + 25
     for isvc in by_kind(objs, "InferenceService").values():
         grace = predictor(isvc)["terminationGracePeriodSeconds"]
-        assert grace >= timeout
-        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(grace)
+        assert container(isvc)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+        drain = int(env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"])
+        assert drain == grace - 5 and drain >= timeout, "the server drains after the sleep"
     for isvc in by_kind(objects("knative"), "InferenceService").values():
         timeout_s = predictor(isvc)["timeout"]  # Knative's grace period
         assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(timeout_s)
+        assert "lifecycle" not in container(isvc), "Knative drains its pods itself"
+    no_predictor_sleep = render_values({"predictor": {"preStopSleepSeconds": 0}})
+    for isvc in by_kind(no_predictor_sleep, "InferenceService").values():
+        assert "lifecycle" not in container(isvc)
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == "600"
+    with pytest.raises(helm_python.HelmError, match=r"longer than predictor.preStopSleepSeconds"):
+        chart().render(
+            {"predictor": {"terminationGracePeriodSeconds": 5}}, name=RELEASE, namespace=NAMESPACE
+        )
 
     values = {"adapter": {"preStopSleepSeconds": 0}}
     no_sleep = chart().render(values, name=RELEASE, namespace=NAMESPACE)
