@@ -90,7 +90,7 @@ class _Waiting(Generic[JobT]):
     job: JobT
     arrived: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    abandoned: bool = False  # its caller gave up (set on the event loop, read by the worker)
+    abandoned: bool = False  # its caller gave up (set under the lock, read by the worker)
 
 
 @dataclass
@@ -166,13 +166,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._pending += 1
         self._depth.set(self._pending)
         waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
-        # A request cancelled while it waits leaves the queue at once: it takes no room in
-        # the batch the worker is gathering.
-        waiting.future.add_done_callback(lambda future: future.cancelled() and self._wake())
         try:
             return await asyncio.wrap_future(waiting.future)
         except asyncio.CancelledError:
-            waiting.abandoned = True  # once running, its batch stops if all are abandoned
+            self._abandon(waiting)
             raise
 
     def stop_if_abandoned(self, where: str) -> None:
@@ -202,8 +199,11 @@ class PipelineRunner(Generic[JobT, ResultT]):
             self._condition.notify()
         self._worker.join()
 
-    def _wake(self) -> None:
+    def _abandon(self, waiting: _Waiting[JobT]) -> None:
+        """Its caller gave up: waiting, it leaves the queue at once (no room taken in the
+        batch being gathered); running, its batch stops once all its requests are abandoned."""
         with self._condition:
+            waiting.abandoned = True
             self._condition.notify()
 
     def _finish(self) -> None:
@@ -228,10 +228,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
         wait_s = self.policy.batch_wait_ms / 1000
         with self._condition:
             while True:
-                self._drop_cancelled()
+                self._drop_abandoned()
                 while not self._waiting and not self._calls and not self._closed:
                     self._condition.wait()
-                    self._drop_cancelled()
+                    self._drop_abandoned()
                 if self._calls:
                     return self._calls.popleft()
                 if not self._waiting:
@@ -246,10 +246,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 self._waiting.remove(item)
         return batch
 
-    def _drop_cancelled(self) -> None:
+    def _drop_abandoned(self) -> None:
         """Forget the waiting requests whose callers gave up (called with the lock held)."""
-        if any(item.future.cancelled() for item in self._waiting):
-            self._waiting = deque(item for item in self._waiting if not item.future.cancelled())
+        if any(item.abandoned for item in self._waiting):
+            self._waiting = deque(item for item in self._waiting if not item.abandoned)
 
     def _select(self) -> list[_Waiting[JobT]]:
         """The oldest request and the later compatible ones that fit beside it."""

@@ -48,6 +48,11 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def generation_url(self) -> str:
+        """The text-to-image predictor's base URL."""
+        return f"http://127.0.0.1:{self.generation_port}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -63,7 +63,7 @@ def down_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def impatient_adapter(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An adapter serving only the stack's generation predictor, with a 50 ms timeout."""
     env = {
-        "QWEN_ADAPTER_GENERATION_URL": f"http://127.0.0.1:{stack.generation_port}",
+        "QWEN_ADAPTER_GENERATION_URL": stack.generation_url,
         "QWEN_ADAPTER_EDIT_URL": "",
         "QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS": "0.05",
     }

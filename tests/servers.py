@@ -86,9 +86,14 @@ def wait_until_ready(predictor: RunningPredictor, timeout: float = 180) -> None:
 def wait_for_queue_depth(predictor: RunningPredictor, depth: int, timeout: float = 30) -> None:
     """Block until the predictor's queue-depth metric reads ``depth`` (requests accepted and
     unfinished); fail after ``timeout`` seconds."""
-    sample = f'qwen_image_queue_depth{{model_name="{predictor.model_name}"}} {depth:.1f}'
+    wait_for_queue_depth_at(predictor.url, predictor.model_name, depth, timeout)
+
+
+def wait_for_queue_depth_at(url: str, model_name: str, depth: int, timeout: float = 30) -> None:
+    """``wait_for_queue_depth`` for the predictor serving ``model_name`` at base ``url``."""
+    sample = f'qwen_image_queue_depth{{model_name="{model_name}"}} {depth:.1f}'
     deadline = time.monotonic() + timeout
-    while sample not in httpx.get(f"{predictor.url}/metrics").text:
+    while sample not in httpx.get(f"{url}/metrics").text:
         assert time.monotonic() < deadline, f"the queue never held {depth} request(s)"
         time.sleep(0.05)
 

@@ -11,7 +11,6 @@ import base64
 import concurrent.futures
 import io
 import re
-import time
 from typing import Any
 
 import httpx
@@ -21,6 +20,7 @@ from openai import OpenAI
 from PIL import Image
 
 from tests.adapter_stack import API_KEY, Stack, encode_image
+from tests.servers import wait_for_queue_depth_at
 
 FAST = {"num_inference_steps": 2}
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
@@ -245,18 +245,13 @@ def test_busy_predictor_answers_503_and_keeps_what_it_accepted(client: OpenAI, s
     """Fill the generation predictor (1 running + QWEN_MAX_QUEUE_SIZE=4 waiting); one more
     request is refused with a retryable 503, and every accepted one still completes."""
     capacity = 5
-    metrics_url = f"http://127.0.0.1:{stack.generation_port}/metrics"
-    full = f'qwen_image_queue_depth{{model_name="qwen-image"}} {capacity:.1f}'
 
     def slow(index: int) -> Any:
         return small(client, prompt=f"slow {index}", size="512x512", extra={"seed": index})
 
     with concurrent.futures.ThreadPoolExecutor(capacity) as pool:
         accepted = [pool.submit(slow, index) for index in range(capacity)]
-        deadline = time.monotonic() + 60
-        while full not in httpx.get(metrics_url).text:
-            assert time.monotonic() < deadline, "the predictor never filled up"
-            time.sleep(0.05)
+        wait_for_queue_depth_at(stack.generation_url, "qwen-image", capacity, timeout=60)
         with pytest.raises(openai.InternalServerError) as caught:
             small(client)
         assert_api_error(caught, openai.InternalServerError, 503, "predictor_busy", None)
@@ -269,24 +264,15 @@ def test_a_client_that_gives_up_frees_its_place_in_the_queue(client: OpenAI, sta
     """A client that times out while its request waits behind a running one takes it out of
     the predictor's queue: the adapter cancels its predictor call when the client leaves
     (access log 499), and the predictor drops the waiting request, which never runs."""
-    metrics_url = f"http://127.0.0.1:{stack.generation_port}/metrics"
-
-    def wait_for_depth(depth: int) -> None:
-        sample = f'qwen_image_queue_depth{{model_name="qwen-image"}} {depth:.1f}'
-        deadline = time.monotonic() + 20
-        while sample not in httpx.get(metrics_url).text:
-            assert time.monotonic() < deadline, f"the queue never held {depth} request(s)"
-            time.sleep(0.05)
-
     impatient = client.with_options(timeout=2, max_retries=0)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(
             small, client, size="1024x1024", extra={"num_inference_steps": 24, "seed": 7}
         )
-        wait_for_depth(1)
+        wait_for_queue_depth_at(stack.generation_url, "qwen-image", 1, timeout=20)
         with pytest.raises(openai.APITimeoutError):
             small(impatient, extra_headers={"x-request-id": "gave-up"})
-        wait_for_depth(1)
+        wait_for_queue_depth_at(stack.generation_url, "qwen-image", 1, timeout=20)
         assert running.result().data[0].seed == 7
     assert stack.wait_for(
         lambda log: "request_id=gave-up model=qwen-image outcome=cancelled" in log, 10
