@@ -66,6 +66,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -88,6 +89,7 @@ from predictors.denoise import (
     decode,
     generate,
     padded_text_length,
+    takes_several_images,
 )
 
 # Qwen/Qwen2.5-VL-7B-Instruct's published config.json (Qwen-Image's text encoder), as data.
@@ -159,21 +161,31 @@ BATCH_PROMPTS = (
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark shape: an output size, for generation or for an edit."""
+    """One benchmark shape: an output size, for generation or for an edit from
+    ``input_images`` images (two or more: ``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509's)."""
 
     name: str
     width: int
     height: int
-    edit: bool = False
+    input_images: int = 0
+
+    @property
+    def edit(self) -> bool:
+        return self.input_images > 0
 
 
 FULL_CASES = (
     Case("1328x1328", 1328, 1328),
     Case("1664x928", 1664, 928),
     Case("1024x1024", 1024, 1024),
-    Case("edit-1024x1024", 1024, 1024, edit=True),
+    Case("edit-1024x1024", 1024, 1024, input_images=1),
+    Case("edit2-1024x1024", 1024, 1024, input_images=2),
 )
-SMOKE_CASES = (Case("64x64", 64, 64), Case("edit-64x64", 64, 64, edit=True))
+SMOKE_CASES = (
+    Case("64x64", 64, 64),
+    Case("edit-64x64", 64, 64, input_images=1),
+    Case("edit2-64x64", 64, 64, input_images=2),
+)
 
 
 @dataclass(frozen=True)
@@ -410,7 +422,9 @@ def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = N
     """The original service: one plain pipeline call with diffusers' defaults, image i
     seeded with its own generator; ``on_step_end`` is its step-end callback. The engine's
     feed-forward projections, where installed, run as diffusers' for it."""
-    extra = {} if job.image is None else {"image": job.image}
+    extra = {}
+    if job.images:
+        extra["image"] = list(job.images) if takes_several_images(pipeline) else job.images[0]
     with feedforward.as_diffusers(pipeline.transformer):
         return pipeline(
             prompt=job.prompt,
@@ -545,8 +559,7 @@ def step_floor(pipeline, job: Job, device: torch.device, dtype: torch.dtype) -> 
     config = pipeline.transformer.config
     factor = pipeline.vae_scale_factor * 2
     image_tokens = (job.width // factor) * (job.height // factor)
-    if job.image is not None:
-        condition_width, condition_height = job.condition_size
+    for condition_width, condition_height in job.condition_sizes:
         image_tokens += (condition_width // factor) * (condition_height // factor)
     text, negative = text_lengths(pipeline, job)
     flops = transformer_flops(config, image_tokens, text) + transformer_flops(
@@ -681,7 +694,9 @@ class Bench:
             self.generation, self.edit = build_smoke_pipelines(self.scratch, words)
         else:
             self.generation, self.edit = build_full_pipelines(device, self.scratch, words)
-        for pipeline in (self.generation, self.edit):
+        # Qwen-Image-Edit-2509's pipeline, for edits from several images: the same modules.
+        self.edit_plus = QwenImageEditPlusPipeline(**self.edit.components)
+        for pipeline in (self.generation, self.edit, self.edit_plus):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
         # The engine's exact modules, as in a deployment (the transformer is the edit
@@ -713,13 +728,20 @@ class Bench:
         self._scratch.cleanup()
 
     def pipeline(self, case: Case):
-        return self.edit if case.edit else self.generation
+        return self.pipeline_for(case.input_images)
+
+    def pipeline_for(self, input_images: int):
+        """The pipeline of a job with that many input images."""
+        if input_images > 1:
+            return self.edit_plus
+        return self.edit if input_images else self.generation
 
     def job(self, case: Case, mode: Mode) -> Job:
-        image = None
-        if case.edit:
-            noise = np.random.default_rng(0).integers(0, 255, (case.height, case.width, 3))
-            image = Image.fromarray(noise.astype(np.uint8))
+        rng = np.random.default_rng(0)
+        images = tuple(
+            Image.fromarray(rng.integers(0, 255, (case.height, case.width, 3)).astype(np.uint8))
+            for _ in range(case.input_images)
+        )
         steps, cfg = self.args.steps, TRUE_CFG_SCALE
         if mode.lightning:
             steps, cfg = LIGHTNING.num_inference_steps, LIGHTNING.true_cfg_scale
@@ -731,7 +753,7 @@ class Bench:
             height=case.height,
             num_inference_steps=steps,
             true_cfg_scale=cfg,
-            image=image,
+            images=images,
         )
 
     def skip_reason(self, mode: Mode) -> str | None:
@@ -761,7 +783,8 @@ class Bench:
         if mode.cache:
             acceleration.apply(self.generation, Acceleration(compile="off", cache="first_block"))
         scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
-        self.generation.scheduler = self.edit.scheduler = scheduler
+        for pipeline in (self.generation, self.edit, self.edit_plus):
+            pipeline.scheduler = scheduler
 
     def compile(self, cuda_graphs: bool, max_autotune: bool) -> None:
         """Compile the blocks as the predictor does, with or without CUDA graphs and
@@ -972,11 +995,11 @@ class Bench:
         alone at the job's size, diffusers' against ``predictors.vae``'s 2D convolutions
         (``bench/vae_single_frame.py``'s comparison). Once per size, kind and CFG: the
         transformer's modes do not change them."""
-        key = (job.width, job.height, job.image is not None, job.do_true_cfg)
+        key = (job.width, job.height, len(job.images), job.do_true_cfg)
         if key in self.parts_done:
             return
         self.parts_done.add(key)
-        pipeline = self.generation if job.image is None else self.edit
+        pipeline = self.pipeline_for(len(job.images))
         factor = pipeline.vae_scale_factor * 2
         tokens = (job.width // factor) * (job.height // factor)
         channels = pipeline.transformer.config.in_channels

@@ -99,7 +99,9 @@ class ImageEditRequest(ImageRequest):
     """``POST /v1/images/edits`` (multipart form)."""
 
     image: list[UploadFile] | None = Field(
-        None, description="The PNG, JPEG or WebP image to edit (one for now)."
+        None,
+        description="The PNG, JPEG or WebP image(s) to edit: one, or several for a model that "
+        "edits from several (Qwen-Image-Edit-2509 and later).",
     )
     image_list: list[UploadFile] | None = Field(
         None, alias="image[]", description="The same, as the openai SDK sends a list."

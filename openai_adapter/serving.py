@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pybase64
 
 from openai_adapter.errors import (
     IMAGE_TOO_LARGE,
     INVALID_IMAGE_FORMAT,
+    INVALID_VALUE,
     MISSING_PARAMETER,
     PREDICTOR_ERROR,
     UNSUPPORTED_VALUE,
@@ -38,6 +40,8 @@ from predictors.contract import (
 )
 
 OWNER = "qwen-image-serve"
+# OpenAI's own limit on the images of one edit; the predictor applies the model's.
+MAX_EDIT_IMAGES = 16
 
 
 class ImageService:
@@ -70,12 +74,12 @@ class ImageService:
     async def generate(self, request: ImageGenerationRequest, request_id: str) -> ImagesResponse:
         """``POST /v1/images/generations``."""
         model = self._resolve_model(request.model, self._settings.generation_model)
-        return await self._run(model, request, request_id, image=None)
+        return await self._run(model, request, request_id, images=())
 
     async def edit(self, request: ImageEditRequest, request_id: str) -> ImagesResponse:
         """``POST /v1/images/edits``."""
         model = self._resolve_model(request.model, self._settings.edit_model)
-        return await self._run(model, request, request_id, image=await self._read_image(request))
+        return await self._run(model, request, request_id, images=await self._read_images(request))
 
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
         """The model to call: the endpoint's own, which ``requested`` may only name."""
@@ -89,31 +93,38 @@ class ImageService:
             )
         return model
 
-    async def _read_image(self, request: ImageEditRequest) -> bytes:
-        """The one uploaded image, checked to be a PNG, JPEG or WebP file of allowed size."""
+    async def _read_images(self, request: ImageEditRequest) -> list[bytes]:
+        """The uploaded images in order, each a PNG, JPEG or WebP file, all together within
+        the upload limit. How many the model edits from is the predictor's to say."""
         if request.mask is not None:
             raise bad_request("'mask' is not supported yet", "mask", UNSUPPORTED_VALUE)
-        images = request.images
-        if not images:
+        uploads = request.images
+        if not uploads:
             raise bad_request("Missing required parameter: 'image'", "image", MISSING_PARAMETER)
-        if len(images) > 1:
+        if len(uploads) > MAX_EDIT_IMAGES:
             raise bad_request(
-                f"Editing several images is not supported yet (got {len(images)}); send one",
+                f"At most {MAX_EDIT_IMAGES} images can be edited together, got {len(uploads)}",
                 "image",
-                UNSUPPORTED_VALUE,
+                INVALID_VALUE,
             )
         limit = self._settings.max_upload_bytes
-        data = await images[0].read(limit + 1)
-        if len(data) > limit:
-            raise bad_request(f"The image is larger than {limit} bytes", "image", IMAGE_TOO_LARGE)
-        if detect_image_format(data) is None:
-            raise bad_request(
-                "The image must be a PNG, JPEG or WebP file", "image", INVALID_IMAGE_FORMAT
-            )
-        return data
+        images: list[bytes] = []
+        for number, upload in enumerate(uploads, start=1):
+            room = limit - sum(map(len, images))
+            data = await upload.read(room + 1)
+            if len(data) > room:
+                what = "The image is" if len(uploads) == 1 else "The images together are"
+                raise bad_request(f"{what} larger than {limit} bytes", "image", IMAGE_TOO_LARGE)
+            if detect_image_format(data) is None:
+                which = "The image" if len(uploads) == 1 else f"Image {number} of {len(uploads)}"
+                raise bad_request(
+                    f"{which} must be a PNG, JPEG or WebP file", "image", INVALID_IMAGE_FORMAT
+                )
+            images.append(data)
+        return images
 
     async def _run(
-        self, model: str, request: ImageRequest, request_id: str, image: bytes | None
+        self, model: str, request: ImageRequest, request_id: str, images: Sequence[bytes]
     ) -> ImagesResponse:
         """Call the predictor with the request's fields and answer in OpenAI's shape."""
         _reject_unsupported(request)
@@ -134,7 +145,7 @@ class ImageService:
         body = build_rest_body(
             request.prompt,
             negative_prompt=request.negative_prompt,
-            image=image,
+            images=images,
             request_id=request_id,
             binary_output=True,
             width=width,

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     retry_after_seconds: int = Field(5, ge=0, description="Retry-After sent with 503 answers.")
     max_upload_bytes: int = Field(
-        20 * 1024 * 1024, ge=1, description="Largest accepted image upload."
+        20 * 1024 * 1024, ge=1, description="Largest accepted edit upload: its images together."
     )
     quality_steps: dict[str, int] = Field(
         {"low": 20, "medium": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100},

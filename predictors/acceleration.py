@@ -434,13 +434,13 @@ def warmup_batches(
             height=height,
             num_inference_steps=2,
             true_cfg_scale=true_cfg_scale,
-            image=image,
+            images=() if image is None else (image,),
         )
         longer = replace(short, prompt=" ".join([LONGER_WARMUP_PROMPT] * 8))
         batches += [[short], [longer, short], [longer]]
         if with_image:
             other_aspect = Image.new("RGB", (width, height * 3 // 4), "gray")
-            batches.append([replace(short, image=other_aspect)])
+            batches.append([replace(short, images=(other_aspect,))])
     return batches
 
 

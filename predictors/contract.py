@@ -9,7 +9,9 @@ Request (``POST /v2/models/{model}/infer``)::
     inputs:
       prompt           BYTES [1]   UTF-8 text, required, not blank
       negative_prompt  BYTES [1]   UTF-8 text, optional (generation "", edit " ")
-      image            BYTES [1]   edit only, required: an encoded PNG/JPEG/WebP file
+      image            BYTES [N]   edit only, required: N encoded PNG/JPEG/WebP files, 1 to
+                                   --max_input_images (more than one for the pipeline of
+                                   Qwen-Image-Edit-2509 and later only)
     parameters (all optional):
       width, height        int     multiples of 16 (generation 1664x928; edit follows the
                                    input image's aspect ratio at ~1024x1024 when absent)
@@ -41,6 +43,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +100,9 @@ EDIT_DEFAULTS = Defaults(width=None, height=None, negative_prompt=" ")
 
 @dataclass(frozen=True)
 class Limits:
-    """What a predictor accepts. The sizes, ``max_steps``, ``max_images`` and
-    ``max_input_pixels`` are set per deployment (flags); the other bounds are fixed."""
+    """What a predictor accepts. The sizes, ``max_steps``, ``max_images``,
+    ``max_input_images`` and ``max_input_pixels`` are set per deployment (flags); the other
+    bounds are fixed."""
 
     min_size: int = 256
     max_size: int = 2048
@@ -109,6 +113,8 @@ class Limits:
     min_cfg_scale: float = 1.0
     max_cfg_scale: float = 20.0
     max_images: int = 10
+    # Qwen-Image-Edit-2509's authors give 1 to 3 input images as its best range.
+    max_input_images: int = 3
     max_input_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
@@ -120,7 +126,10 @@ class Limits:
         for what, least, most in ranges:
             if least > most:
                 raise ValueError(f"the least {what} ({least}) is above the most ({most})")
-        if self.min_size < SIZE_MULTIPLE or self.max_images < 1 or self.max_input_pixels < 1:
+        if (
+            self.min_size < SIZE_MULTIPLE
+            or min(self.max_images, self.max_input_images, self.max_input_pixels) < 1
+        ):
             raise ValueError(
                 f"sizes start at {SIZE_MULTIPLE}, and image counts and pixel limits at 1"
             )
@@ -140,7 +149,7 @@ class ImageRequest:
     num_images: int
     output_format: str
     output_compression: int
-    image: bytes | None = field(default=None, repr=False)
+    images: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def seeds(self) -> list[int]:
@@ -210,14 +219,20 @@ def validate_request(
     parameters: dict[str, Any],
     defaults: Defaults,
     limits: Limits,
-    image: bytes | None = None,
+    images: Sequence[bytes] = (),
     needs_image: bool = False,
 ) -> ImageRequest:
     """Apply defaults and limits to raw request fields; raise ``ContractError`` on bad input."""
     if prompt is None or not prompt.strip():
         raise ContractError(PROMPT, "'prompt' must be a non-empty string")
-    if needs_image and not image:
+    if needs_image and not any(images):
         raise ContractError(IMAGE, "'image' is required: send the image to edit")
+    if len(images) > limits.max_input_images:
+        raise ContractError(
+            IMAGE,
+            f"'image' holds {len(images)} images; this deployment edits from at most "
+            f"{limits.max_input_images}",
+        )
 
     def get_int(name: str, default: int | None) -> int | None:
         value = parameters.get(name)
@@ -271,7 +286,7 @@ def validate_request(
         num_images=num_images,
         output_format=output_format,
         output_compression=compression,
-        image=image,
+        images=tuple(images),
     )
 
 
@@ -323,7 +338,7 @@ def build_rest_body(
     prompt: str,
     *,
     negative_prompt: str | None = None,
-    image: bytes | None = None,
+    images: Sequence[bytes] = (),
     request_id: str | None = None,
     binary_output: bool = False,
     **parameters: Any,
@@ -335,13 +350,13 @@ def build_rest_body(
     inputs: list[dict[str, Any]] = [_text_input(PROMPT, prompt)]
     if negative_prompt is not None:
         inputs.append(_text_input(NEGATIVE_PROMPT, negative_prompt))
-    if image is not None:
+    if images:
         inputs.append(
             {
                 "name": IMAGE,
-                "shape": [1],
+                "shape": [len(images)],
                 "datatype": "BYTES",
-                "data": [encode_bytes_for_rest(image)],
+                "data": [encode_bytes_for_rest(image) for image in images],
             }
         )
     body: dict[str, Any] = {"inputs": inputs, "parameters": build_parameters(**parameters)}

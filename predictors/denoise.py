@@ -15,6 +15,9 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
   installed (as ``acceleration.apply`` does);
 - a prompt that several images of a batch share (the default negative prompt, say) is
   encoded once;
+- edits take one input image (``QwenImageEditPipeline``) or several
+  (``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509 and later), prepared as each
+  pipeline prepares them;
 - the VAE encodes edit images and decodes outputs with its convolutions as 2D ones
   (``predictors.vae``).
 
@@ -30,10 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLQwenImage, DiffusionPipeline
+from diffusers import AutoencoderKLQwenImage, DiffusionPipeline, QwenImageEditPlusPipeline
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    CONDITION_IMAGE_SIZE as SEVERAL_IMAGES_PROMPT_AREA,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -43,16 +49,33 @@ from predictors.vae import decode_single_frame, encode_single_frame
 
 logger = logging.getLogger(__name__)
 
-# The edit pipeline conditions on the input image resized to about this many pixels.
+# The edit pipelines condition on each input image resized to about this many pixels.
+# QwenImageEditPlusPipeline's text encoder reads them smaller (SEVERAL_IMAGES_PROMPT_AREA).
 EDIT_CONDITION_AREA = 1024 * 1024
 # QwenImagePipeline's default text length limit (the edit pipeline has none).
 MAX_SEQUENCE_LENGTH = 512
 
 
 def edit_condition_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of the input image's aspect ratio at the edit pipeline's ~1024x1024
-    area: what the condition image is resized to, and the default output size."""
+    """(width, height) of the input image's aspect ratio at the edit pipelines' ~1024x1024
+    area: what the VAE's condition image is resized to, and (for the last input image) the
+    default output size."""
     width, height, _ = calculate_dimensions(EDIT_CONDITION_AREA, image.width / image.height)
+    return width, height
+
+
+def takes_several_images(pipeline: DiffusionPipeline) -> bool:
+    """Whether the pipeline edits from several input images: ``QwenImageEditPlusPipeline``
+    (Qwen-Image-Edit-2509 and later) does, ``QwenImageEditPipeline`` takes one."""
+    return isinstance(pipeline, QwenImageEditPlusPipeline)
+
+
+def prompt_image_size(pipeline: DiffusionPipeline, image: Image.Image) -> tuple[int, int]:
+    """(width, height) an input image is resized to for the pipeline's text encoder: the
+    condition size, or ~384x384 for a pipeline that takes several images."""
+    if not takes_several_images(pipeline):
+        return edit_condition_size(image)
+    width, height, _ = calculate_dimensions(SEVERAL_IMAGES_PROMPT_AREA, image.width / image.height)
     return width, height
 
 
@@ -60,9 +83,9 @@ def edit_condition_size(image: Image.Image) -> tuple[int, int]:
 class Job:
     """One request's share of a batch: its prompts, seeds, size and schedule.
 
-    Image ``i`` starts from the noise of ``seeds[i]``. ``image`` is the edit condition image
-    (``None`` for text-to-image). True CFG runs when ``true_cfg_scale > 1`` and a negative
-    prompt is given, as in diffusers.
+    Image ``i`` starts from the noise of ``seeds[i]``. ``images`` are the edit's input
+    images (none for text-to-image). True CFG runs when ``true_cfg_scale > 1`` and a
+    negative prompt is given, as in diffusers.
     """
 
     prompt: str
@@ -72,7 +95,7 @@ class Job:
     height: int
     num_inference_steps: int
     true_cfg_scale: float
-    image: Image.Image | None = field(default=None, repr=False)
+    images: tuple[Image.Image, ...] = field(default=(), repr=False)
 
     @property
     def num_images(self) -> int:
@@ -83,9 +106,9 @@ class Job:
         return self.true_cfg_scale > 1 and self.negative_prompt is not None
 
     @property
-    def condition_size(self) -> tuple[int, int] | None:
-        """(width, height) the edit pipeline resizes the condition image to."""
-        return None if self.image is None else edit_condition_size(self.image)
+    def condition_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) the edit pipelines resize each input image to for the VAE."""
+        return tuple(edit_condition_size(image) for image in self.images)
 
     @property
     def batch_key(self) -> Hashable:
@@ -96,7 +119,7 @@ class Job:
             self.num_inference_steps,
             self.true_cfg_scale,
             self.do_true_cfg,
-            self.condition_size,
+            self.condition_sizes,
         )
 
 
@@ -139,7 +162,7 @@ def generate(
     the padding is masked out.
     """
     if len({job.batch_key for job in jobs}) != 1:
-        raise ValueError("the jobs of one batch must share size, steps, CFG and condition size")
+        raise ValueError("the jobs of one batch must share size, steps, CFG and input image sizes")
     first = jobs[0]
     device = pipeline._execution_device
     dtype = pipeline.text_encoder.dtype
@@ -156,7 +179,7 @@ def generate(
         seeds = [seed for job in jobs for seed in job.seeds]
         latents = torch.cat([_noise(pipeline, seed, latent_size, device, dtype) for seed in seeds])
         image_latents = None
-        if first.image is not None:
+        if first.images:
             image_latents = torch.stack([c.image_latents for c in per_image])
 
         texts = [c.text for c in per_image]
@@ -288,29 +311,33 @@ def condition(
     dtype: torch.dtype,
     text_cache: dict[str, torch.Tensor] | None = None,
 ) -> Conditioning:
-    """Encode a job's prompts (and edit image) exactly as a single pipeline call does.
+    """Encode a job's prompts (and edit images) exactly as a single pipeline call does.
 
     ``text_cache`` holds the embeddings of prompts already encoded without an image; this
-    call reads and fills it (an edit's prompts depend on its image, so they are not cached).
+    call reads and fills it (an edit's prompts depend on its images, so they are not cached).
     """
-    prompt_image = image_latents = None
-    if job.image is not None:
-        width, height = job.condition_size
+    prompt_images = image_latents = None
+    if job.images:
         processor = pipeline.image_processor
-        prompt_image = processor.resize(job.image, height, width)
-        pixels = processor.preprocess(prompt_image, height, width).unsqueeze(2)
-        encoded = encode_single_frame(pipeline.vae, pixels.to(device, dtype))
-        mean, std = _latent_statistics(pipeline.vae, encoded)
-        encoded = (encoded - mean) / std
-        channels = pipeline.transformer.config.in_channels // 4
-        image_latents = pipeline._pack_latents(encoded, 1, channels, *encoded.shape[3:])[0]
+        prompt_images = [
+            processor.resize(image, *reversed(prompt_image_size(pipeline, image)))
+            for image in job.images
+        ]
+        if not takes_several_images(pipeline):
+            (prompt_images,) = prompt_images  # the pipeline's prompt template has one image
+        image_latents = torch.cat(
+            [
+                _image_latents(pipeline, image, size, device, dtype)
+                for image, size in zip(job.images, job.condition_sizes, strict=True)
+            ]
+        )
 
-    cacheable = prompt_image is None and text_cache is not None
+    cacheable = prompt_images is None and text_cache is not None
 
     def encode(prompt: str) -> torch.Tensor:
         if cacheable and prompt in text_cache:
             return text_cache[prompt]
-        extra = {} if prompt_image is None else {"image": prompt_image}
+        extra = {} if prompt_images is None else {"image": prompt_images}
         embeds, _ = pipeline.encode_prompt(
             prompt=prompt, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH, **extra
         )
@@ -320,6 +347,24 @@ def condition(
 
     negative = encode(job.negative_prompt) if job.do_true_cfg else None
     return Conditioning(encode(job.prompt), negative, image_latents)
+
+
+def _image_latents(
+    pipeline: DiffusionPipeline,
+    image: Image.Image,
+    size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One input image resized to ``size`` (width, height), VAE-encoded, normalised and
+    packed: [tokens, channels]."""
+    width, height = size
+    pixels = pipeline.image_processor.preprocess(image, height, width).unsqueeze(2)
+    encoded = encode_single_frame(pipeline.vae, pixels.to(device, dtype))
+    mean, std = _latent_statistics(pipeline.vae, encoded)
+    encoded = (encoded - mean) / std
+    channels = pipeline.transformer.config.in_channels // 4
+    return pipeline._pack_latents(encoded, 1, channels, *encoded.shape[3:])[0]
 
 
 def _noise(
@@ -340,13 +385,12 @@ def _noise(
 def _img_shapes(
     pipeline: DiffusionPipeline, job: Job, latent_size: tuple[int, int]
 ) -> list[tuple[int, int, int]]:
-    """The transformer's RoPE layout of one sample: the output image, then the condition image."""
-    shapes = [(1, latent_size[0] // 2, latent_size[1] // 2)]
-    if job.image is not None:
-        width, height = job.condition_size
-        factor = pipeline.vae_scale_factor * 2
-        shapes.append((1, height // factor, width // factor))
-    return shapes
+    """The transformer's RoPE layout of one sample: the output image, then each input image."""
+    factor = pipeline.vae_scale_factor * 2
+    return [
+        (1, latent_size[0] // 2, latent_size[1] // 2),
+        *((1, height // factor, width // factor) for width, height in job.condition_sizes),
+    ]
 
 
 def _timesteps(

@@ -1,28 +1,32 @@
-"""The editing predictor: ``QwenImageEditPipeline`` behind KServe v2."""
+"""The editing predictor: ``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline`` behind
+KServe v2."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffusers import QwenImageEditPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from PIL import Image
 
 from predictors.contract import EDIT_DEFAULTS, EDIT_MODEL_NAME, IMAGE, ContractError, ImageRequest
-from predictors.denoise import Job, edit_condition_size
+from predictors.denoise import Job, edit_condition_size, prompt_image_size, takes_several_images
 from predictors.images import decode_image, raise_decoder_pixel_limit
 from predictors.model import PredictorOptions, QwenImageModel
 from predictors.server import serve
 
-# What the edit pipeline takes of the input, once resized for its condition: sides are
-# multiples of 32 (diffusers' ``calculate_dimensions``: less is 0), and Qwen2.5-VL's image
-# processor refuses aspect ratios over 200:1.
+# What the edit pipelines take of an input, once resized for their condition and their
+# vision encoder: sides are multiples of 32 (diffusers' ``calculate_dimensions``: less is 0),
+# and Qwen2.5-VL's image processor refuses aspect ratios over 200:1.
 CONDITION_MIN_SIDE = 32
 CONDITION_MAX_ASPECT = 200
 
 
 class QwenImageEditModel(QwenImageModel):
-    """Edits an input image as a prompt describes."""
+    """Edits input images as a prompt describes: one with Qwen-Image-Edit
+    (``QwenImageEditPipeline``), one or several with Qwen-Image-Edit-2509 and later
+    (``QwenImageEditPlusPipeline``)."""
 
-    pipeline_class = QwenImageEditPipeline
+    pipeline_classes = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
     tiny_kind = "edit"
     defaults = EDIT_DEFAULTS
     default_name = EDIT_MODEL_NAME
@@ -34,32 +38,53 @@ class QwenImageEditModel(QwenImageModel):
         raise_decoder_pixel_limit(options.limits.max_input_pixels)
 
     def prepare(self, request: ImageRequest) -> Job:
-        """Decode the input image; without an explicit size, the output keeps its aspect
-        ratio at the pipeline's ~1024x1024 area, which must fit the size limits.
+        """Decode the input images; without an explicit size, the output keeps the last
+        image's aspect ratio at the pipelines' ~1024x1024 area, which must fit the size limits.
 
-        Whatever the output size, the pipeline resizes the input to that area for its
-        condition and its vision encoder, which take no side under 32 pixels and no aspect
-        ratio over 200:1: a more elongated input is refused on both paths.
+        Whatever the output size, the pipeline resizes each input for its condition and its
+        vision encoder, which take no side under 32 pixels and no aspect ratio over 200:1: a
+        more elongated input is refused on both paths.
         """
-        image = decode_image(request.image, self.options.limits.max_input_pixels)
-        width, height = edit_condition_size(image)
-        shortest, longest = sorted((width, height))
-        if shortest < CONDITION_MIN_SIDE or longest > CONDITION_MAX_ASPECT * shortest:
+        count = len(request.images)
+        if count > 1 and not takes_several_images(self.pipeline):
             raise ContractError(
                 IMAGE,
-                f"'image' has an aspect ratio of {image.width}:{image.height}, more elongated "
-                f"than the edit pipeline takes (it would resize it to {width}x{height})",
+                f"'image' holds {count} images, and this model "
+                f"({type(self.pipeline).__name__}) edits one: send one, or serve "
+                "Qwen-Image-Edit-2509 or later to edit from several",
             )
+        images = []
+        for number, data in enumerate(request.images, start=1):
+            label = "'image'" if count == 1 else f"'image' {number} of {count}"
+            image = decode_image(data, self.options.limits.max_input_pixels, label)
+            self.check_aspect_ratio(image, label)
+            images.append(image)
         if request.width is not None:
-            return self.job(request, request.width, request.height, image)
+            return self.job(request, request.width, request.height, tuple(images))
+        width, height = edit_condition_size(images[-1])
         limits = self.options.limits
         if not (limits.min_size <= min(width, height) and max(width, height) <= limits.max_size):
+            label = "'image'" if count == 1 else f"'image' {count} of {count}"
             raise ContractError(
                 IMAGE,
-                f"'image' has an aspect ratio of {image.width}:{image.height}, which would "
-                f"give a {width}x{height} output, outside {limits.min_size}-{limits.max_size}",
+                f"{label} has an aspect ratio of {images[-1].width}:{images[-1].height}, "
+                f"which would give a {width}x{height} output, outside "
+                f"{limits.min_size}-{limits.max_size}",
             )
-        return self.job(request, width, height, image)
+        return self.job(request, width, height, tuple(images))
+
+    def check_aspect_ratio(self, image: Image.Image, label: str) -> None:
+        """Refuse an input that the pipeline would resize to a side under 32 pixels or an
+        aspect ratio over 200:1."""
+        for width, height in (edit_condition_size(image), prompt_image_size(self.pipeline, image)):
+            shortest, longest = sorted((width, height))
+            if shortest < CONDITION_MIN_SIDE or longest > CONDITION_MAX_ASPECT * shortest:
+                raise ContractError(
+                    IMAGE,
+                    f"{label} has an aspect ratio of {image.width}:{image.height}, more "
+                    f"elongated than the edit pipeline takes (it would resize it to "
+                    f"{width}x{height})",
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from predictors.server import serve
 class QwenImageGenerationModel(QwenImageModel):
     """Generates images from a prompt."""
 
-    pipeline_class = QwenImagePipeline
+    pipeline_classes = (QwenImagePipeline,)
     tiny_kind = "generation"
     defaults = GENERATION_DEFAULTS
     default_name = GENERATION_MODEL_NAME

@@ -23,9 +23,9 @@ def raise_decoder_pixel_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, label: str = "'image'") -> Image.Image:
     """An RGB image from encoded PNG/JPEG/WebP bytes (a multi-picture JPEG gives its first
-    picture); ``ContractError`` for anything else.
+    picture); ``ContractError`` for anything else, its message about ``label``.
 
     The pixel count is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing.
@@ -35,24 +35,24 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ContractError(IMAGE, "'image' is not a PNG, JPEG or WebP image") from None
+        raise ContractError(IMAGE, f"{label} is not a PNG, JPEG or WebP image") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ContractError(
-            IMAGE, f"'image' declares more than the {max_pixels} pixels this server accepts"
+            IMAGE, f"{label} declares more than the {max_pixels} pixels this server accepts"
         ) from None
     if image.format not in ACCEPTED_INPUT_FORMATS:
-        raise ContractError(IMAGE, f"'image' must be PNG, JPEG or WebP, not {image.format}")
+        raise ContractError(IMAGE, f"{label} must be PNG, JPEG or WebP, not {image.format}")
     width, height = image.size
     if width * height > max_pixels:
         raise ContractError(
             IMAGE,
-            f"'image' is {width}x{height} ({width * height} pixels), "
+            f"{label} is {width}x{height} ({width * height} pixels), "
             f"more than the {max_pixels} pixels this server accepts",
         )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ContractError(IMAGE, f"'image' could not be decoded: {exc}") from None
+        raise ContractError(IMAGE, f"{label} could not be decoded: {exc}") from None
     return image.convert("RGB")
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 
 from predictors.tiny import TinyKind, tiny_pipeline_dir
 
@@ -83,6 +87,32 @@ def resolve_location(location: str | None, tiny_kind: TinyKind, tiny_cache_dir: 
             "or a Hugging Face repo id such as Qwen/Qwen-Image"
         )
     return location
+
+
+def served_pipeline_class(
+    location: str, served: Sequence[type[DiffusionPipeline]]
+) -> type[DiffusionPipeline]:
+    """The class of ``served`` that a resolved location's ``model_index.json`` names.
+
+    The file is what ``from_pretrained`` reads first (for a repo id, fetched alone here,
+    through the Hub cache that ``from_pretrained`` then uses). A pipeline of another class is
+    refused: its components would load into the wrong pipeline, or not at all.
+    """
+    try:
+        index = Path(location) / "model_index.json"
+        if not index.is_file():
+            index = Path(hf_hub_download(location, "model_index.json"))
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, EntryNotFoundError, ValueError) as exc:
+        raise ModelLocationError(f"cannot read {location!r}/model_index.json: {exc}") from exc
+    for pipeline_class in served:
+        if pipeline_class.__name__ == class_name:
+            return pipeline_class
+    names = " or ".join(pipeline_class.__name__ for pipeline_class in served)
+    raise ModelLocationError(
+        f"{location!r} holds a {class_name or 'pipeline of no class'}; this predictor serves "
+        f"a {names}"
+    )
 
 
 def load_pipeline(

@@ -1,9 +1,9 @@
 """The KServe model shared by both predictors: load a pipeline, answer v2 infer calls.
 
-A subclass names its pipeline class and defaults and says how a request becomes a
-``denoise.Job`` (``prepare``); loading with its speed modes, queueing and cross-request
-batching, the denoising loop, encoding, metrics and the v2 response are the same for both
-and live here.
+A subclass names the pipeline classes it serves and its defaults, and says how a request
+becomes a ``denoise.Job`` (``prepare``); loading with its speed modes, queueing and
+cross-request batching, the denoising loop, encoding, metrics and the v2 response are the
+same for both and live here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ from predictors.contract import ContractError, Defaults, ImageRequest, Limits
 from predictors.denoise import Job
 from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy, ServerStopping
 from predictors.images import encode_image
-from predictors.loading import load_pipeline, resolve_device, resolve_dtype, resolve_location
+from predictors.loading import (
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+    resolve_location,
+    served_pipeline_class,
+)
 from predictors.metrics import IMAGES_GENERATED, REQUEST_LATENCY, REQUESTS_REJECTED
 from predictors.tiny import TinyKind
 
@@ -54,7 +60,8 @@ class PredictorOptions:
 class QwenImageModel(Model):
     """A diffusers Qwen-Image pipeline behind the v2 contract of ``predictors.contract``."""
 
-    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    # The location's model_index.json picks one of these.
+    pipeline_classes: ClassVar[tuple[type[DiffusionPipeline], ...]]
     tiny_kind: ClassVar[TinyKind]
     defaults: ClassVar[Defaults]
     default_name: ClassVar[str]
@@ -88,7 +95,8 @@ class QwenImageModel(Model):
             # Leave a core to the server's event loop so health checks stay fast.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
         started = time.perf_counter()
-        self.pipeline = load_pipeline(self.pipeline_class, location, self.device, self.dtype)
+        pipeline_class = served_pipeline_class(location, self.pipeline_classes)
+        self.pipeline = load_pipeline(pipeline_class, location, self.device, self.dtype)
         acceleration.apply(self.pipeline, modes)
         if modes.lora:
             self.defaults = replace(
@@ -128,9 +136,13 @@ class QwenImageModel(Model):
         return self.job(request, request.width, request.height)
 
     def job(
-        self, request: ImageRequest, width: int, height: int, image: Image.Image | None = None
+        self,
+        request: ImageRequest,
+        width: int,
+        height: int,
+        images: tuple[Image.Image, ...] = (),
     ) -> Job:
-        """A request as a ``denoise.Job`` of the given output size (and edit image)."""
+        """A request as a ``denoise.Job`` of the given output size (and edit images)."""
         return Job(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -139,7 +151,7 @@ class QwenImageModel(Model):
             height=height,
             num_inference_steps=request.num_inference_steps,
             true_cfg_scale=request.true_cfg_scale,
-            image=image,
+            images=images,
         )
 
     async def predict(
@@ -155,7 +167,7 @@ class QwenImageModel(Model):
         request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
         try:
             request = self.parse(payload)
-            self.runner.check_capacity()  # before decoding an edit image that would be refused
+            self.runner.check_capacity()  # before decoding edit images that would be refused
             job = await asyncio.to_thread(self.prepare, request)
             images = await self.runner.run(job)
             encoded = await asyncio.to_thread(
@@ -228,20 +240,20 @@ class QwenImageModel(Model):
         parameters = payload.parameters or {}
         if not isinstance(parameters, dict):
             parameters = to_http_parameters(parameters)
-        image = None
+        images: list[bytes] = []
         if contract.IMAGE in inputs:
-            raw = _single_value(inputs[contract.IMAGE])
-            if payload.from_grpc:
-                image = raw if isinstance(raw, bytes) else raw.encode()
-            else:
-                image = contract.decode_bytes_from_rest(contract.IMAGE, raw)
+            for raw in _values(inputs[contract.IMAGE]):
+                if payload.from_grpc:
+                    images.append(raw if isinstance(raw, bytes) else raw.encode())
+                else:
+                    images.append(contract.decode_bytes_from_rest(contract.IMAGE, raw))
         return contract.validate_request(
             prompt=_text(inputs.get(contract.PROMPT)),
             negative_prompt=_text(inputs.get(contract.NEGATIVE_PROMPT)),
             parameters=parameters,
             defaults=self.defaults,
             limits=self.options.limits,
-            image=image,
+            images=images,
             needs_image=self.needs_image,
         )
 
@@ -287,14 +299,21 @@ class QwenImageModel(Model):
         )
 
 
-def _single_value(tensor: InferInput) -> str | bytes:
-    """The one element of a ``[1]`` BYTES input tensor."""
+def _values(tensor: InferInput) -> list[str | bytes]:
+    """The elements of a BYTES input tensor, at least one."""
     if tensor.datatype != "BYTES":
         raise ContractError(tensor.name, f"'{tensor.name}' must be a BYTES tensor")
-    data = tensor.data
-    if data is None or len(data) != 1:
+    if not tensor.data:
+        raise ContractError(tensor.name, f"'{tensor.name}' must hold at least one element")
+    return list(tensor.data)
+
+
+def _single_value(tensor: InferInput) -> str | bytes:
+    """The one element of a ``[1]`` BYTES input tensor."""
+    values = _values(tensor)
+    if len(values) != 1:
         raise ContractError(tensor.name, f"'{tensor.name}' must hold exactly one element")
-    return data[0]
+    return values[0]
 
 
 def _text(tensor: InferInput | None) -> str | None:

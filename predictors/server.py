@@ -66,7 +66,9 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
     """KServe's server flags, with this model's name, location and limits added."""
     limits = Limits()
     parser = argparse.ArgumentParser(
-        description=f"KServe predictor serving {model_class.pipeline_class.__name__}.",
+        description="KServe predictor serving a "
+        + " or ".join(pipeline_class.__name__ for pipeline_class in model_class.pipeline_classes)
+        + ".",
         parents=[kserve_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -101,6 +103,13 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
         ("--max_size", "QWEN_MAX_SIZE", int, limits.max_size, "largest width/height"),
         ("--max_steps", "QWEN_MAX_STEPS", int, limits.max_steps, "most inference steps"),
         ("--max_images", "QWEN_MAX_IMAGES", int, limits.max_images, "most images per request"),
+        (
+            "--max_input_images",
+            "QWEN_MAX_INPUT_IMAGES",
+            int,
+            limits.max_input_images,
+            "most input images per edit (more than one needs Qwen-Image-Edit-2509 or later)",
+        ),
         (
             "--max_input_pixels",
             "QWEN_MAX_INPUT_PIXELS",
@@ -224,6 +233,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
             max_size=int(args.max_size),
             max_steps=int(args.max_steps),
             max_images=int(args.max_images),
+            max_input_images=int(args.max_input_images),
             max_input_pixels=int(args.max_input_pixels),
         ),
         tiny_cache_dir=Path(args.tiny_cache_dir) if args.tiny_cache_dir else None,

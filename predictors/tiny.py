@@ -24,6 +24,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -41,7 +42,8 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-TinyKind = Literal["generation", "edit"]
+# ``edit-plus`` is the pipeline of Qwen-Image-Edit-2509 and later (several input images).
+TinyKind = Literal["generation", "edit", "edit-plus"]
 
 # Bump when the recipe changes, so cached pipelines of an older recipe are rebuilt.
 RECIPE_VERSION = 1
@@ -264,7 +266,7 @@ def build_processor(tokenizer: Qwen2Tokenizer, scratch: Path) -> ImageOnlyQwen2V
 
 def build_tiny_pipeline(
     kind: TinyKind, scratch: Path, words_from: Sequence[str] = ()
-) -> QwenImagePipeline | QwenImageEditPipeline:
+) -> QwenImagePipeline | QwenImageEditPipeline | QwenImageEditPlusPipeline:
     """A complete tiny pipeline of ``kind`` with seeded random weights (``words_from``: see
     ``build_tokenizer``)."""
     torch.manual_seed(0)
@@ -278,7 +280,8 @@ def build_tiny_pipeline(
     }
     if kind == "generation":
         return QwenImagePipeline(**components)
-    return QwenImageEditPipeline(processor=build_processor(tokenizer, scratch), **components)
+    edit_class = QwenImageEditPlusPipeline if kind == "edit-plus" else QwenImageEditPipeline
+    return edit_class(processor=build_processor(tokenizer, scratch), **components)
 
 
 def tiny_pipeline_dir(kind: TinyKind, cache_dir: Path | None = None) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from predictors.tiny import tiny_pipeline_dir
 from tests.adapter_stack import (
     API_KEY,
     READY_LINE,
@@ -20,7 +21,7 @@ from tests.adapter_stack import (
     start_stack,
     stop,
 )
-from tests.servers import free_port
+from tests.servers import RunningPredictor, free_port, run_predictor
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +70,32 @@ def impatient_adapter(stack: Stack, tmp_path_factory: pytest.TempPathFactory) ->
     }
     process, url = run_adapter(tmp_path_factory.mktemp("impatient") / "adapter.log", env)
     yield url
+    stop(process, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def edit_plus_predictor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPredictor]:
+    """An edit predictor serving the tiny ``QwenImageEditPlusPipeline``, the pipeline of
+    Qwen-Image-Edit-2509 and later, which edits from several images."""
+    location = tiny_pipeline_dir("edit-plus", tmp_path_factory.mktemp("tiny-plus"))
+    with run_predictor(
+        "predictors.edit",
+        "qwen-image-edit",
+        tmp_path_factory.mktemp("plus-logs"),
+        "--min_size=64",
+        env={"QWEN_IMAGE_EDIT_LOCATION": str(location)},
+    ) as predictor:
+        yield predictor
+
+
+@pytest.fixture(scope="session")
+def edit_plus_client(
+    edit_plus_predictor: RunningPredictor, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OpenAI]:
+    """The openai SDK against an adapter serving ``edit_plus_predictor`` for edits."""
+    env = {"QWEN_ADAPTER_GENERATION_URL": "", "QWEN_ADAPTER_EDIT_URL": edit_plus_predictor.url}
+    process, url = run_adapter(tmp_path_factory.mktemp("plus-adapter") / "adapter.log", env)
+    yield OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
     stop(process, signal.SIGTERM)
 
 

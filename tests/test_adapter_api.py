@@ -155,6 +155,24 @@ def test_edit_one_item_list(client: OpenAI):
     assert [item.seed for item in result.data] == [42, 43]
 
 
+def test_edit_from_several_images(edit_plus_client: OpenAI, client: OpenAI):
+    """Qwen-Image-Edit-2509 and later edit from several images, which the SDK sends as a
+    list: the output follows the last one's aspect ratio. Qwen-Image-Edit's pipeline (the
+    stack's) says that it takes one."""
+    images = [encode_image((128, 96)), encode_image((96, 128), "JPEG")]
+    result = edit_plus_client.images.edit(
+        image=images, prompt="the cat from the first on the sofa of the second", extra_body=FAST
+    )
+    width, height = map(int, result.size.split("x"))
+    assert abs(width / height - 96 / 128) < 0.05
+    assert open_image(result.data[0]).size == (width, height)
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=images, prompt="the cat on the sofa", extra_body=FAST)
+    assert_api_error(caught, openai.BadRequestError, 400, "invalid_value", "image")
+    assert "edits one: send one, or serve Qwen-Image-Edit-2509" in caught.value.body["message"]
+
+
 def test_ignored_openai_fields_are_accepted(client: OpenAI):
     """The SDK's fields that mean nothing to Qwen-Image pass, as docs/adapter.md says."""
     ignored = {"user": "user-1", "safety_identifier": "hashed-user-1"}
@@ -220,7 +238,7 @@ def test_generation_errors(client: OpenAI, kwargs, status, code, param):
 @pytest.mark.parametrize(
     ("kwargs", "code", "param"),
     [
-        ({"image": "two"}, "unsupported_value", "image"),
+        ({"image": "two"}, "invalid_value", "image"),  # the stack's model edits one
         ({"mask": "png"}, "unsupported_value", "mask"),
         ({"partial_images": 1}, "unsupported_value", "partial_images"),
         ({"image": b"just some text"}, "invalid_image_format", "image"),

@@ -413,16 +413,44 @@ def test_edit_sends_the_image(client: TestClient, predictor: FakePredictor):
     assert [item["seed"] for item in response.json()["data"]] == [3, 4]
 
 
+@pytest.mark.parametrize("field", ["image", "image[]"])
+def test_edit_sends_several_images_in_order(client: TestClient, predictor: FakePredictor, field):
+    """How many the model takes is the predictor's to say: the adapter sends them all."""
+    images = [encode((96, 64), "WEBP"), encode((64, 64)), encode((32, 64), "JPEG")]
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "put them together"},
+        files=[(field, ("upload", image, "application/octet-stream")) for image in images],
+    )
+    assert response.status_code == 200, response.text
+    (sent,) = [item for item in predictor.last_body["inputs"] if item["name"] == contract.IMAGE]
+    assert sent["shape"] == [3]
+    assert [
+        contract.decode_bytes_from_rest(contract.IMAGE, item) for item in sent["data"]
+    ] == images
+
+
 @pytest.mark.parametrize(
     ("files", "param", "code"),
     [
         ([], "image", "missing_required_parameter"),
         ([("image", b"GIF89a....")], "image", "invalid_image_format"),
         ([("image", b"")], "image", "invalid_image_format"),
-        ([("image", encode()), ("image", encode())], "image", "unsupported_value"),
-        ([("image[]", encode()), ("image[]", encode())], "image", "unsupported_value"),
+        ([("image", encode()), ("image[]", b"GIF89a....")], "image", "invalid_image_format"),
+        ([("image[]", encode())] * 17, "image", "invalid_value"),
         ([("image", encode()), ("mask", encode())], "mask", "unsupported_value"),
         ([("image", b"\x89PNG\r\n\x1a\n" + bytes(60_000))], "image", "image_too_large"),
+        ([("image[]", b"\x89PNG\r\n\x1a\n" + bytes(30_000))] * 2, "image", "image_too_large"),
+    ],
+    ids=[
+        "missing",
+        "gif",
+        "empty",
+        "second-a-gif",
+        "more-than-openai-allows",
+        "mask",
+        "too-large",
+        "too-large-together",
     ],
 )
 def test_edit_errors(make_client, predictor, files, param, code):
@@ -430,6 +458,22 @@ def test_edit_errors(make_client, predictor, files, param, code):
     parts = [(name, ("upload", data, "application/octet-stream")) for name, data in files]
     response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts or None)
     assert_error(response, 400, code, param)
+    assert not predictor.requests
+
+
+def test_edit_errors_say_which_of_several_images(make_client, predictor):
+    client = make_client(max_upload_bytes=50_000)
+    parts = [
+        (name, ("upload", data, "application/octet-stream"))
+        for name, data in [("image[]", encode()), ("image[]", b"GIF89a....")]
+    ]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts)
+    assert response.json()["error"]["message"] == "Image 2 of 2 must be a PNG, JPEG or WebP file"
+    parts = [("image[]", ("upload", b"\x89PNG\r\n\x1a\n" + bytes(30_000), "image/png"))] * 2
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts)
+    assert response.json()["error"]["message"] == (
+        "The images together are larger than 50000 bytes"
+    )
     assert not predictor.requests
 
 

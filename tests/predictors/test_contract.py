@@ -16,7 +16,7 @@ def validate(parameters=None, defaults=contract.GENERATION_DEFAULTS, **fields):
         parameters=parameters or {},
         defaults=defaults,
         limits=Limits(),
-        image=fields.get("image"),
+        images=fields.get("images", ()),
         needs_image=fields.get("needs_image", False),
     )
 
@@ -33,9 +33,18 @@ def test_generation_defaults_are_the_original_services():
 
 
 def test_edit_defaults_follow_the_input_and_use_a_space_negative_prompt():
-    request = validate(defaults=contract.EDIT_DEFAULTS, image=b"png", needs_image=True)
+    request = validate(defaults=contract.EDIT_DEFAULTS, images=[b"png"], needs_image=True)
     assert (request.width, request.height) == (None, None)
     assert request.negative_prompt == " "
+
+
+def test_an_edit_takes_up_to_max_input_images():
+    three = validate(defaults=contract.EDIT_DEFAULTS, images=[b"a", b"b", b"c"], needs_image=True)
+    assert three.images == (b"a", b"b", b"c")
+    with pytest.raises(ContractError, match=r"^'image' holds 4 images; .* at most 3$"):
+        validate(defaults=contract.EDIT_DEFAULTS, images=[b"a"] * 4, needs_image=True)
+    with pytest.raises(ContractError, match=r"^'image' is required"):
+        validate(defaults=contract.EDIT_DEFAULTS, images=[], needs_image=True)
 
 
 def test_several_images_use_consecutive_seeds():
@@ -74,12 +83,21 @@ def test_error_param_is_none_for_other_messages():
 
 def test_rest_body_round_trips_through_parameters_and_base64():
     body = contract.build_rest_body(
-        "a cat", negative_prompt="blurry", image=b"\x89PNG raw", seed=3, width=512, height=256
+        "a cat",
+        negative_prompt="blurry",
+        images=[b"\x89PNG raw", b"\xff\xd8 second"],
+        seed=3,
+        width=512,
+        height=256,
     )
     inputs = {item["name"]: item for item in body["inputs"]}
     assert inputs["prompt"]["data"] == ["a cat"]
     assert inputs["negative_prompt"]["data"] == ["blurry"]
-    assert contract.decode_bytes_from_rest("image", inputs["image"]["data"][0]) == b"\x89PNG raw"
+    assert inputs["image"]["shape"] == [2]
+    assert [contract.decode_bytes_from_rest("image", item) for item in inputs["image"]["data"]] == [
+        b"\x89PNG raw",
+        b"\xff\xd8 second",
+    ]
     assert body["parameters"] == {"seed": 3, "width": 512, "height": 256}
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
 import numpy as np
 import pytest
+from kserve import InferenceGRPCClient, InferInput, InferRequest
 from PIL import Image
 
 from predictors import contract
@@ -28,8 +30,8 @@ def encoded(size: tuple[int, int], image_format: str, mode: str = "RGB") -> byte
     return buffer.getvalue()
 
 
-def edit(predictor: RunningPredictor, image: bytes, **fields) -> httpx.Response:
-    body = contract.build_rest_body("make it blue", image=image, **fields)
+def edit(predictor: RunningPredictor, *images: bytes, **fields) -> httpx.Response:
+    body = contract.build_rest_body("make it blue", images=images, **fields)
     return httpx.post(predictor.infer_url, json=body, timeout=120)
 
 
@@ -144,7 +146,7 @@ def test_missing_image_and_bad_base64_get_a_clear_400(edit_predictor):
     assert response.status_code == 400
     assert "'image' is required" in response.json()["error"]
 
-    body = contract.build_rest_body("make it blue", image=b"x", **FAST)
+    body = contract.build_rest_body("make it blue", images=[b"x"], **FAST)
     body["inputs"][1]["data"] = ["not base64!"]
     response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
     assert response.status_code == 400
@@ -153,8 +155,76 @@ def test_missing_image_and_bad_base64_get_a_clear_400(edit_predictor):
 
 @pytest.mark.parametrize("element", [5, ["abc"]], ids=["number", "list"])
 def test_an_image_element_that_is_not_a_string_gets_a_clear_400(edit_predictor, element):
-    body = contract.build_rest_body("make it blue", image=b"x", **FAST)
+    body = contract.build_rest_body("make it blue", images=[b"x"], **FAST)
     body["inputs"][1]["data"] = [element]
     response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
     assert response.status_code == 400
     assert "'image' must be a base64-encoded string over REST" in response.json()["error"]
+
+
+def output_size(response: httpx.Response) -> tuple[int, int]:
+    assert response.status_code == 200, response.text
+    (result,) = contract.parse_rest_response(response.json())
+    return Image.open(io.BytesIO(result.data)).size
+
+
+def test_the_plus_pipeline_edits_from_several_images(edit_plus_predictor):
+    """Qwen-Image-Edit-2509 and later: the output follows the last image's aspect ratio."""
+    wide, tall = encoded((96, 64), "PNG"), encoded((64, 96), "JPEG")
+    width, height = output_size(edit(edit_plus_predictor, wide, tall, **FAST))
+    assert abs(width / height - 64 / 96) < 0.05
+    assert 0.8 < width * height / 1024**2 < 1.2
+    assert output_size(edit(edit_plus_predictor, tall, wide, width=128, height=64, **FAST)) == (
+        128,
+        64,
+    )
+    assert "Loading QwenImageEditPlusPipeline" in edit_plus_predictor.log()
+
+
+def test_several_images_travel_as_raw_bytes_over_grpc(edit_plus_predictor):
+    async def call(request: InferRequest):
+        client = InferenceGRPCClient(f"127.0.0.1:{edit_plus_predictor.grpc_port}")
+        try:
+            return await client.infer(request)
+        finally:
+            await client.close()
+
+    images = [encoded((96, 64), "WEBP"), encoded((64, 64), "PNG"), encoded((64, 128), "JPEG")]
+    request = InferRequest(
+        model_name="qwen-image-edit",
+        infer_inputs=[
+            InferInput(contract.PROMPT, [1], "BYTES", ["make them one"]),
+            InferInput(contract.IMAGE, [3], "BYTES", images),
+        ],
+        parameters=contract.build_parameters(for_grpc=True, **FAST),
+    )
+    (output,) = asyncio.run(call(request)).outputs[0].data
+    width, height = Image.open(io.BytesIO(output)).size
+    assert abs(width / height - 0.5) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (4, "'image' holds 4 images; this deployment edits from at most 3"),
+        (b"not an image", "'image' 2 of 2 is not a PNG, JPEG or WebP image"),
+        (encoded((1000, 90), "PNG"), "'image' 2 of 2 has an aspect ratio of 1000:90"),
+    ],
+    ids=["too-many", "second-not-an-image", "second-too-elongated"],
+)
+def test_several_images_get_clear_400s_that_name_the_image(edit_plus_predictor, images, message):
+    good = encoded((64, 64), "PNG")
+    images = [good] * images if isinstance(images, int) else [good, images]
+    response = edit(edit_plus_predictor, *images, **FAST)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_the_first_edit_pipeline_refuses_several_images(edit_predictor):
+    """``QwenImageEditPipeline`` (Qwen-Image-Edit) conditions on one image only."""
+    image = encoded((64, 64), "PNG")
+    response = edit(edit_predictor, image, image, **FAST)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "'image' holds 2 images, and this model (QwenImageEditPipeline) edits one" in error
+    assert "Qwen-Image-Edit-2509" in error

@@ -118,7 +118,7 @@ def test_invalid_requests_get_a_clear_400(generation_predictor, prompt, fields, 
 
 
 def test_an_image_input_is_refused_by_the_generation_model(generation_predictor):
-    response = infer(generation_predictor, image=b"\x89PNG", width=64, height=64)
+    response = infer(generation_predictor, images=[b"\x89PNG"], width=64, height=64)
     assert response.status_code == 400
     assert "'image' is not an input of model qwen-image" in response.json()["error"]
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
@@ -62,12 +67,72 @@ def test_batched_cfg_equals_the_pipelines_two_passes(generation, prompt, negativ
     assert np.abs(actual - expected).max() < TOLERANCE
 
 
+@pytest.fixture(scope="module", params=["mask", "split"])
+def edit_plus(request, tmp_path_factory) -> QwenImageEditPlusPipeline:
+    """The pipeline of Qwen-Image-Edit-2509 and later, which takes several images."""
+    return tiny_edit_plus(tmp_path_factory.mktemp("tiny"), request.param)
+
+
+def tiny_edit_plus(directory, text_padding: str) -> QwenImageEditPlusPipeline:
+    """The tiny Plus pipeline, its vision processor letting ~384x384 prompt images through
+    unscaled (the recipe's bounds would shrink them, and a wrong prompt size with them)."""
+    pipeline = tiny(QwenImageEditPlusPipeline, "edit-plus", directory, text_padding)
+    pipeline.processor.image_processor.size = {
+        "shortest_edge": 56 * 56,
+        "longest_edge": 448 * 448,
+    }
+    return pipeline
+
+
+def pictures(*sizes: tuple[int, int], seed: int = 0) -> tuple[Image.Image, ...]:
+    """Random RGB images of the given (width, height)."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        for width, height in sizes
+    )
+
+
 def test_edit_equals_the_edit_pipeline(edit):
-    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, image=Image.fromarray(pixels))
+    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, images=pictures((96, 64)))
     expected = run_baseline(edit, job)
     (actual,) = generate(edit, [job], output_type="np")
     assert np.abs(actual - expected).max() < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "sizes", [[(96, 64)], [(96, 64), (48, 80)]], ids=["one-image", "two-images"]
+)
+def test_edit_plus_equals_the_edit_plus_pipeline(edit_plus, sizes):
+    """Each image conditions the VAE at ~1024x1024 and the text encoder at ~384x384, as
+    ``Picture 1``, ``Picture 2``: the images of the pipeline call on the same seed."""
+    job = Job("put the two together", " ", (3,), 64, 48, 2, 4.0, images=pictures(*sizes))
+    expected = run_baseline(edit_plus, job)
+    (actual,) = generate(edit_plus, [job], output_type="np")
+    assert np.abs(actual - expected).max() < TOLERANCE
+
+
+def test_a_zero_cond_t_transformer_equals_the_edit_plus_pipeline(tmp_path):
+    """Qwen-Image-Edit-2511's transformer modulates the input images' tokens as at t = 0
+    (``zero_cond_t``): the engine's batched CFG and split attention keep its images."""
+    pipeline = tiny_edit_plus(tmp_path, "split")
+    plain = pipeline.transformer
+    zero_cond_t = QwenImageTransformer2DModel.from_config({**plain.config, "zero_cond_t": True})
+    zero_cond_t.load_state_dict(plain.state_dict())
+    pipeline.transformer = zero_cond_t
+    attention.install(zero_cond_t)
+    modulation.install(zero_cond_t)  # leaves this transformer's modulation as diffusers' own
+    assert not modulation.installed(zero_cond_t)
+
+    job = Job(
+        "put the two together", " ", (3,), 64, 48, 2, 4.0, images=pictures((96, 64), (64, 64))
+    )
+    expected = run_baseline(pipeline, job)
+    (actual,) = generate(pipeline, [job], output_type="np")
+    assert np.abs(actual - expected).max() < TOLERANCE
+    pipeline.transformer = plain
+    (without,) = generate(pipeline, [job], output_type="np")
+    assert np.abs(without - expected).max() > 100 * TOLERANCE  # zero_cond_t changes the images
 
 
 def test_a_batch_of_requests_equals_each_request_alone(generation):
@@ -212,8 +277,7 @@ def test_text_buckets_keep_the_images(generation):
 
 def test_text_buckets_keep_the_edited_images(edit):
     """The edit's texts carry the input image's vision tokens: padded the same way."""
-    pixels = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, image=Image.fromarray(pixels))
+    job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, images=pictures((64, 48), seed=1))
     (exact,) = generate(edit, [job], output_type="np")
     (bucketed,) = generate(edit, [job], output_type="np", text_bucket=64)
     assert np.abs(bucketed - exact).max() < TOLERANCE

@@ -192,7 +192,7 @@ def test_compiled_edit_blocks_take_other_aspect_ratios_without_recompiling(tiny_
     graphs = counters["stats"]["unique_graphs"]
     for (width, height), prompt in [((96, 64), "make it red"), ((64, 128), "now blue, please")]:
         image = Image.new("RGB", (width, height), "white")
-        generate(model.pipeline, [Job(prompt, " ", (0,), width, height, 2, 4.0, image)])
+        generate(model.pipeline, [Job(prompt, " ", (0,), width, height, 2, 4.0, (image,))])
     assert counters["stats"]["unique_graphs"] == graphs, "a new aspect ratio recompiled"
 
 

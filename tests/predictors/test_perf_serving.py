@@ -117,8 +117,21 @@ def run_harness_on_the_cpu(tmp_path, *args: str) -> tuple[subprocess.CompletedPr
     return completed, json.loads(results_path.read_text())
 
 
+def test_the_gpu_harness_edits_from_two_images_as_the_plus_pipeline_does(tmp_path):
+    """Qwen-Image-Edit-2509's case: the engine against ``QwenImageEditPlusPipeline``'s call."""
+    _, results = run_harness_on_the_cpu(
+        tmp_path, "--runs", "edit2-64x64=baseline,engine", "--batch-sizes", "none"
+    )
+    rows = {row["mode"]: row for row in results["rows"] if row["case"] == "edit2-64x64"}
+    assert rows["baseline"]["seconds_per_image"] > 0
+    assert rows["engine"]["max_abs_diff"] < 1e-5
+    assert rows["engine"]["seconds_per_image"] > 0
+
+
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
-    completed, results = run_harness_on_the_cpu(tmp_path, "--profile")
+    completed, results = run_harness_on_the_cpu(
+        tmp_path, "--profile", "--cases", "64x64,edit-64x64"
+    )
     rows = {(row["case"], row["mode"]): row for row in results["rows"]}
     for case in ("64x64", "edit-64x64"):
         assert rows[(case, "baseline")]["seconds_per_image"] > 0

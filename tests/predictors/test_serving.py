@@ -63,7 +63,8 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     result = run_to_exit("--qwen_image_location=Qwen/Qwen-Image", env=env)
     assert result.returncode == 2
-    assert "cannot load QwenImagePipeline from 'Qwen/Qwen-Image'" in result.stderr
+    assert "cannot read 'Qwen/Qwen-Image'/model_index.json: " in result.stderr
+    assert "cannot find the requested files in the local cache" in result.stderr
     assert "Traceback" not in result.stderr
 
 

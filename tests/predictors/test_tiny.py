@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from diffusers import QwenImageEditPipeline, QwenImagePipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 
-from predictors.loading import load_pipeline, resolve_location
+from predictors.edit import QwenImageEditModel
+from predictors.generation import QwenImageGenerationModel
+from predictors.loading import (
+    ModelLocationError,
+    load_pipeline,
+    resolve_location,
+    served_pipeline_class,
+)
 from predictors.tiny import build_tokenizer, tiny_pipeline_dir
 
 
@@ -28,6 +36,30 @@ def test_unset_location_loads_the_tiny_edit_pipeline_like_real_weights(tmp_path)
     assert index["processor"] == ["predictors.tiny", "ImageOnlyQwen2VLProcessor"]
     pipeline = load_pipeline(QwenImageEditPipeline, location, torch.device("cpu"), torch.float32)
     assert pipeline.transformer.dtype == torch.float32
+
+
+def test_each_predictor_loads_the_pipeline_class_its_location_names(tmp_path):
+    """The edit predictor serves Qwen-Image-Edit's pipeline and that of 2509 and later, as
+    their model_index.json says; a pipeline that a predictor does not serve is refused."""
+    edit_classes = QwenImageEditModel.pipeline_classes
+    for kind, expected in (
+        ("edit", QwenImageEditPipeline),
+        ("edit-plus", QwenImageEditPlusPipeline),
+    ):
+        assert (
+            served_pipeline_class(resolve_location(None, kind, tmp_path), edit_classes) is expected
+        )
+    generation = resolve_location(None, "generation", tmp_path)
+    assert (
+        served_pipeline_class(generation, QwenImageGenerationModel.pipeline_classes)
+        is QwenImagePipeline
+    )
+    with pytest.raises(ModelLocationError) as refused:
+        served_pipeline_class(generation, edit_classes)
+    assert str(refused.value) == (
+        f"{generation!r} holds a QwenImagePipeline; this predictor serves a "
+        "QwenImageEditPipeline or QwenImageEditPlusPipeline"
+    )
 
 
 def test_tiny_generation_pipeline_runs(tmp_path):
