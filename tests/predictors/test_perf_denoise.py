@@ -112,6 +112,28 @@ def test_edit_plus_equals_the_edit_plus_pipeline(edit_plus, sizes):
     assert np.abs(actual - expected).max() < TOLERANCE
 
 
+def test_a_batch_of_edits_from_two_images_equals_each_edit_alone(edit_plus):
+    """Requests whose input images have the same sizes share a batch: different pictures and
+    prompts (texts of different lengths), each image as its request alone would have it."""
+    jobs = [
+        Job(
+            "the cat of picture 1 on the sofa of picture 2",
+            " ",
+            (3, 4),
+            64,
+            48,
+            2,
+            4.0,
+            images=pictures((96, 64), (48, 80), seed=1),
+        ),
+        Job("swap them", " ", (5,), 64, 48, 2, 4.0, images=pictures((96, 64), (48, 80), seed=2)),
+    ]
+    assert jobs[0].batch_key == jobs[1].batch_key
+    batched = generate(edit_plus, jobs, output_type="np")
+    for job, images in zip(jobs, batched, strict=True):
+        assert np.abs(images - generate(edit_plus, [job], output_type="np")[0]).max() < TOLERANCE
+
+
 def test_a_zero_cond_t_transformer_equals_the_edit_plus_pipeline(tmp_path):
     """Qwen-Image-Edit-2511's transformer modulates the input images' tokens as at t = 0
     (``zero_cond_t``): the engine's batched CFG and split attention keep its images."""

@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +24,12 @@ from torch._inductor.utils import run_and_get_code
 from predictors import acceleration, attention, feedforward, modulation
 from predictors import model as model_module
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.denoise import Job, generate, pad_text
+from predictors.denoise import Job, generate, pad_text, takes_several_images
 from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import QwenImageModel
 from predictors.server import build_parser, options_from_args, serve
+from predictors.tiny import tiny_pipeline_dir
 
 
 @pytest.fixture(autouse=True)
@@ -194,6 +196,28 @@ def test_compiled_edit_blocks_take_other_aspect_ratios_without_recompiling(tiny_
         image = Image.new("RGB", (width, height), "white")
         generate(model.pipeline, [Job(prompt, " ", (0,), width, height, 2, 4.0, (image,))])
     assert counters["stats"]["unique_graphs"] == graphs, "a new aspect ratio recompiled"
+
+
+def test_compiled_plus_blocks_take_several_images_without_recompiling(tiny_cache_env):
+    """Qwen-Image-Edit-2509's pipeline, warmed up with one input image: two and three images
+    (more condition tokens, more RoPE segments) compile nothing more."""
+    location = tiny_pipeline_dir("edit-plus", Path(tiny_cache_env["QWEN_TINY_CACHE_DIR"]))
+    model = load_model(
+        tiny_cache_env,
+        "--qwen_image_edit_location",
+        str(location),
+        "--compile",
+        "on",
+        "--warmup_sizes",
+        "64x64",
+        model_class=QwenImageEditModel,
+    )
+    assert takes_several_images(model.pipeline)
+    graphs = counters["stats"]["unique_graphs"]
+    for count in (2, 3):
+        images = tuple(Image.new("RGB", (96, 64), "white") for _ in range(count))
+        generate(model.pipeline, [Job("put them together", " ", (0,), 64, 64, 2, 4.0, images)])
+    assert counters["stats"]["unique_graphs"] == graphs, "more input images recompiled"
 
 
 def test_two_warmup_sizes_leave_no_image_size_to_compile(tiny_cache_env):
