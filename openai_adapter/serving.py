@@ -109,8 +109,8 @@ class ImageService:
             )
         limit = self._settings.max_upload_bytes
         images: list[bytes] = []
+        room = limit
         for number, upload in enumerate(uploads, start=1):
-            room = limit - sum(map(len, images))
             data = await upload.read(room + 1)
             if len(data) > room:
                 what = "The image is" if len(uploads) == 1 else "The images together are"
@@ -121,6 +121,7 @@ class ImageService:
                     f"{which} must be a PNG, JPEG or WebP file", "image", INVALID_IMAGE_FORMAT
                 )
             images.append(data)
+            room -= len(data)
         return images
 
     async def _run(

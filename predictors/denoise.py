@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class Job:
     def do_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1 and self.negative_prompt is not None
 
-    @property
+    @cached_property  # read by every batch_key comparison while a batch is gathered
     def condition_sizes(self) -> tuple[tuple[int, int], ...]:
         """(width, height) the edit pipelines resize each input image to for the VAE."""
         return tuple(edit_condition_size(image) for image in self.images)
