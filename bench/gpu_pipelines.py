@@ -65,6 +65,7 @@ import transformers
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
@@ -162,12 +163,15 @@ BATCH_PROMPTS = (
 @dataclass(frozen=True)
 class Case:
     """One benchmark shape: an output size, for generation or for an edit from
-    ``input_images`` images (two or more: ``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509's)."""
+    ``input_images`` images (two or more: ``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509's).
+    A ``masked`` edit repaints the left half of a square image (its output is 1024x1024) and
+    compares with ``QwenImageEditInpaintPipeline``'s call."""
 
     name: str
     width: int
     height: int
     input_images: int = 0
+    masked: bool = False
 
     @property
     def edit(self) -> bool:
@@ -180,12 +184,15 @@ FULL_CASES = (
     Case("1024x1024", 1024, 1024),
     Case("edit-1024x1024", 1024, 1024, input_images=1),
     Case("edit2-1024x1024", 1024, 1024, input_images=2),
+    Case("inpaint-1024x1024", 1024, 1024, input_images=1, masked=True),
 )
 SMOKE_CASES = (
     Case("64x64", 64, 64),
     Case("edit-64x64", 64, 64, input_images=1),
     Case("edit2-64x64", 64, 64, input_images=2),
 )
+# On the CPU, run when named only: a masked edit's output is ~1024x1024 even there.
+SMOKE_NAMED_CASES = (Case("inpaint-1024x1024", 1024, 1024, input_images=1, masked=True),)
 
 
 @dataclass(frozen=True)
@@ -421,10 +428,13 @@ class StepTimer:
 def run_baseline(pipeline, job: Job, on_step_end: Callable[..., dict] | None = None) -> np.ndarray:
     """The original service: one plain pipeline call with diffusers' defaults, image i
     seeded with its own generator; ``on_step_end`` is its step-end callback. The engine's
-    feed-forward projections, where installed, run as diffusers' for it."""
+    feed-forward projections, where installed, run as diffusers' for it. A masked job's
+    pipeline is a ``QwenImageEditInpaintPipeline``, run at full strength."""
     extra = {}
     if job.images:
         extra["image"] = list(job.images) if takes_several_images(pipeline) else job.images[0]
+    if job.mask is not None:
+        extra.update(mask_image=job.mask, strength=1.0)
     with feedforward.as_diffusers(pipeline.transformer):
         return pipeline(
             prompt=job.prompt,
@@ -696,7 +706,9 @@ class Bench:
             self.generation, self.edit = build_full_pipelines(device, self.scratch, words)
         # Qwen-Image-Edit-2509's pipeline, for edits from several images: the same modules.
         self.edit_plus = QwenImageEditPlusPipeline(**self.edit.components)
-        for pipeline in (self.generation, self.edit, self.edit_plus):
+        # The baseline of masked edits (the engine runs them with the edit pipeline).
+        self.inpaint = QwenImageEditInpaintPipeline(**self.edit.components)
+        for pipeline in (self.generation, self.edit, self.edit_plus, self.inpaint):
             pipeline.to(device)
             pipeline.set_progress_bar_config(disable=True)
         # The engine's exact modules, as in a deployment (the transformer is the edit
@@ -745,6 +757,10 @@ class Bench:
         steps, cfg = self.args.steps, TRUE_CFG_SCALE
         if mode.lightning:
             steps, cfg = LIGHTNING.num_inference_steps, LIGHTNING.true_cfg_scale
+        mask = None
+        if case.masked:
+            mask = Image.new("L", (case.width, case.height), 0)
+            mask.paste(255, (0, 0, case.width // 2, case.height))
         return Job(
             prompt=EDIT_PROMPT if case.edit else PROMPT,
             negative_prompt=NEGATIVE_PROMPT,
@@ -754,6 +770,7 @@ class Bench:
             num_inference_steps=steps,
             true_cfg_scale=cfg,
             images=images,
+            mask=mask,
         )
 
     def skip_reason(self, mode: Mode) -> str | None:
@@ -783,7 +800,7 @@ class Bench:
         if mode.cache:
             acceleration.apply(self.generation, Acceleration(compile="off", cache="first_block"))
         scheduler = self.schedulers["lightning" if mode.lightning else "qwen"]
-        for pipeline in (self.generation, self.edit, self.edit_plus):
+        for pipeline in (self.generation, self.edit, self.edit_plus, self.inpaint):
             pipeline.scheduler = scheduler
 
     def compile(self, cuda_graphs: bool, max_autotune: bool) -> None:
@@ -887,7 +904,7 @@ class Bench:
                 on_step_end=on_step_end,
                 text_bucket=self.settings(mode).text_bucket,
             )[0]
-        return run_baseline(pipeline, job, on_step_end)
+        return run_baseline(self.inpaint if case.masked else pipeline, job, on_step_end)
 
     def warmup_batches(self, case: Case, mode: Mode) -> list[list[Job]]:
         """The predictor's load-time warm-up batches at the case's size, with ``mode``'s
@@ -1178,9 +1195,10 @@ def print_row(row: Row) -> None:
     )
 
 
-def select(names: str | None, known: tuple, kind: str) -> list:
+def select(names: str | None, known: tuple, kind: str, default: tuple | None = None) -> list:
+    """The items of ``known`` that ``names`` lists; ``default`` (or all) when none."""
     if not names:
-        return list(known)
+        return list(known if default is None else default)
     if names == "none":
         return []
     by_name = {item.name: item for item in known}
@@ -1255,10 +1273,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
-    known_cases = SMOKE_CASES if args.smoke else FULL_CASES
+    default_cases = SMOKE_CASES if args.smoke else FULL_CASES
+    known_cases = SMOKE_CASES + SMOKE_NAMED_CASES if args.smoke else FULL_CASES
     groups = [run.split("=", 1) for run in args.runs or []] or [(args.cases, args.modes)]
     plan = [
-        (select(cases, known_cases, "cases"), select(modes, MODES, "modes"))
+        (select(cases, known_cases, "cases", default_cases), select(modes, MODES, "modes"))
         for cases, modes in groups
     ]
     if args.smoke:

@@ -106,7 +106,11 @@ class ImageEditRequest(ImageRequest):
     image_list: list[UploadFile] | None = Field(
         None, alias="image[]", description="The same, as the openai SDK sends a list."
     )
-    mask: UploadFile | None = Field(None, description="Not supported yet.")
+    mask: UploadFile | None = Field(
+        None,
+        description="A PNG or WebP of the first image's size whose fully transparent pixels "
+        "mark the area to repaint; the rest of that image is kept.",
+    )
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
 
     @property

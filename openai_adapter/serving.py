@@ -74,12 +74,13 @@ class ImageService:
     async def generate(self, request: ImageGenerationRequest, request_id: str) -> ImagesResponse:
         """``POST /v1/images/generations``."""
         model = self._resolve_model(request.model, self._settings.generation_model)
-        return await self._run(model, request, request_id, images=())
+        return await self._run(model, request, request_id)
 
     async def edit(self, request: ImageEditRequest, request_id: str) -> ImagesResponse:
         """``POST /v1/images/edits``."""
         model = self._resolve_model(request.model, self._settings.edit_model)
-        return await self._run(model, request, request_id, images=await self._read_images(request))
+        images, mask = await self._read_uploads(request)
+        return await self._run(model, request, request_id, images, mask)
 
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
         """The model to call: the endpoint's own, which ``requested`` may only name."""
@@ -93,11 +94,10 @@ class ImageService:
             )
         return model
 
-    async def _read_images(self, request: ImageEditRequest) -> list[bytes]:
-        """The uploaded images in order, each a PNG, JPEG or WebP file, all together within
-        the upload limit. How many the model edits from is the predictor's to say."""
-        if request.mask is not None:
-            raise bad_request("'mask' is not supported yet", "mask", UNSUPPORTED_VALUE)
+    async def _read_uploads(self, request: ImageEditRequest) -> tuple[list[bytes], bytes | None]:
+        """The uploaded images in order and the mask, if any: each a PNG, JPEG or WebP file,
+        all together within the upload limit. How many images the model edits from, and
+        whether the mask fits its image, are the predictor's to say."""
         uploads = request.images
         if not uploads:
             raise bad_request("Missing required parameter: 'image'", "image", MISSING_PARAMETER)
@@ -107,25 +107,45 @@ class ImageService:
                 "image",
                 INVALID_VALUE,
             )
+        files = [("image", upload) for upload in uploads]
+        if request.mask is not None:
+            files.append(("mask", request.mask))
         limit = self._settings.max_upload_bytes
-        images: list[bytes] = []
         room = limit
-        for number, upload in enumerate(uploads, start=1):
+        read: list[bytes] = []
+        for number, (field, upload) in enumerate(files, start=1):
             data = await upload.read(room + 1)
             if len(data) > room:
-                what = "The image is" if len(uploads) == 1 else "The images together are"
-                raise bad_request(f"{what} larger than {limit} bytes", "image", IMAGE_TOO_LARGE)
+                if len(files) == 1:
+                    what = "The image is"
+                elif request.mask is None:
+                    what = "The images together are"
+                else:
+                    what = "The image files and the mask together are"
+                raise bad_request(f"{what} larger than {limit} bytes", field, IMAGE_TOO_LARGE)
             if detect_image_format(data) is None:
-                which = "The image" if len(uploads) == 1 else f"Image {number} of {len(uploads)}"
+                if field == "mask":
+                    which = "The mask"
+                elif len(uploads) == 1:
+                    which = "The image"
+                else:
+                    which = f"Image {number} of {len(uploads)}"
                 raise bad_request(
-                    f"{which} must be a PNG, JPEG or WebP file", "image", INVALID_IMAGE_FORMAT
+                    f"{which} must be a PNG, JPEG or WebP file", field, INVALID_IMAGE_FORMAT
                 )
-            images.append(data)
+            read.append(data)
             room -= len(data)
-        return images
+        if request.mask is not None:
+            return read[:-1], read[-1]
+        return read, None
 
     async def _run(
-        self, model: str, request: ImageRequest, request_id: str, images: Sequence[bytes]
+        self,
+        model: str,
+        request: ImageRequest,
+        request_id: str,
+        images: Sequence[bytes] = (),
+        mask: bytes | None = None,
     ) -> ImagesResponse:
         """Call the predictor with the request's fields and answer in OpenAI's shape."""
         _reject_unsupported(request)
@@ -147,6 +167,7 @@ class ImageService:
             request.prompt,
             negative_prompt=request.negative_prompt,
             images=images,
+            mask=mask,
             request_id=request_id,
             binary_output=True,
             width=width,

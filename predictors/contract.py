@@ -12,6 +12,10 @@ Request (``POST /v2/models/{model}/infer``)::
       image            BYTES [N]   edit only, required: N encoded PNG/JPEG/WebP files, 1 to
                                    --max_input_images (more than one for the pipeline of
                                    Qwen-Image-Edit-2509 and later only)
+      mask             BYTES [1]   edit only, optional: a PNG/WebP of the first image's size
+                                   whose fully transparent pixels (alpha 0) mark the area to
+                                   repaint, as OpenAI's; the output then keeps that image's
+                                   aspect ratio at ~1024x1024 (width/height may only repeat it)
     parameters (all optional):
       width, height        int     multiples of 16 (generation 1664x928; edit follows the
                                    input image's aspect ratio at ~1024x1024 when absent)
@@ -57,6 +61,7 @@ EDIT_MODEL_NAME = "qwen-image-edit"
 PROMPT = "prompt"
 NEGATIVE_PROMPT = "negative_prompt"
 IMAGE = "image"
+MASK = "mask"
 
 # Output tensors.
 IMAGES = "images"
@@ -150,6 +155,7 @@ class ImageRequest:
     output_format: str
     output_compression: int
     images: tuple[bytes, ...] = field(default=(), repr=False)
+    mask: bytes | None = field(default=None, repr=False)
 
     @property
     def seeds(self) -> list[int]:
@@ -220,6 +226,7 @@ def validate_request(
     defaults: Defaults,
     limits: Limits,
     images: Sequence[bytes] = (),
+    mask: bytes | None = None,
     needs_image: bool = False,
 ) -> ImageRequest:
     """Apply defaults and limits to raw request fields; raise ``ContractError`` on bad input."""
@@ -227,6 +234,8 @@ def validate_request(
         raise ContractError(PROMPT, "'prompt' must be a non-empty string")
     if needs_image and not any(images):
         raise ContractError(IMAGE, "'image' is required: send the image to edit")
+    if mask is not None and not mask:
+        raise ContractError(MASK, "'mask' is empty")
     if len(images) > limits.max_input_images:
         raise ContractError(
             IMAGE,
@@ -287,6 +296,7 @@ def validate_request(
         output_format=output_format,
         output_compression=compression,
         images=tuple(images),
+        mask=mask,
     )
 
 
@@ -339,6 +349,7 @@ def build_rest_body(
     *,
     negative_prompt: str | None = None,
     images: Sequence[bytes] = (),
+    mask: bytes | None = None,
     request_id: str | None = None,
     binary_output: bool = False,
     **parameters: Any,
@@ -350,15 +361,16 @@ def build_rest_body(
     inputs: list[dict[str, Any]] = [_text_input(PROMPT, prompt)]
     if negative_prompt is not None:
         inputs.append(_text_input(NEGATIVE_PROMPT, negative_prompt))
-    if images:
-        inputs.append(
-            {
-                "name": IMAGE,
-                "shape": [len(images)],
-                "datatype": "BYTES",
-                "data": [encode_bytes_for_rest(image) for image in images],
-            }
-        )
+    for name, files in ((IMAGE, images), (MASK, [mask] if mask is not None else [])):
+        if files:
+            inputs.append(
+                {
+                    "name": name,
+                    "shape": [len(files)],
+                    "datatype": "BYTES",
+                    "data": [encode_bytes_for_rest(data) for data in files],
+                }
+            )
     body: dict[str, Any] = {"inputs": inputs, "parameters": build_parameters(**parameters)}
     if binary_output:
         body["parameters"][BINARY_DATA_OUTPUT] = True

@@ -18,6 +18,9 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 - edits take one input image (``QwenImageEditPipeline``) or several
   (``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509 and later), prepared as each
   pipeline prepares them;
+- an edit with a mask repaints only the mask's area of its first image, as
+  ``QwenImageEditInpaintPipeline`` does at full strength: after each step, the latents
+  outside the area are the image's, noised to the next step's level;
 - the VAE encodes edit images and decodes outputs with its convolutions as 2D ones
   (``predictors.vae``).
 
@@ -35,7 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, DiffusionPipeline, QwenImageEditPlusPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_dispatch import attention_backend
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
@@ -46,7 +51,7 @@ from PIL import Image
 
 from predictors import attention as padding_free
 from predictors import modulation
-from predictors.vae import decode_single_frame, encode_single_frame
+from predictors.vae import decode_single_frame, encode_single_frame, single_frame_posterior
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +90,10 @@ class Job:
     """One request's share of a batch: its prompts, seeds, size and schedule.
 
     Image ``i`` starts from the noise of ``seeds[i]``. ``images`` are the edit's input
-    images (none for text-to-image). True CFG runs when ``true_cfg_scale > 1`` and a
-    negative prompt is given, as in diffusers.
+    images (none for text-to-image). ``mask`` is the area of ``images[0]`` to repaint, as
+    diffusers' inpaint pipelines take it: white is repainted, black kept; a masked job's
+    output has ``images[0]``'s condition size. True CFG runs when ``true_cfg_scale > 1`` and
+    a negative prompt is given, as in diffusers.
     """
 
     prompt: str
@@ -97,6 +104,7 @@ class Job:
     num_inference_steps: int
     true_cfg_scale: float
     images: tuple[Image.Image, ...] = field(default=(), repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -121,6 +129,7 @@ class Job:
             self.true_cfg_scale,
             self.do_true_cfg,
             self.condition_sizes,
+            self.mask is not None,
         )
 
 
@@ -139,7 +148,13 @@ class Conditioning:
 
     text: torch.Tensor  # [text_len, dim]
     negative_text: torch.Tensor | None  # [negative_len, dim]
-    image_latents: torch.Tensor | None  # [condition_tokens, channels], edit only
+    # [condition_tokens, channels] of the edit's images, but a masked edit's first, which is
+    # `canvas`; None for text-to-image and for a masked edit of one image.
+    image_latents: torch.Tensor | None
+    # A masked edit's first image, as a VAE latent distribution that each output image
+    # samples with its own generator, as QwenImageEditInpaintPipeline does.
+    canvas: DiagonalGaussianDistribution | None = None
+    edit_area: torch.Tensor | None = None  # [tokens, channels] of 0 (keep) and 1 (repaint)
 
 
 StepCallback = Callable[[int], None]
@@ -165,23 +180,32 @@ def generate(
     if len({job.batch_key for job in jobs}) != 1:
         raise ValueError("the jobs of one batch must share size, steps, CFG and input image sizes")
     first = jobs[0]
+    if first.mask is not None and first.condition_sizes[0] != (first.width, first.height):
+        raise ValueError("a masked edit's output must have its first image's condition size")
     device = pipeline._execution_device
     dtype = pipeline.text_encoder.dtype
     transformer = pipeline.transformer
-    latent_size = (
-        2 * (first.height // (pipeline.vae_scale_factor * 2)),
-        2 * (first.width // (pipeline.vae_scale_factor * 2)),
-    )
+    latent_size = _latent_size(pipeline, first)
 
     with torch.inference_mode():
         text_cache: dict[str, torch.Tensor] = {}
         conditionings = [condition(pipeline, job, device, dtype, text_cache) for job in jobs]
         per_image = [c for job, c in zip(jobs, conditionings, strict=True) for _ in job.seeds]
         seeds = [seed for job in jobs for seed in job.seeds]
-        latents = torch.cat([_noise(pipeline, seed, latent_size, device, dtype) for seed in seeds])
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        canvas = edit_area = None
+        if first.mask is not None:
+            # Drawn before the noise, from the same generator, as the inpaint pipeline does.
+            draws = zip(per_image, generators, strict=True)
+            canvas = torch.stack([_sample_latents(pipeline, c.canvas, g) for c, g in draws])
+            edit_area = torch.stack([c.edit_area for c in per_image])
+        noise = torch.cat([_noise(pipeline, g, latent_size, device, dtype) for g in generators])
         image_latents = None
         if first.images:
-            image_latents = torch.stack([c.image_latents for c in per_image])
+            parts = [] if canvas is None else [canvas]
+            if per_image[0].image_latents is not None:
+                parts.append(torch.stack([c.image_latents for c in per_image]))
+            image_latents = torch.cat(parts, dim=1)
 
         texts = [c.text for c in per_image]
         if first.do_true_cfg:
@@ -195,7 +219,11 @@ def generate(
         copies = 2 if first.do_true_cfg else 1
         img_shapes = [_img_shapes(pipeline, first, latent_size)] * (copies * len(seeds))
 
-        timesteps = _timesteps(pipeline, first.num_inference_steps, latents.shape[1], device)
+        timesteps = _timesteps(pipeline, first.num_inference_steps, noise.shape[1], device)
+        latents = noise
+        if canvas is not None:
+            sigmas = pipeline.scheduler.sigmas.to(device, dtype)  # the last one is 0
+            latents = _noised(canvas, noise, sigmas[0])
         # The pipeline's `t.expand(batch).to(dtype) / 1000`, for every step at once.
         model_timesteps = timesteps.to(dtype) / 1000
         attention = attention or AttentionBackends()
@@ -228,6 +256,11 @@ def generate(
                     if copies == 2:
                         prediction = guide(*prediction.chunk(2), first.true_cfg_scale)
                     latents = pipeline.scheduler.step(prediction, t, latents, return_dict=False)[0]
+                    if canvas is not None:
+                        # Outside the edit area: the canvas at the next step's noise level
+                        # (the canvas itself after the last step, whose next sigma is 0).
+                        kept = _noised(canvas, noise, sigmas[i + 1])
+                        latents = (1 - edit_area) * kept + edit_area * latents
                     if on_step_end is not None:
                         on_step_end(i)
         finally:
@@ -317,7 +350,7 @@ def condition(
     ``text_cache`` holds the embeddings of prompts already encoded without an image; this
     call reads and fills it (an edit's prompts depend on its images, so they are not cached).
     """
-    prompt_images = image_latents = None
+    prompt_images = image_latents = canvas = edit_area = None
     if job.images:
         processor = pipeline.image_processor
         prompt_images = [
@@ -326,12 +359,17 @@ def condition(
         ]
         if not takes_several_images(pipeline):
             (prompt_images,) = prompt_images  # the pipeline's prompt template has one image
-        image_latents = torch.cat(
-            [
-                _image_latents(pipeline, image, size, device, dtype)
-                for image, size in zip(job.images, job.condition_sizes, strict=True)
-            ]
-        )
+        pixels = [
+            _pixels(pipeline, image, size, device, dtype)
+            for image, size in zip(job.images, job.condition_sizes, strict=True)
+        ]
+        if job.mask is not None:
+            canvas = single_frame_posterior(pipeline.vae, pixels.pop(0))
+            edit_area = _edit_area(pipeline, job, device, dtype)
+        if pixels:
+            image_latents = torch.cat(
+                [_normalized(pipeline, encode_single_frame(pipeline.vae, p)) for p in pixels]
+            )
 
     cacheable = prompt_images is None and text_cache is not None
 
@@ -347,37 +385,79 @@ def condition(
         return embeds[0]  # a single prompt has no padding
 
     negative = encode(job.negative_prompt) if job.do_true_cfg else None
-    return Conditioning(encode(job.prompt), negative, image_latents)
+    return Conditioning(encode(job.prompt), negative, image_latents, canvas, edit_area)
 
 
-def _image_latents(
+def _pixels(
     pipeline: DiffusionPipeline,
     image: Image.Image,
     size: tuple[int, int],
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One input image resized to ``size`` (width, height), VAE-encoded, normalised and
-    packed: [tokens, channels]."""
+    """One input image resized to ``size`` (width, height), as the VAE takes it:
+    [1, 3, 1, height, width] in [-1, 1]."""
     width, height = size
     pixels = pipeline.image_processor.preprocess(image, height, width).unsqueeze(2)
-    encoded = encode_single_frame(pipeline.vae, pixels.to(device, dtype))
+    return pixels.to(device, dtype)
+
+
+def _normalized(pipeline: DiffusionPipeline, encoded: torch.Tensor) -> torch.Tensor:
+    """VAE latents [1, z_dim, 1, h, w] normalised and packed: [tokens, channels]."""
     mean, std = _latent_statistics(pipeline.vae, encoded)
     encoded = (encoded - mean) / std
     channels = pipeline.transformer.config.in_channels // 4
     return pipeline._pack_latents(encoded, 1, channels, *encoded.shape[3:])[0]
 
 
+def _sample_latents(
+    pipeline: DiffusionPipeline, canvas: DiagonalGaussianDistribution, generator: torch.Generator
+) -> torch.Tensor:
+    """One draw of a masked edit's first image from its VAE latent distribution, normalised
+    and packed: [tokens, channels]."""
+    return _normalized(pipeline, canvas.sample(generator))
+
+
+def _noised(canvas: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The canvas at noise level ``sigma``: the flow-matching scheduler's ``scale_noise``."""
+    return sigma * noise + (1.0 - sigma) * canvas
+
+
+def _edit_area(
+    pipeline: DiffusionPipeline, job: Job, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A masked job's area to repaint, as the inpaint pipelines make it: the mask resized to
+    the output, binarised, taken to the latents' size (nearest) and packed for every
+    channel: [tokens, channels] of 0 and 1."""
+    processor = VaeImageProcessor(
+        vae_scale_factor=pipeline.vae_scale_factor * 2,
+        do_normalize=False,
+        do_binarize=True,
+        do_convert_grayscale=True,
+    )
+    area = processor.preprocess(job.mask, job.height, job.width)
+    latent_size = _latent_size(pipeline, job)
+    area = F.interpolate(area, size=latent_size).to(device, dtype)
+    channels = pipeline.transformer.config.in_channels // 4
+    return pipeline._pack_latents(area.repeat(1, channels, 1, 1), 1, channels, *latent_size)[0]
+
+
+def _latent_size(pipeline: DiffusionPipeline, job: Job) -> tuple[int, int]:
+    """(height, width) of a job's output latents, before packing."""
+    factor = pipeline.vae_scale_factor * 2
+    return 2 * (job.height // factor), 2 * (job.width // factor)
+
+
 def _noise(
     pipeline: DiffusionPipeline,
-    seed: int,
+    generator: torch.Generator,
     latent_size: tuple[int, int],
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The packed starting noise of one image: drawn on the CPU, so any device gets the same."""
+    """The packed starting noise of one image, drawn on the CPU by ``generator`` (seeded
+    with the image's seed), so any device gets the same."""
     channels = pipeline.transformer.config.in_channels // 4
-    generator = torch.Generator("cpu").manual_seed(seed)
     shape = (1, 1, channels, *latent_size)
     noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     return pipeline._pack_latents(noise, 1, channels, *latent_size)

@@ -8,9 +8,16 @@ from collections.abc import Sequence
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from PIL import Image
 
-from predictors.contract import EDIT_DEFAULTS, EDIT_MODEL_NAME, IMAGE, ContractError, ImageRequest
+from predictors.contract import (
+    EDIT_DEFAULTS,
+    EDIT_MODEL_NAME,
+    IMAGE,
+    MASK,
+    ContractError,
+    ImageRequest,
+)
 from predictors.denoise import Job, edit_condition_size, prompt_image_size, takes_several_images
-from predictors.images import decode_image, raise_decoder_pixel_limit
+from predictors.images import decode_edit_area, decode_image, raise_decoder_pixel_limit
 from predictors.model import PredictorOptions, QwenImageModel
 from predictors.server import serve
 
@@ -38,8 +45,10 @@ class QwenImageEditModel(QwenImageModel):
         raise_decoder_pixel_limit(options.limits.max_input_pixels)
 
     def prepare(self, request: ImageRequest) -> Job:
-        """Decode the input images; without an explicit size, the output keeps the last
-        image's aspect ratio at the pipelines' ~1024x1024 area, which must fit the size limits.
+        """Decode the input images (and mask); without an explicit size, the output keeps the
+        last image's aspect ratio at the pipelines' ~1024x1024 area, which must fit the size
+        limits. A mask marks the area to repaint on the first image, whose aspect ratio the
+        output then keeps: an explicit size may only repeat it.
 
         Whatever the output size, the pipeline resizes each input for its condition and its
         vision encoder, which take no side under 32 pixels and no aspect ratio over 200:1: a
@@ -53,25 +62,41 @@ class QwenImageEditModel(QwenImageModel):
                 f"({type(self.pipeline).__name__}) edits one: send one, or serve "
                 "Qwen-Image-Edit-2509 or later to edit from several",
             )
+        labels = (
+            ["'image'"] if count == 1 else [f"'image' {n} of {count}" for n in range(1, count + 1)]
+        )
         images = []
-        for number, data in enumerate(request.images, start=1):
-            label = "'image'" if count == 1 else f"'image' {number} of {count}"
+        for data, label in zip(request.images, labels, strict=True):
             image = decode_image(data, self.options.limits.max_input_pixels, label)
             self.check_aspect_ratio(image, label)
             images.append(image)
+        mask = None
+        if request.mask is not None:
+            mask = decode_edit_area(
+                request.mask, images[0], labels[0], self.options.limits.max_input_pixels
+            )
+        # A masked edit repaints part of its first image; others follow the last image.
+        framing = 0 if mask is not None else -1
+        width, height = edit_condition_size(images[framing])
+        explicit_size = (request.width, request.height)
+        if mask is not None and request.width is not None and explicit_size != (width, height):
+            raise ContractError(
+                MASK,
+                f"'mask' sets the output size to {width}x{height} ({labels[0]}'s aspect "
+                f"ratio at ~1024x1024): leave the size out or ask for that one, not "
+                f"{request.width}x{request.height}",
+            )
         if request.width is not None:
-            return self.job(request, request.width, request.height, tuple(images))
-        width, height = edit_condition_size(images[-1])
+            return self.job(request, request.width, request.height, tuple(images), mask)
         limits = self.options.limits
         if not (limits.min_size <= min(width, height) and max(width, height) <= limits.max_size):
-            label = "'image'" if count == 1 else f"'image' {count} of {count}"
             raise ContractError(
                 IMAGE,
-                f"{label} has an aspect ratio of {images[-1].width}:{images[-1].height}, "
-                f"which would give a {width}x{height} output, outside "
-                f"{limits.min_size}-{limits.max_size}",
+                f"{labels[framing]} has an aspect ratio of {images[framing].width}:"
+                f"{images[framing].height}, which would give a {width}x{height} output, "
+                f"outside {limits.min_size}-{limits.max_size}",
             )
-        return self.job(request, width, height, tuple(images))
+        return self.job(request, width, height, tuple(images), mask)
 
     def check_aspect_ratio(self, image: Image.Image, label: str) -> None:
         """Refuse an input that the pipeline would resize to a side under 32 pixels or an

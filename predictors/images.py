@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from predictors.contract import IMAGE, ContractError
+from predictors.contract import IMAGE, MASK, ContractError
 
 # MPO is the multi-picture JPEG phone cameras write; it decodes to its first picture, as a
 # JPEG decoder reads it.
@@ -25,7 +25,42 @@ def raise_decoder_pixel_limit(max_pixels: int) -> None:
 
 def decode_image(data: bytes, max_pixels: int, label: str = "'image'") -> Image.Image:
     """An RGB image from encoded PNG/JPEG/WebP bytes (a multi-picture JPEG gives its first
-    picture); ``ContractError`` for anything else, its message about ``label``.
+    picture); ``ContractError`` for anything else, its message about ``label``."""
+    return _open(data, max_pixels, IMAGE, label).convert("RGB")
+
+
+def decode_edit_area(
+    data: bytes, image: Image.Image, image_label: str, max_pixels: int
+) -> Image.Image:
+    """The area to repaint that an OpenAI-style mask marks on ``image``: white where the
+    mask is fully transparent, black elsewhere, as an ``L`` image (diffusers' convention).
+
+    The mask is a PNG or WebP with an alpha channel, of ``image``'s size, with at least one
+    fully transparent pixel; ``ContractError`` otherwise.
+    """
+    mask = _open(data, max_pixels, MASK, "'mask'")
+    if mask.size != image.size:
+        raise ContractError(
+            MASK,
+            f"'mask' is {mask.width}x{mask.height}, and must have the size of the image it "
+            f"masks ({image_label}: {image.width}x{image.height})",
+        )
+    if not mask.has_transparency_data:
+        raise ContractError(
+            MASK,
+            "'mask' has no alpha channel: its fully transparent pixels mark the area to edit",
+        )
+    area = mask.convert("RGBA").getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+    if area.getbbox() is None:
+        raise ContractError(
+            MASK, "'mask' has no fully transparent pixel, so it leaves nothing to edit"
+        )
+    return area
+
+
+def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
+    """A decoded PNG, JPEG or WebP image, in its own mode; ``ContractError`` about ``param``
+    for anything else.
 
     The pixel count is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing.
@@ -35,25 +70,25 @@ def decode_image(data: bytes, max_pixels: int, label: str = "'image'") -> Image.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ContractError(IMAGE, f"{label} is not a PNG, JPEG or WebP image") from None
+        raise ContractError(param, f"{label} is not a PNG, JPEG or WebP image") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ContractError(
-            IMAGE, f"{label} declares more than the {max_pixels} pixels this server accepts"
+            param, f"{label} declares more than the {max_pixels} pixels this server accepts"
         ) from None
     if image.format not in ACCEPTED_INPUT_FORMATS:
-        raise ContractError(IMAGE, f"{label} must be PNG, JPEG or WebP, not {image.format}")
+        raise ContractError(param, f"{label} must be PNG, JPEG or WebP, not {image.format}")
     width, height = image.size
     if width * height > max_pixels:
         raise ContractError(
-            IMAGE,
+            param,
             f"{label} is {width}x{height} ({width * height} pixels), "
             f"more than the {max_pixels} pixels this server accepts",
         )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ContractError(IMAGE, f"{label} could not be decoded: {exc}") from None
-    return image.convert("RGB")
+        raise ContractError(param, f"{label} could not be decoded: {exc}") from None
+    return image
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:

@@ -141,8 +141,10 @@ class QwenImageModel(Model):
         width: int,
         height: int,
         images: tuple[Image.Image, ...] = (),
+        mask: Image.Image | None = None,
     ) -> Job:
-        """A request as a ``denoise.Job`` of the given output size (and edit images)."""
+        """A request as a ``denoise.Job`` of the given output size (and edit images and
+        mask)."""
         return Job(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -152,6 +154,7 @@ class QwenImageModel(Model):
             num_inference_steps=request.num_inference_steps,
             true_cfg_scale=request.true_cfg_scale,
             images=images,
+            mask=mask,
         )
 
     async def predict(
@@ -233,20 +236,27 @@ class QwenImageModel(Model):
     def parse(self, payload: InferRequest) -> ImageRequest:
         """The contract request carried by a v2 infer request (REST or gRPC)."""
         inputs = {item.name: item for item in payload.inputs}
-        unknown = set(inputs) - {contract.PROMPT, contract.NEGATIVE_PROMPT, contract.IMAGE}
-        if unknown or (contract.IMAGE in inputs and not self.needs_image):
-            name = sorted(unknown or {contract.IMAGE})[0]
-            raise ContractError(name, f"'{name}' is not an input of model {self.name}")
+        known = {contract.PROMPT, contract.NEGATIVE_PROMPT}
+        if self.needs_image:
+            known |= {contract.IMAGE, contract.MASK}
+        unknown = sorted(set(inputs) - known)
+        if unknown:
+            raise ContractError(unknown[0], f"'{unknown[0]}' is not an input of model {self.name}")
         parameters = payload.parameters or {}
         if not isinstance(parameters, dict):
             parameters = to_http_parameters(parameters)
-        images: list[bytes] = []
+
+        def file(raw: str | bytes, name: str) -> bytes:
+            if payload.from_grpc:
+                return raw if isinstance(raw, bytes) else raw.encode()
+            return contract.decode_bytes_from_rest(name, raw)
+
+        images = []
         if contract.IMAGE in inputs:
-            for raw in _values(inputs[contract.IMAGE]):
-                if payload.from_grpc:
-                    images.append(raw if isinstance(raw, bytes) else raw.encode())
-                else:
-                    images.append(contract.decode_bytes_from_rest(contract.IMAGE, raw))
+            images = [file(raw, contract.IMAGE) for raw in _values(inputs[contract.IMAGE])]
+        mask = None
+        if contract.MASK in inputs:
+            mask = file(_single_value(inputs[contract.MASK]), contract.MASK)
         return contract.validate_request(
             prompt=_text(inputs.get(contract.PROMPT)),
             negative_prompt=_text(inputs.get(contract.NEGATIVE_PROMPT)),
@@ -254,6 +264,7 @@ class QwenImageModel(Model):
             defaults=self.defaults,
             limits=self.options.limits,
             images=images,
+            mask=mask,
             needs_image=self.needs_image,
         )
 

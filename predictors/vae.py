@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 # The single-frame version built for each encoder or decoder (it shares their parameters).
 _frame_versions: WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = WeakKeyDictionary()
@@ -65,11 +66,18 @@ def encode_single_frame(vae: AutoencoderKLQwenImage, pixels: torch.Tensor) -> to
     """The mode of ``vae.encode(pixels)``'s latent distribution, as the pipelines take it
     (``sample_mode="argmax"``), for pixels of one frame, ``[batch, 3, 1, H, W]`` in
     [-1, 1]: latents ``[batch, z_dim, 1, H / 8, W / 8]``, not yet normalized."""
+    return single_frame_posterior(vae, pixels).mode()
+
+
+def single_frame_posterior(
+    vae: AutoencoderKLQwenImage, pixels: torch.Tensor
+) -> DiagonalGaussianDistribution:
+    """``vae.encode(pixels)``'s latent distribution for pixels of one frame (see
+    ``encode_single_frame``), for a caller that samples it."""
     _check_single_frame(pixels)
     if vae.use_tiling:
-        return vae.encode(pixels).latent_dist.mode()
-    moments = vae.quant_conv(frame_version(vae.encoder)(pixels))
-    return moments[:, : vae.config.z_dim]  # the mean; the log-variance follows
+        return vae.encode(pixels).latent_dist
+    return DiagonalGaussianDistribution(vae.quant_conv(frame_version(vae.encoder)(pixels)))
 
 
 def decode_single_frame(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:

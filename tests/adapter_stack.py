@@ -145,3 +145,13 @@ def encode_image(size: tuple[int, int], fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def encode_mask(size: tuple[int, int], box: tuple[int, int, int, int], fmt: str = "PNG") -> bytes:
+    """An OpenAI-style mask file: opaque, and fully transparent in ``box`` (left, top,
+    right, bottom), the area to edit."""
+    mask = Image.new("RGBA", size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    buffer = io.BytesIO()
+    mask.save(buffer, fmt)
+    return buffer.getvalue()

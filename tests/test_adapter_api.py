@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.adapter_stack import API_KEY, Stack, encode_image
+from tests.adapter_stack import API_KEY, Stack, encode_image, encode_mask
 from tests.servers import wait_for_queue_depth_at
 
 FAST = {"num_inference_steps": 2}
@@ -155,6 +155,29 @@ def test_edit_one_item_list(client: OpenAI):
     assert [item.seed for item in result.data] == [42, 43]
 
 
+def test_edit_with_a_mask(client: OpenAI):
+    """OpenAI's mask: the output keeps the image's aspect ratio at ~1024x1024 (128x96 gives
+    1184x896), and the mask reaches the predictor: the same edit without it differs."""
+    image = encode_image((128, 96))
+    masked = client.images.edit(
+        image=image,
+        mask=encode_mask((128, 96), (0, 0, 64, 96)),
+        prompt="a party hat on the left",
+        extra_body=FAST,
+    )
+    plain = client.images.edit(image=image, prompt="a party hat on the left", extra_body=FAST)
+    assert masked.size == plain.size == "1184x896"
+    assert open_image(masked.data[0]).size == (1184, 896)
+    assert image_bytes(masked.data[0]) != image_bytes(plain.data[0])
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(
+            image=image, mask=encode_mask((64, 64), (0, 0, 8, 8)), prompt="a hat", extra_body=FAST
+        )
+    assert_api_error(caught, openai.BadRequestError, 400, "invalid_value", "mask")
+    assert caught.value.body["message"].startswith("'mask' is 64x64, and must have the size")
+
+
 def test_edit_from_several_images(edit_plus_client: OpenAI, client: OpenAI):
     """Qwen-Image-Edit-2509 and later edit from several images, which the SDK sends as a
     list: the output follows the last one's aspect ratio. Qwen-Image-Edit's pipeline (the
@@ -239,7 +262,7 @@ def test_generation_errors(client: OpenAI, kwargs, status, code, param):
     ("kwargs", "code", "param"),
     [
         ({"image": "two"}, "invalid_value", "image"),  # the stack's model edits one
-        ({"mask": "png"}, "unsupported_value", "mask"),
+        ({"mask": "png"}, "invalid_value", "mask"),  # no alpha channel
         ({"partial_images": 1}, "unsupported_value", "partial_images"),
         ({"image": b"just some text"}, "invalid_image_format", "image"),
         ({"model": "qwen-image"}, "invalid_value", "model"),

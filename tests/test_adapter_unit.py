@@ -438,9 +438,14 @@ def test_edit_sends_several_images_in_order(client: TestClient, predictor: FakeP
         ([("image", b"")], "image", "invalid_image_format"),
         ([("image", encode()), ("image[]", b"GIF89a....")], "image", "invalid_image_format"),
         ([("image[]", encode())] * 17, "image", "invalid_value"),
-        ([("image", encode()), ("mask", encode())], "mask", "unsupported_value"),
+        ([("image", encode()), ("mask", b"GIF89a....")], "mask", "invalid_image_format"),
         ([("image", b"\x89PNG\r\n\x1a\n" + bytes(60_000))], "image", "image_too_large"),
         ([("image[]", b"\x89PNG\r\n\x1a\n" + bytes(30_000))] * 2, "image", "image_too_large"),
+        (
+            [(name, b"\x89PNG\r\n\x1a\n" + bytes(30_000)) for name in ("image", "mask")],
+            "mask",
+            "image_too_large",
+        ),
     ],
     ids=[
         "missing",
@@ -448,9 +453,10 @@ def test_edit_sends_several_images_in_order(client: TestClient, predictor: FakeP
         "empty",
         "second-a-gif",
         "more-than-openai-allows",
-        "mask",
+        "mask-a-gif",
         "too-large",
         "too-large-together",
+        "too-large-with-the-mask",
     ],
 )
 def test_edit_errors(make_client, predictor, files, param, code):
@@ -459,6 +465,26 @@ def test_edit_errors(make_client, predictor, files, param, code):
     response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts or None)
     assert_error(response, 400, code, param)
     assert not predictor.requests
+
+
+def test_edit_sends_the_mask(client: TestClient, predictor: FakePredictor):
+    """The mask travels as the v2 ``mask`` input; whether it fits the image is the
+    predictor's to say."""
+    images, mask = [encode((96, 64)), encode((64, 64))], encode((96, 64))
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "a hat"},
+        files=[("mask", ("mask.png", mask, "image/png"))]
+        + [("image[]", ("upload", image, "image/png")) for image in images],
+    )
+    assert response.status_code == 200, response.text
+    sent = {item["name"]: item for item in predictor.last_body["inputs"]}
+    assert sent[contract.MASK]["shape"] == [1]
+    assert contract.decode_bytes_from_rest(contract.MASK, sent[contract.MASK]["data"][0]) == mask
+    assert [
+        contract.decode_bytes_from_rest(contract.IMAGE, item)
+        for item in sent[contract.IMAGE]["data"]
+    ] == images
 
 
 def test_edit_errors_say_which_of_several_images(make_client, predictor):
@@ -474,6 +500,12 @@ def test_edit_errors_say_which_of_several_images(make_client, predictor):
     assert response.json()["error"]["message"] == (
         "The images together are larger than 50000 bytes"
     )
+    parts = [
+        ("image", ("upload", encode(), "image/png")),
+        ("mask", ("upload", b"GIF89a....", "image/gif")),
+    ]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts)
+    assert response.json()["error"]["message"] == "The mask must be a PNG, JPEG or WebP file"
     assert not predictor.requests
 
 

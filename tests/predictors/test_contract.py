@@ -86,6 +86,7 @@ def test_rest_body_round_trips_through_parameters_and_base64():
         "a cat",
         negative_prompt="blurry",
         images=[b"\x89PNG raw", b"\xff\xd8 second"],
+        mask=b"\x89PNG mask",
         seed=3,
         width=512,
         height=256,
@@ -98,6 +99,8 @@ def test_rest_body_round_trips_through_parameters_and_base64():
         b"\x89PNG raw",
         b"\xff\xd8 second",
     ]
+    assert inputs["mask"]["shape"] == [1]
+    assert contract.decode_bytes_from_rest("mask", inputs["mask"]["data"][0]) == b"\x89PNG mask"
     assert body["parameters"] == {"seed": 3, "width": 512, "height": 256}
 
 

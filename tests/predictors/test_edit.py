@@ -16,6 +16,7 @@ from predictors.contract import ContractError, Limits
 from predictors.edit import QwenImageEditModel
 from predictors.images import decode_image
 from predictors.model import PredictorOptions
+from tests.adapter_stack import encode_mask
 from tests.predictors.conftest import EDIT_MAX_INPUT_PIXELS
 from tests.servers import RunningPredictor
 
@@ -228,3 +229,78 @@ def test_the_first_edit_pipeline_refuses_several_images(edit_predictor):
     error = response.json()["error"]
     assert "'image' holds 2 images, and this model (QwenImageEditPipeline) edits one" in error
     assert "Qwen-Image-Edit-2509" in error
+
+
+def test_a_masked_edit_keeps_the_images_aspect_ratio(edit_predictor):
+    """96x64 at the pipeline's ~1024x1024 area is 1248x832; asking for that size is allowed."""
+    image, mask = encoded((96, 64), "PNG"), encode_mask((96, 64), (0, 0, 48, 64))
+    assert output_size(edit(edit_predictor, image, mask=mask, **FAST)) == (1248, 832)
+    response = edit(edit_predictor, image, mask=mask, width=1248, height=832, **FAST)
+    assert output_size(response) == (1248, 832)
+
+
+def test_a_webp_mask_with_alpha_is_taken(edit_predictor):
+    mask = encode_mask((64, 64), (0, 0, 32, 32), "WEBP")
+    assert output_size(edit(edit_predictor, encoded((64, 64), "PNG"), mask=mask, **FAST)) == (
+        1024,
+        1024,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mask", "fields", "message"),
+    [
+        (
+            encode_mask((64, 48), (0, 0, 8, 8)),
+            {},
+            "'mask' is 64x48, and must have the size of the image it masks ('image': 96x64)",
+        ),
+        (encoded((96, 64), "PNG"), {}, "'mask' has no alpha channel"),
+        (encoded((96, 64), "JPEG"), {}, "'mask' has no alpha channel"),
+        (encode_mask((96, 64), (0, 0, 0, 0)), {}, "'mask' has no fully transparent pixel"),
+        (b"not an image", {}, "'mask' is not a PNG, JPEG or WebP image"),
+        (b"", {}, "'mask' is empty"),
+        (
+            encode_mask((96, 64), (0, 0, 48, 64)),
+            {"width": 1024, "height": 1024},
+            "'mask' sets the output size to 1248x832 ('image''s aspect ratio at ~1024x1024): "
+            "leave the size out or ask for that one, not 1024x1024",
+        ),
+    ],
+    ids=["other-size", "no-alpha", "jpeg", "opaque", "not-an-image", "empty", "other-output-size"],
+)
+def test_bad_masks_get_a_clear_400(edit_predictor, mask, fields, message):
+    response = edit(edit_predictor, encoded((96, 64), "PNG"), mask=mask, **FAST, **fields)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_a_mask_applies_to_the_first_of_several_images(edit_plus_predictor):
+    """As OpenAI's: the output keeps the first image's aspect ratio (the last image's without
+    a mask), and a mask of another size than the first image's is refused."""
+    wide, tall = encoded((96, 64), "PNG"), encoded((64, 96), "JPEG")
+    mask = encode_mask((96, 64), (0, 0, 48, 64))
+    assert output_size(edit(edit_plus_predictor, wide, tall, mask=mask, **FAST)) == (1248, 832)
+    response = edit(edit_plus_predictor, tall, wide, mask=mask, **FAST)
+    assert response.status_code == 400
+    assert (
+        "must have the size of the image it masks ('image' 1 of 2: 64x96)"
+        in (response.json()["error"])
+    )
+
+
+def test_two_masks_get_a_clear_400(edit_predictor):
+    mask = encode_mask((64, 64), (0, 0, 8, 8))
+    body = contract.build_rest_body("make it blue", images=[encoded((64, 64), "PNG")], mask=mask)
+    body["inputs"][-1]["shape"] = [2]
+    body["inputs"][-1]["data"] *= 2
+    response = httpx.post(edit_predictor.infer_url, json=body, timeout=30)
+    assert response.status_code == 400
+    assert "'mask' must hold exactly one element" in response.json()["error"]
+
+
+def test_the_generation_predictor_takes_no_mask(generation_predictor):
+    body = contract.build_rest_body("a cat", mask=encode_mask((64, 64), (0, 0, 8, 8)))
+    response = httpx.post(generation_predictor.infer_url, json=body, timeout=30)
+    assert response.status_code == 400
+    assert "'mask' is not an input of model qwen-image" in response.json()["error"]

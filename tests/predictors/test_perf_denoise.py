@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
@@ -155,6 +156,110 @@ def test_a_zero_cond_t_transformer_equals_the_edit_plus_pipeline(tmp_path):
     pipeline.transformer = plain
     (without,) = generate(pipeline, [job], output_type="np")
     assert np.abs(without - expected).max() > 100 * TOLERANCE  # zero_cond_t changes the images
+
+
+def transparent_box(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """The edit area of an OpenAI mask of ``size`` that is fully transparent in ``box``
+    (left, top, right, bottom): white there, black elsewhere."""
+    area = Image.new("L", size, 0)
+    area.paste(255, box)
+    return area
+
+
+@pytest.fixture(scope="module")
+def edit_split(tmp_path_factory) -> QwenImageEditPipeline:
+    return tiny(QwenImageEditPipeline, "edit", tmp_path_factory.mktemp("tiny"), "split")
+
+
+def test_a_masked_edit_equals_the_inpaint_pipeline(edit_split):
+    """At full strength, with the pipeline's sampled image latents and per-step blending; the
+    output has the image's condition size (1248x832 for 96x64), as the pipeline's has."""
+    (image,) = pictures((96, 64))
+    job = Job(
+        "a blue hat",
+        " ",
+        (3,),
+        1248,
+        832,
+        2,
+        4.0,
+        images=(image,),
+        mask=transparent_box(image.size, (20, 10, 70, 40)),
+    )
+    expected = run_baseline(QwenImageEditInpaintPipeline(**edit_split.components), job)
+    (actual,) = generate(edit_split, [job], output_type="np")
+    assert actual.shape == expected.shape == (1, 832, 1248, 3)
+    assert np.abs(actual - expected).max() < TOLERANCE
+
+
+def test_a_batch_of_masked_edits_equals_each_alone(edit_split):
+    """Each output image draws its own image latents and noise: two images of one request and
+    a request with another picture, prompt and mask, each as alone."""
+    jobs = [
+        Job(
+            "a blue hat",
+            " ",
+            (3, 4),
+            1248,
+            832,
+            2,
+            4.0,
+            images=pictures((96, 64), seed=1),
+            mask=transparent_box((96, 64), (0, 0, 48, 64)),
+        ),
+        Job(
+            "a red scarf on the left",
+            " ",
+            (5,),
+            1248,
+            832,
+            2,
+            4.0,
+            images=pictures((96, 64), seed=2),
+            mask=transparent_box((96, 64), (40, 20, 96, 64)),
+        ),
+    ]
+    assert jobs[0].batch_key == jobs[1].batch_key
+    batched = generate(edit_split, jobs, output_type="np")
+    for job, images in zip(jobs, batched, strict=True):
+        assert np.abs(images - generate(edit_split, [job], output_type="np")[0]).max() < TOLERANCE
+    assert np.abs(batched[0][0] - batched[0][1]).max() > 100 * TOLERANCE  # seeds differ
+
+
+def test_a_masked_edit_from_two_images_changes_only_its_area(edit_plus):
+    """With a mask on the first of two images (the Plus pipeline has no inpaint pipeline to
+    compare with), two prompts give the same latents outside the area and different ones
+    inside. 96x64 becomes 1248x832, 78x52 tokens of 16x16 pixels: the mask's left half is
+    token columns 0 to 38; the column next to the border is left out."""
+    images = pictures((96, 64), (64, 64))
+    mask = transparent_box((96, 64), (0, 0, 48, 64))
+    latents = [
+        generate(
+            edit_plus,
+            [Job(prompt, " ", (3,), 1248, 832, 2, 4.0, images, mask)],
+            output_type="latent",
+        )
+        for prompt in ("a blue hat", "a storm at sea, in the style of an old oil painting")
+    ]
+    first, second = (job_latents[0][0].reshape(52, 78, -1) for job_latents in latents)
+    assert torch.equal(first[:, 40:], second[:, 40:])
+    assert (first[:, :38] - second[:, :38]).abs().amax(dim=-1).min() > 0
+
+
+def test_a_masked_edit_needs_its_first_images_condition_size(edit_split):
+    job = Job(
+        "a hat",
+        " ",
+        (3,),
+        64,
+        48,
+        2,
+        4.0,
+        images=pictures((96, 64)),
+        mask=transparent_box((96, 64), (0, 0, 48, 64)),
+    )
+    with pytest.raises(ValueError, match="condition size"):
+        generate(edit_split, [job], output_type="np")
 
 
 def test_a_batch_of_requests_equals_each_request_alone(generation):

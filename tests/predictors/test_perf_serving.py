@@ -128,6 +128,18 @@ def test_the_gpu_harness_edits_from_two_images_as_the_plus_pipeline_does(tmp_pat
     assert rows["engine"]["seconds_per_image"] > 0
 
 
+def test_the_gpu_harness_runs_masked_edits_as_the_inpaint_pipeline_does(tmp_path):
+    """The masked case, named (it is not in the smoke default): the engine against
+    ``QwenImageEditInpaintPipeline``'s call."""
+    _, results = run_harness_on_the_cpu(
+        tmp_path, "--runs", "inpaint-1024x1024=baseline,engine", "--batch-sizes", "none"
+    )
+    rows = {row["mode"]: row for row in results["rows"] if row["case"] == "inpaint-1024x1024"}
+    assert rows["baseline"]["seconds_per_image"] > 0
+    assert rows["engine"]["max_abs_diff"] < 1e-5
+    assert rows["engine"]["seconds_per_image"] > 0
+
+
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     completed, results = run_harness_on_the_cpu(
         tmp_path, "--profile", "--cases", "64x64,edit-64x64"
