@@ -117,24 +117,18 @@ def run_harness_on_the_cpu(tmp_path, *args: str) -> tuple[subprocess.CompletedPr
     return completed, json.loads(results_path.read_text())
 
 
-def test_the_gpu_harness_edits_from_two_images_as_the_plus_pipeline_does(tmp_path):
-    """Qwen-Image-Edit-2509's case: the engine against ``QwenImageEditPlusPipeline``'s call."""
+@pytest.mark.parametrize(
+    "case",
+    [
+        "edit2-64x64",  # Qwen-Image-Edit-2509's: against QwenImageEditPlusPipeline's call
+        "inpaint-1024x1024",  # named (not in the smoke default): QwenImageEditInpaintPipeline's
+    ],
+)
+def test_the_gpu_harness_compares_other_edits_with_their_pipelines(tmp_path, case):
     _, results = run_harness_on_the_cpu(
-        tmp_path, "--runs", "edit2-64x64=baseline,engine", "--batch-sizes", "none"
+        tmp_path, "--runs", f"{case}=baseline,engine", "--batch-sizes", "none"
     )
-    rows = {row["mode"]: row for row in results["rows"] if row["case"] == "edit2-64x64"}
-    assert rows["baseline"]["seconds_per_image"] > 0
-    assert rows["engine"]["max_abs_diff"] < 1e-5
-    assert rows["engine"]["seconds_per_image"] > 0
-
-
-def test_the_gpu_harness_runs_masked_edits_as_the_inpaint_pipeline_does(tmp_path):
-    """The masked case, named (it is not in the smoke default): the engine against
-    ``QwenImageEditInpaintPipeline``'s call."""
-    _, results = run_harness_on_the_cpu(
-        tmp_path, "--runs", "inpaint-1024x1024=baseline,engine", "--batch-sizes", "none"
-    )
-    rows = {row["mode"]: row for row in results["rows"] if row["case"] == "inpaint-1024x1024"}
+    rows = {row["mode"]: row for row in results["rows"] if row["case"] == case}
     assert rows["baseline"]["seconds_per_image"] > 0
     assert rows["engine"]["max_abs_diff"] < 1e-5
     assert rows["engine"]["seconds_per_image"] > 0
