@@ -82,8 +82,8 @@ class QwenImageEditModel(QwenImageModel):
         if mask is not None and request.width is not None and explicit_size != (width, height):
             raise ContractError(
                 MASK,
-                f"'mask' sets the output size to {width}x{height} ({labels[0]}'s aspect "
-                f"ratio at ~1024x1024): leave the size out or ask for that one, not "
+                f"'mask' sets the output size to {width}x{height} (the aspect ratio of "
+                f"{labels[0]} at ~1024x1024): leave the size out or ask for that one, not "
                 f"{request.width}x{request.height}",
             )
         if request.width is not None:

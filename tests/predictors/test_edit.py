@@ -263,8 +263,8 @@ def test_a_webp_mask_with_alpha_is_taken(edit_predictor):
         (
             encode_mask((96, 64), (0, 0, 48, 64)),
             {"width": 1024, "height": 1024},
-            "'mask' sets the output size to 1248x832 ('image''s aspect ratio at ~1024x1024): "
-            "leave the size out or ask for that one, not 1024x1024",
+            "'mask' sets the output size to 1248x832 (the aspect ratio of 'image' at "
+            "~1024x1024): leave the size out or ask for that one, not 1024x1024",
         ),
     ],
     ids=["other-size", "no-alpha", "jpeg", "opaque", "not-an-image", "empty", "other-output-size"],
