@@ -1271,15 +1271,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> Results:
-    args = parse_args(argv)
+def plan_runs(args: argparse.Namespace) -> list[tuple[list[Case], list[Mode]]]:
+    """The cases and modes of each ``--runs`` group (or of ``--cases`` and ``--modes``);
+    ``SystemExit`` for a name the harness does not know."""
     default_cases = SMOKE_CASES if args.smoke else FULL_CASES
     known_cases = SMOKE_CASES + SMOKE_NAMED_CASES if args.smoke else FULL_CASES
     groups = [run.split("=", 1) for run in args.runs or []] or [(args.cases, args.modes)]
-    plan = [
+    return [
         (select(cases, known_cases, "cases", default_cases), select(modes, MODES, "modes"))
         for cases, modes in groups
     ]
+
+
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    plan = plan_runs(args)
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import gpu_pipelines
 from predictors import contract
 from tests import test_chart as chart
 from tests.servers import PROJECT_ROOT, run_predictor
@@ -132,6 +134,32 @@ def test_the_gpu_harness_compares_other_edits_with_their_pipelines(tmp_path, cas
     assert rows["baseline"]["seconds_per_image"] > 0
     assert rows["engine"]["max_abs_diff"] < 1e-5
     assert rows["engine"]["seconds_per_image"] > 0
+
+
+def next_gpu_run_commands() -> list[list[str]]:
+    """The harness commands of docs/performance.md's "The next GPU run", as argument lists
+    (continuation lines joined; the shell's redirection and pipe left out)."""
+    text = (PROJECT_ROOT / "docs" / "performance.md").read_text()
+    section = text.split("### The next GPU run", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        command = block.replace("\\\n", " ").split("2>&1", 1)[0]
+        words = shlex.split(command)
+        assert words[:2] == ["python", "bench/gpu_pipelines.py"], words
+        commands.append(words[2:])
+    return commands
+
+
+def test_the_next_gpu_runs_name_cases_and_modes_the_harness_knows():
+    """A lent GPU's minutes are few: each prepared command parses, and every case and mode
+    it names exists, before a device runs it."""
+    commands = next_gpu_run_commands()
+    assert len(commands) >= 5
+    for argv in commands:
+        plan = gpu_pipelines.plan_runs(gpu_pipelines.parse_args(argv))
+        assert plan and all(cases and modes for cases, modes in plan), argv
+    with pytest.raises(SystemExit, match="unknown cases: inpaint-64x64"):
+        gpu_pipelines.plan_runs(gpu_pipelines.parse_args(["--runs", "inpaint-64x64=engine"]))
 
 
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
