@@ -50,7 +50,11 @@ class ImageRequest(BaseModel):
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description="'transparent' is not supported."
     )
-    stream: bool | None = Field(None, description="Streaming is not supported.")
+    stream: bool | None = Field(
+        None,
+        description="Answer as server-sent events: one 'completed' event per image, sent "
+        "once the images are done.",
+    )
     partial_images: int | None = Field(
         None, ge=0, le=3, description="Partial images (streaming) are not supported; only 0."
     )
@@ -133,6 +137,24 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str = Field(description="'WIDTHxHEIGHT' of the images.", examples=["1664x928"])
+
+
+class ImageCompletedEvent(BaseModel):
+    """One image of a streamed answer (``stream: true``): OpenAI's
+    ``image_generation.completed`` or ``image_edit.completed`` server-sent event. Partial
+    images are not sent, so each image is one event. OpenAI's token ``usage`` has no
+    counterpart here and is left out."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    b64_json: str = Field(description="The encoded image, base64.")
+    created_at: int = Field(description="Unix time of the event.")
+    size: str = Field(description="'WIDTHxHEIGHT' of the image.")
+    quality: Quality = Field(description="The request's quality ('auto' when not sent).")
+    background: Literal["transparent", "opaque", "auto"] = Field(
+        description="The request's background ('auto' when not sent)."
+    )
+    output_format: OutputFormat
+    seed: int = Field(description="The seed this image was made with (an extension).")
 
 
 class ModelCard(BaseModel):

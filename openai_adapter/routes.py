@@ -15,11 +15,12 @@ from openai_adapter.protocol import (
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
 )
-from openai_adapter.serving import ImageService
+from openai_adapter.serving import ImageService, completed_events
 
 _bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -63,9 +64,16 @@ def get_service(request: Request) -> ImageService:
 Service = Annotated[ImageService, Depends(get_service)]
 
 
-def _json(model: ImagesResponse) -> Response:
-    """Serialize a (large, base64-laden) response in one pass."""
-    return Response(model.model_dump_json(), media_type="application/json")
+def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) -> Response:
+    """The images as one JSON body (serialized in one pass: it is large, base64-laden), or,
+    for ``stream: true``, as server-sent ``event_type`` events, one per image."""
+    if not request.stream:
+        return Response(response.model_dump_json(), media_type="application/json")
+    events = "".join(
+        f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        for event in completed_events(response, request, event_type)
+    )
+    return Response(events, media_type="text/event-stream")
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
@@ -76,7 +84,8 @@ async def create_image(
     body: ImageGenerationRequest, request: Request, service: Service
 ) -> Response:
     """Create images from a prompt (OpenAI ``images.generate``)."""
-    return _json(await service.generate(body, request_id_of(request)))
+    response = await service.generate(body, request_id_of(request))
+    return _answer(response, body, "image_generation.completed")
 
 
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -106,7 +115,8 @@ async def create_image_edit(
     service: Service,
 ) -> Response:
     """Edit an image following a prompt (OpenAI ``images.edit``, multipart form)."""
-    return _json(await service.edit(form, request_id_of(request)))
+    response = await service.edit(form, request_id_of(request))
+    return _answer(response, form, "image_edit.completed")
 
 
 @v1.get("/models", tags=["models"])

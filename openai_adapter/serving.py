@@ -21,6 +21,7 @@ from openai_adapter.errors import (
 from openai_adapter.media import describe_image, detect_image_format
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.protocol import (
+    ImageCompletedEvent,
     ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -197,14 +198,32 @@ def _reject_unsupported(request: ImageRequest) -> None:
             "background",
             UNSUPPORTED_VALUE,
         )
-    if request.stream:
-        raise bad_request("Streaming is not supported yet", "stream", UNSUPPORTED_VALUE)
     if request.partial_images:
         raise bad_request(
-            "partial_images needs streaming, which is not supported yet; send 0 or none",
+            "partial_images are not supported yet: a stream sends each image once it is done; "
+            "send 0 or none",
             "partial_images",
             UNSUPPORTED_VALUE,
         )
+
+
+def completed_events(
+    response: ImagesResponse, request: ImageRequest, event_type: str
+) -> list[ImageCompletedEvent]:
+    """The answer of a streamed request (``stream: true``): one completed event per image."""
+    return [
+        ImageCompletedEvent(
+            type=event_type,
+            b64_json=image.b64_json,
+            created_at=response.created,
+            size=response.size,
+            quality=request.quality or "auto",
+            background=request.background or "auto",
+            output_format=response.output_format,
+            seed=image.seed,
+        )
+        for image in response.data
+    ]
 
 
 def _first(*values: int | None) -> int | None:

@@ -155,6 +155,26 @@ def test_edit_one_item_list(client: OpenAI):
     assert [item.seed for item in result.data] == [42, 43]
 
 
+def test_streams_yield_one_completed_event_per_image(client: OpenAI):
+    """``stream=True``: the SDK's stream of server-sent events, one completed event per
+    image (no partial images), for generations and edits."""
+    events = list(small(client, stream=True, n=2, extra={"seed": 5}))
+    assert [event.type for event in events] == ["image_generation.completed"] * 2
+    assert [event.seed for event in events] == [5, 6]
+    assert {(event.size, event.output_format, event.quality) for event in events} == {
+        ("64x64", "png", "auto")
+    }
+    assert open_image(events[0]).size == (64, 64)
+    assert image_bytes(events[0]) != image_bytes(events[1])
+
+    edits = client.images.edit(
+        image=encode_image((64, 64)), prompt="a hat", size="64x64", stream=True, extra_body=FAST
+    )
+    (edited,) = list(edits)
+    assert edited.type == "image_edit.completed"
+    assert open_image(edited).size == (64, 64)
+
+
 def test_edit_with_a_mask(client: OpenAI):
     """OpenAI's mask: the output keeps the image's aspect ratio at ~1024x1024 (128x96 gives
     1184x896), and the mask reaches the predictor: the same edit without it differs."""
@@ -244,7 +264,7 @@ def assert_api_error(caught: pytest.ExceptionInfo, cls: type, status: int, code:
         ({"output_format": "gif"}, 400, "invalid_value", "output_format"),
         ({"response_format": "url"}, 400, "unsupported_value", "response_format"),
         ({"background": "transparent"}, 400, "unsupported_value", "background"),
-        ({"stream": True}, 400, "unsupported_value", "stream"),
+        ({"stream": True, "extra": {"width": 32}}, 400, "invalid_value", "width"),
         ({"partial_images": 2}, 400, "unsupported_value", "partial_images"),
         ({"extra": {"guidance": 3}}, 400, "unknown_parameter", "guidance"),
         ({"model": "dall-e-3"}, 404, "model_not_found", "model"),

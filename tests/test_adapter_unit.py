@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import re
@@ -269,8 +270,7 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"seeds": 3}, "seeds", "unknown_parameter"),
         ({"response_format": "url"}, "response_format", "unsupported_value"),
         ({"background": "transparent"}, "background", "unsupported_value"),
-        ({"stream": True}, "stream", "unsupported_value"),
-        ({"partial_images": 2}, "partial_images", "unsupported_value"),
+        ({"stream": True, "partial_images": 2}, "partial_images", "unsupported_value"),
         ({"partial_images": 4}, "partial_images", "invalid_value"),
         ({"style": "anime"}, "style", "invalid_value"),
     ],
@@ -279,6 +279,33 @@ def test_generation_validation_errors(client, predictor, fields, param, code):
     response = client.post("/v1/images/generations", json={"prompt": "x", **fields})
     assert_error(response, 400, code, param)
     assert not predictor.requests
+
+
+def test_a_stream_sends_one_completed_event_per_image(client, predictor):
+    """``stream: true`` answers with server-sent events, OpenAI's framing: ``event:`` the
+    type, ``data:`` its JSON, a blank line; one event per image, once they are done."""
+    response = client.post(
+        "/v1/images/generations",
+        json={"prompt": "a cat", "n": 2, "seed": 9, "stream": True, "quality": "low"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == "" and len(events) == 3
+    for event, seed in zip(events[:-1], [9, 10], strict=True):
+        name, data = event.split("\n")
+        assert name == "event: image_generation.completed"
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == "image_generation.completed"
+        assert (payload["seed"], payload["quality"], payload["background"]) == (seed, "low", "auto")
+        assert (payload["size"], payload["output_format"]) == ("64x48", "png")
+        assert base64.b64decode(payload["b64_json"]).startswith(b"\x89PNG")
+    edited = client.post(
+        "/v1/images/edits",
+        data={"prompt": "a hat", "stream": "true"},
+        files={"image": ("upload", encode(), "image/png")},
+    )
+    assert edited.text.startswith("event: image_edit.completed\ndata: ")
 
 
 def test_missing_prompt_and_bad_json(client: TestClient):
