@@ -209,7 +209,8 @@ class QwenImageModel(Model):
         IMAGES_GENERATED.labels(model_name=self.name).inc(len(images))
         width, height = images[0].size
         logger.info(
-            "request_id=%s model=%s size=%dx%d images=%d steps=%d cfg=%.2f seed=%d seconds=%.2f",
+            "request_id=%s model=%s size=%dx%d images=%d steps=%d cfg=%.2f seed=%d inputs=%d "
+            "mask=%s seconds=%.2f",
             request_id,
             self.name,
             width,
@@ -218,6 +219,8 @@ class QwenImageModel(Model):
             request.num_inference_steps,
             request.true_cfg_scale,
             request.seed,
+            len(request.images),
+            "no" if request.mask is None else "yes",
             seconds,
         )
         return self.respond(payload, request_id, request, encoded)

@@ -281,6 +281,9 @@ def test_a_mask_applies_to_the_first_of_several_images(edit_plus_predictor):
     wide, tall = encoded((96, 64), "PNG"), encoded((64, 96), "JPEG")
     mask = encode_mask((96, 64), (0, 0, 48, 64))
     assert output_size(edit(edit_plus_predictor, wide, tall, mask=mask, **FAST)) == (1248, 832)
+    assert "size=1248x832 images=1 steps=2 cfg=4.00 seed=42 inputs=2 mask=yes" in (
+        edit_plus_predictor.log()
+    )
     response = edit(edit_plus_predictor, tall, wide, mask=mask, **FAST)
     assert response.status_code == 400
     assert (
