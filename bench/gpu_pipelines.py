@@ -178,21 +178,22 @@ class Case:
         return self.input_images > 0
 
 
+# A masked edit's output keeps its image's ~1024x1024 size, on the CPU too.
+INPAINT_CASE = Case("inpaint-1024x1024", 1024, 1024, input_images=1, masked=True)
 FULL_CASES = (
     Case("1328x1328", 1328, 1328),
     Case("1664x928", 1664, 928),
     Case("1024x1024", 1024, 1024),
     Case("edit-1024x1024", 1024, 1024, input_images=1),
     Case("edit2-1024x1024", 1024, 1024, input_images=2),
-    Case("inpaint-1024x1024", 1024, 1024, input_images=1, masked=True),
+    INPAINT_CASE,
 )
 SMOKE_CASES = (
     Case("64x64", 64, 64),
     Case("edit-64x64", 64, 64, input_images=1),
     Case("edit2-64x64", 64, 64, input_images=2),
 )
-# On the CPU, run when named only: a masked edit's output is ~1024x1024 even there.
-SMOKE_NAMED_CASES = (Case("inpaint-1024x1024", 1024, 1024, input_images=1, masked=True),)
+SMOKE_NAMED_CASES = (INPAINT_CASE,)  # on the CPU, run when named only: ~1024x1024
 
 
 @dataclass(frozen=True)

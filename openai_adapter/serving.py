@@ -108,31 +108,27 @@ class ImageService:
                 "image",
                 INVALID_VALUE,
             )
-        files = [("image", upload) for upload in uploads]
+        names = (
+            ["The image"]
+            if len(uploads) == 1
+            else [f"Image {number} of {len(uploads)}" for number in range(1, len(uploads) + 1)]
+        )
+        files = [("image", name, upload) for name, upload in zip(names, uploads, strict=True)]
+        together = "The images together are"
         if request.mask is not None:
-            files.append(("mask", request.mask))
+            files.append(("mask", "The mask", request.mask))
+            together = "The image files and the mask together are"
         limit = self._settings.max_upload_bytes
         room = limit
         read: list[bytes] = []
-        for number, (field, upload) in enumerate(files, start=1):
+        for field, name, upload in files:
             data = await upload.read(room + 1)
             if len(data) > room:
-                if len(files) == 1:
-                    what = "The image is"
-                elif request.mask is None:
-                    what = "The images together are"
-                else:
-                    what = "The image files and the mask together are"
+                what = "The image is" if len(files) == 1 else together
                 raise bad_request(f"{what} larger than {limit} bytes", field, IMAGE_TOO_LARGE)
             if detect_image_format(data) is None:
-                if field == "mask":
-                    which = "The mask"
-                elif len(uploads) == 1:
-                    which = "The image"
-                else:
-                    which = f"Image {number} of {len(uploads)}"
                 raise bad_request(
-                    f"{which} must be a PNG, JPEG or WebP file", field, INVALID_IMAGE_FORMAT
+                    f"{name} must be a PNG, JPEG or WebP file", field, INVALID_IMAGE_FORMAT
                 )
             read.append(data)
             room -= len(data)

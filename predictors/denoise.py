@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 EDIT_CONDITION_AREA = 1024 * 1024
 # QwenImagePipeline's default text length limit (the edit pipeline has none).
 MAX_SEQUENCE_LENGTH = 512
+# The inpaint pipelines' mask processor: grayscale, in [0, 1], binarised at 0.5. (Its VAE
+# scale factor only serves to pick a size when none is given; the engine always gives one.)
+EDIT_AREA_PROCESSOR = VaeImageProcessor(
+    do_normalize=False, do_binarize=True, do_convert_grayscale=True
+)
 
 
 def edit_condition_size(image: Image.Image) -> tuple[int, int]:
@@ -200,12 +205,11 @@ def generate(
             canvas = torch.stack([_sample_latents(pipeline, c.canvas, g) for c, g in draws])
             edit_area = torch.stack([c.edit_area for c in per_image])
         noise = torch.cat([_noise(pipeline, g, latent_size, device, dtype) for g in generators])
-        image_latents = None
-        if first.images:
-            parts = [] if canvas is None else [canvas]
-            if per_image[0].image_latents is not None:
-                parts.append(torch.stack([c.image_latents for c in per_image]))
-            image_latents = torch.cat(parts, dim=1)
+        image_latents = canvas
+        if per_image[0].image_latents is not None:
+            image_latents = torch.stack([c.image_latents for c in per_image])
+            if canvas is not None:
+                image_latents = torch.cat([canvas, image_latents], dim=1)
 
         texts = [c.text for c in per_image]
         if first.do_true_cfg:
@@ -224,6 +228,7 @@ def generate(
         if canvas is not None:
             sigmas = pipeline.scheduler.sigmas.to(device, dtype)  # the last one is 0
             latents = _noised(canvas, noise, sigmas[0])
+            kept_area = 1 - edit_area
         # The pipeline's `t.expand(batch).to(dtype) / 1000`, for every step at once.
         model_timesteps = timesteps.to(dtype) / 1000
         attention = attention or AttentionBackends()
@@ -260,7 +265,7 @@ def generate(
                         # Outside the edit area: the canvas at the next step's noise level
                         # (the canvas itself after the last step, whose next sigma is 0).
                         kept = _noised(canvas, noise, sigmas[i + 1])
-                        latents = (1 - edit_area) * kept + edit_area * latents
+                        latents = kept_area * kept + edit_area * latents
                     if on_step_end is not None:
                         on_step_end(i)
         finally:
@@ -429,13 +434,7 @@ def _edit_area(
     """A masked job's area to repaint, as the inpaint pipelines make it: the mask resized to
     the output, binarised, taken to the latents' size (nearest) and packed for every
     channel: [tokens, channels] of 0 and 1."""
-    processor = VaeImageProcessor(
-        vae_scale_factor=pipeline.vae_scale_factor * 2,
-        do_normalize=False,
-        do_binarize=True,
-        do_convert_grayscale=True,
-    )
-    area = processor.preprocess(job.mask, job.height, job.width)
+    area = EDIT_AREA_PROCESSOR.preprocess(job.mask, job.height, job.width)
     latent_size = _latent_size(pipeline, job)
     area = F.interpolate(area, size=latent_size).to(device, dtype)
     channels = pipeline.transformer.config.in_channels // 4
