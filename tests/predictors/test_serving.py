@@ -90,7 +90,7 @@ def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flag, message):
 
 def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
     """With no queue, a second request during a generation is refused with 503 at once,
-    while liveness and readiness still answer within 200 ms."""
+    while liveness and readiness still answer within 200 ms (the fastest of three probes)."""
     with run_predictor(
         "predictors.generation", "qwen-image", log_dir, "--max_queue_size=0", env=tiny_cache_env
     ) as predictor:
@@ -104,12 +104,17 @@ def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
         worker.start()
         wait_for_queue_depth(predictor, 1, timeout=10)
 
+        # The fastest of three probes: an event loop that the generation blocked would make
+        # all three slow; another process taking a core on a small CI machine, only one.
         for path in ("/v2/health/live", "/v2/models/qwen-image/ready"):
-            started = time.perf_counter()
-            response = httpx.get(predictor.url + path, timeout=5)
-            elapsed = time.perf_counter() - started
-            assert response.status_code == 200
-            assert elapsed < 0.2, f"{path} took {elapsed * 1000:.0f} ms during a generation"
+            timings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                response = httpx.get(predictor.url + path, timeout=5)
+                timings.append(time.perf_counter() - started)
+                assert response.status_code == 200
+            elapsed = min(timings)
+            assert elapsed < 0.2, f"{path} took {[f'{t * 1000:.0f} ms' for t in timings]}"
 
         body = contract.build_rest_body("one too many", width=256, height=256)
         started = time.perf_counter()
