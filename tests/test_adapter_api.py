@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai import OpenAI
@@ -90,17 +91,24 @@ def test_width_and_height_override_size(client: OpenAI):
     assert open_image(result.data[0]).size == (64, 128)
 
 
+def pixel_difference(a: Any, b: Any) -> int:
+    """The largest difference between two images' channel values (0-255)."""
+    pixels_a, pixels_b = (np.asarray(open_image(item), dtype=np.int16) for item in (a, b))
+    return int(np.abs(pixels_a - pixels_b).max())
+
+
 def test_seed_reproducibility(client: OpenAI):
+    """A seed gives the same image again, and image i of n=2 is seed + i's. Across batch
+    sizes the CPU's kernels may round differently, so there one channel level is allowed."""
     first = small(client, extra={"seed": 5})
     again = small(client, extra={"seed": 5})
     other = small(client, extra={"seed": 6})
     pair = small(client, n=2, extra={"seed": 5})
     assert image_bytes(first.data[0]) == image_bytes(again.data[0])
-    assert image_bytes(first.data[0]) != image_bytes(other.data[0])
-    assert [image_bytes(item) for item in pair.data] == [
-        image_bytes(first.data[0]),
-        image_bytes(other.data[0]),
-    ]
+    assert pixel_difference(first.data[0], other.data[0]) > 32
+    assert [item.seed for item in pair.data] == [5, 6]
+    assert pixel_difference(pair.data[0], first.data[0]) <= 1
+    assert pixel_difference(pair.data[1], other.data[0]) <= 1
 
 
 def test_request_id_and_quality_reach_the_predictor(client: OpenAI, stack: Stack):
