@@ -14,13 +14,19 @@ from fastapi.openapi.utils import get_openapi
 from openai_adapter.errors import install_error_handlers
 from openai_adapter.middleware import AccessMiddleware, BodySizeLimitMiddleware
 from openai_adapter.predictor_client import PredictorClient
-from openai_adapter.routes import health, metrics, v1
+from openai_adapter.routes import edit_body_schemas, health, metrics, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
 from predictors.disconnect import CancelOnDisconnect
 
-# Room beside the largest image for the other form fields of an edit.
+# Room beside the largest upload for the other fields of an edit.
 FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+def max_body_bytes(max_upload_bytes: int) -> int:
+    """The largest request body: the largest upload as base64 (a JSON edit's data URLs), with
+    room for the other fields."""
+    return 4 * -(-max_upload_bytes // 3) + FORM_OVERHEAD_BYTES
 
 
 def _version() -> str:
@@ -59,14 +65,13 @@ def create_app(
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
     # the request id (with its access log line and metrics) wraps the size check.
-    app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
-    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes(settings.max_upload_bytes))
     app.add_middleware(AccessMiddleware)
     app.add_middleware(CancelOnDisconnect)
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema without its 422 answers, which this app never gives."""
+        """FastAPI's schema without its 422 answers, which this app never gives, and with the
+        edit bodies' schemas."""
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title,
@@ -77,8 +82,10 @@ def create_app(
             for path in schema["paths"].values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            components.update(edit_body_schemas())
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,9 +1,11 @@
-"""Image files seen from their bytes: the format by magic number, and the pixel size."""
+"""Image files seen from their bytes (the format by magic number, the pixel size), and the
+bytes of data URLs."""
 
 from __future__ import annotations
 
 import io
 
+import pybase64
 from PIL import Image
 
 
@@ -30,3 +32,19 @@ def describe_image(data: bytes) -> tuple[str, int, int] | None:
     except (OSError, ValueError):
         return None
     return image_format, width, height
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a base64 data URL (``data:[<media type>];base64,<data>``, RFC 2397).
+
+    Raises ValueError, saying what is wrong, for any other URL or for data that is not base64.
+    """
+    header, comma, payload = url.partition(",")
+    if header[:5].lower() != "data:" or not comma:
+        raise ValueError("is not a data URL")
+    if not header.lower().endswith(";base64"):
+        raise ValueError("is a data URL without ';base64'")
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ValueError("holds data that is not valid base64") from None

@@ -11,13 +11,24 @@ import re
 from typing import Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from predictors.contract import SIZE_MULTIPLE
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
 
+_EDIT_IMAGES_NOTE = (
+    ": one, or several for a model that edits from several (Qwen-Image-Edit-2509 and later)."
+)
+_MASK_DESCRIPTION = (
+    "A PNG or WebP of the first image's size whose fully transparent pixels mark the area to "
+    "repaint; the rest of that image is kept."
+)
+# What a response says of its images' background: this service makes no transparent ones.
+Background = Literal["opaque"]
+_QUALITY_DESCRIPTION = "The request's quality ('auto' when not sent)."
+_BACKGROUND_DESCRIPTION = "The images' background: always opaque."
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
@@ -100,27 +111,63 @@ class ImageGenerationRequest(ImageRequest):
 
 
 class ImageEditRequest(ImageRequest):
-    """``POST /v1/images/edits`` (multipart form)."""
+    """``POST /v1/images/edits`` as a multipart form, the images uploaded as files (what the
+    openai SDK sends)."""
 
     image: list[UploadFile] | None = Field(
         None,
-        description="The PNG, JPEG or WebP image(s) to edit: one, or several for a model that "
-        "edits from several (Qwen-Image-Edit-2509 and later).",
+        description=f"The PNG, JPEG or WebP image(s) to edit{_EDIT_IMAGES_NOTE}",
     )
     image_list: list[UploadFile] | None = Field(
         None, alias="image[]", description="The same, as the openai SDK sends a list."
     )
-    mask: UploadFile | None = Field(
-        None,
-        description="A PNG or WebP of the first image's size whose fully transparent pixels "
-        "mark the area to repaint; the rest of that image is kept.",
-    )
+    mask: UploadFile | None = Field(None, description=_MASK_DESCRIPTION)
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
+
+    @field_validator("image", "image_list", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: object) -> object:
+        """A form field sent once carries one file, not a list."""
+        return value if isinstance(value, list) else [value]
 
     @property
     def images(self) -> list[UploadFile]:
         """Every uploaded image, whichever field carried it."""
         return [*(self.image or ()), *(self.image_list or ())]
+
+
+class ImageReference(BaseModel):
+    """An image of a JSON edit (OpenAI's ``ImageRefParam``): exactly one of a URL and a file
+    id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(
+        None,
+        description="The image as a base64 data URL ('data:image/png;base64,...'); other URLs "
+        "are not fetched.",
+    )
+    file_id: str | None = Field(
+        None, description="An id from OpenAI's Files API, which this server does not offer."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageReference:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of 'image_url' and 'file_id'")
+        return self
+
+
+class ImageEditJsonRequest(ImageRequest):
+    """``POST /v1/images/edits`` as a JSON object (OpenAI's ``EditImageBodyJsonParam``), the
+    images given as data URLs."""
+
+    images: list[ImageReference] = Field(
+        description=f"The images to edit, in order{_EDIT_IMAGES_NOTE}"
+    )
+    mask: ImageReference | None = Field(None, description=_MASK_DESCRIPTION)
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
+    moderation: Literal["low", "auto"] | None = Field(None, description="Accepted and ignored.")
 
 
 class ImageData(BaseModel):
@@ -137,6 +184,8 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str = Field(description="'WIDTHxHEIGHT' of the images.", examples=["1664x928"])
+    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
+    background: Background = Field(description=_BACKGROUND_DESCRIPTION)
 
 
 class ImageCompletedEvent(BaseModel):
@@ -149,10 +198,8 @@ class ImageCompletedEvent(BaseModel):
     b64_json: str = Field(description="The encoded image, base64.")
     created_at: int = Field(description="Unix time of the event.")
     size: str = Field(description="'WIDTHxHEIGHT' of the image.")
-    quality: Quality = Field(description="The request's quality ('auto' when not sent).")
-    background: Literal["transparent", "opaque", "auto"] = Field(
-        description="The request's background ('auto' when not sent)."
-    )
+    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
+    background: Background = Field(description=_BACKGROUND_DESCRIPTION)
     output_format: OutputFormat
     seed: int = Field(description="The seed this image was made with (an extension).")
 

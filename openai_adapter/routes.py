@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from openai_adapter.errors import INVALID_API_KEY, NOT_MULTIPART, NOT_READY, OpenAIError
 from openai_adapter.middleware import request_id_of
 from openai_adapter.protocol import (
     ErrorResponse,
+    ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageRequest,
@@ -22,6 +28,7 @@ from openai_adapter.protocol import (
 )
 from openai_adapter.serving import ImageService, completed_events
 
+_Body = TypeVar("_Body", bound=BaseModel)
 _bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -71,7 +78,7 @@ def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) ->
         return Response(response.model_dump_json(), media_type="application/json")
     events = "".join(
         f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
-        for event in completed_events(response, request, event_type)
+        for event in completed_events(response, event_type)
     )
     return Response(events, media_type="text/event-stream")
 
@@ -89,34 +96,97 @@ async def create_image(
 
 
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+_JSON = "application/json"
+_COMPONENT = "#/components/schemas/{model}"
+_EDIT_BODIES = {"multipart/form-data": ImageEditRequest, _JSON: ImageEditJsonRequest}
 
 
-def require_form(request: Request) -> None:
-    """Edits carry their image as a file: a multipart form, as the openai SDK sends them (a
-    JSON body would otherwise read as an empty form, missing its prompt)."""
+def edit_body_schemas() -> dict[str, Any]:
+    """The OpenAPI component schemas of the edit route's two bodies, which FastAPI does not
+    document for it: the route reads its body itself."""
+    schemas: dict[str, Any] = {}
+    for model in _EDIT_BODIES.values():
+        schema = model.model_json_schema(ref_template=_COMPONENT)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _validated(model: type[_Body], data: bytes | dict[str, Any]) -> _Body:
+    """``data`` (a JSON document or form fields) as ``model``; a RequestValidationError,
+    answered as FastAPI answers its own, when it does not fit."""
+    if data == b"":
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "missing"}])
+    try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as invalid:
+        errors = invalid.errors(include_url=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+def _form_fields(form: FormData) -> dict[str, Any]:
+    """A form's fields by name, a repeated field's values as a list. Empty fields (a blank
+    text field, a file input with no file chosen) count as not sent, as FastAPI counts them."""
+    fields: dict[str, Any] = {}
+    for name in form:
+        values = [value for value in form.getlist(name) if not _is_blank(value)]
+        if values:
+            fields[name] = values if len(values) > 1 else values[0]
+    return fields
+
+
+def _is_blank(value: str | StarletteUploadFile) -> bool:
+    if isinstance(value, str):
+        return value == ""
+    return value.filename == "" and value.size == 0
+
+
+async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | ImageEditJsonRequest]:
+    """The edit in either of OpenAI's bodies: a multipart form with the images as files, as
+    the openai SDK sends it, or a JSON object with the images as data URLs."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == _JSON:
+        yield _validated(ImageEditJsonRequest, await request.body())
+        return
     if media_type not in _FORMS:
         raise OpenAIError(
             400,
-            "Image edits take a multipart/form-data body with the image as a file",
+            "Image edits take a multipart/form-data body with the images as files, or a JSON "
+            "body ('application/json') with the images as data URLs in 'images'",
             code=NOT_MULTIPART,
         )
+    form = await request.form()
+    try:
+        yield _validated(ImageEditRequest, _form_fields(form))
+    finally:
+        await form.close()
 
 
 @v1.post(
     "/images/edits",
     response_model=ImagesResponse,
     tags=["images"],
-    dependencies=[Depends(require_form)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media_type: {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}
+                for media_type, model in _EDIT_BODIES.items()
+            },
+        }
+    },
 )
 async def create_image_edit(
-    form: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")],
+    edit: Annotated[ImageEditRequest | ImageEditJsonRequest, Depends(edit_request)],
     request: Request,
     service: Service,
 ) -> Response:
-    """Edit an image following a prompt (OpenAI ``images.edit``, multipart form)."""
-    response = await service.edit(form, request_id_of(request))
-    return _answer(response, form, "image_edit.completed")
+    """Edit images following a prompt (OpenAI ``images.edit``): a multipart form, or a JSON
+    object whose images are data URLs."""
+    response = await service.edit(edit, request_id_of(request))
+    return _answer(response, edit, "image_edit.completed")
 
 
 @v1.get("/models", tags=["models"])

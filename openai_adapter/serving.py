@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 import pybase64
+from starlette.datastructures import UploadFile
 
 from openai_adapter.errors import (
     IMAGE_TOO_LARGE,
@@ -18,17 +19,20 @@ from openai_adapter.errors import (
     bad_request,
     model_not_found,
 )
-from openai_adapter.media import describe_image, detect_image_format
+from openai_adapter.media import decode_data_url, describe_image, detect_image_format
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.protocol import (
     ImageCompletedEvent,
     ImageData,
+    ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageReference,
     ImageRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
+    Quality,
 )
 from openai_adapter.settings import Settings
 from predictors.contract import (
@@ -43,6 +47,8 @@ from predictors.contract import (
 OWNER = "qwen-image-serve"
 # OpenAI's own limit on the images of one edit; the predictor applies the model's.
 MAX_EDIT_IMAGES = 16
+# URL schemes of images that OpenAI fetches and this server does not.
+_FETCHED = ("http", "https")
 
 
 class ImageService:
@@ -77,10 +83,12 @@ class ImageService:
         model = self._resolve_model(request.model, self._settings.generation_model)
         return await self._run(model, request, request_id)
 
-    async def edit(self, request: ImageEditRequest, request_id: str) -> ImagesResponse:
-        """``POST /v1/images/edits``."""
+    async def edit(
+        self, request: ImageEditRequest | ImageEditJsonRequest, request_id: str
+    ) -> ImagesResponse:
+        """``POST /v1/images/edits``: a multipart form or a JSON object."""
         model = self._resolve_model(request.model, self._settings.edit_model)
-        images, mask = await self._read_uploads(request)
+        images, mask = await self._read_edit_inputs(request)
         return await self._run(model, request, request_id, images, mask)
 
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
@@ -95,40 +103,45 @@ class ImageService:
             )
         return model
 
-    async def _read_uploads(self, request: ImageEditRequest) -> tuple[list[bytes], bytes | None]:
-        """The uploaded images in order and the mask, if any: each a PNG, JPEG or WebP file,
-        all together within the upload limit. How many images the model edits from, and
-        whether the mask fits its image, are the predictor's to say."""
-        uploads = request.images
-        if not uploads:
-            raise bad_request("Missing required parameter: 'image'", "image", MISSING_PARAMETER)
-        if len(uploads) > MAX_EDIT_IMAGES:
+    async def _read_edit_inputs(
+        self, request: ImageEditRequest | ImageEditJsonRequest
+    ) -> tuple[list[bytes], bytes | None]:
+        """The edit's images in order and its mask, if any: each a PNG, JPEG or WebP file, all
+        together within the upload limit. How many images the model edits from, and whether
+        the mask fits its image, are the predictor's to say."""
+        images_param = "images" if isinstance(request, ImageEditJsonRequest) else "image"
+        sources = request.images
+        if not sources:
             raise bad_request(
-                f"At most {MAX_EDIT_IMAGES} images can be edited together, got {len(uploads)}",
-                "image",
+                f"Missing required parameter: '{images_param}'", images_param, MISSING_PARAMETER
+            )
+        if len(sources) > MAX_EDIT_IMAGES:
+            raise bad_request(
+                f"At most {MAX_EDIT_IMAGES} images can be edited together, got {len(sources)}",
+                images_param,
                 INVALID_VALUE,
             )
         names = (
             ["The image"]
-            if len(uploads) == 1
-            else [f"Image {number} of {len(uploads)}" for number in range(1, len(uploads) + 1)]
+            if len(sources) == 1
+            else [f"Image {number} of {len(sources)}" for number in range(1, len(sources) + 1)]
         )
-        files = [("image", name, upload) for name, upload in zip(names, uploads, strict=True)]
+        inputs = [(images_param, name, source) for name, source in zip(names, sources, strict=True)]
         together = "The images together are"
         if request.mask is not None:
-            files.append(("mask", "The mask", request.mask))
+            inputs.append(("mask", "The mask", request.mask))
             together = "The image files and the mask together are"
         limit = self._settings.max_upload_bytes
         room = limit
         read: list[bytes] = []
-        for field, name, upload in files:
-            data = await upload.read(room + 1)
+        for param, name, source in inputs:
+            data = await _read_input(source, room + 1, param, name)
             if len(data) > room:
-                what = "The image is" if len(files) == 1 else together
-                raise bad_request(f"{what} larger than {limit} bytes", field, IMAGE_TOO_LARGE)
+                what = "The image is" if len(inputs) == 1 else together
+                raise bad_request(f"{what} larger than {limit} bytes", param, IMAGE_TOO_LARGE)
             if detect_image_format(data) is None:
                 raise bad_request(
-                    f"{name} must be a PNG, JPEG or WebP file", field, INVALID_IMAGE_FORMAT
+                    f"{name} must be a PNG, JPEG or WebP file", param, INVALID_IMAGE_FORMAT
                 )
             read.append(data)
             room -= len(data)
@@ -177,7 +190,34 @@ class ImageService:
             output_compression=request.output_compression,
         )
         results = await self._client.infer(model, body, request_id, param_names)
-        return _images_response(results)
+        return _images_response(results, request.quality or "auto")
+
+
+async def _read_input(
+    source: UploadFile | ImageReference, max_bytes: int, param: str, name: str
+) -> bytes:
+    """The bytes of an edit's input (at most ``max_bytes`` of an upload): an uploaded file's,
+    or those of a JSON edit's data URL."""
+    if not isinstance(source, ImageReference):
+        return await source.read(max_bytes)
+    if source.image_url is None:
+        raise bad_request(
+            f"{name} is given by file_id, and this server has no Files API: send it in "
+            "image_url as a data URL ('data:image/png;base64,...')",
+            param,
+            UNSUPPORTED_VALUE,
+        )
+    try:
+        return decode_data_url(source.image_url)
+    except ValueError as problem:
+        raise bad_request(
+            f"{name}'s image_url {problem}: send the image itself as a base64 data URL "
+            "('data:image/png;base64,...'); this server fetches no URLs",
+            param,
+            UNSUPPORTED_VALUE
+            if source.image_url.partition(":")[0].lower() in _FETCHED
+            else INVALID_VALUE,
+        ) from None
 
 
 def _reject_unsupported(request: ImageRequest) -> None:
@@ -203,9 +243,7 @@ def _reject_unsupported(request: ImageRequest) -> None:
         )
 
 
-def completed_events(
-    response: ImagesResponse, request: ImageRequest, event_type: str
-) -> list[ImageCompletedEvent]:
+def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCompletedEvent]:
     """The answer of a streamed request (``stream: true``): one completed event per image."""
     return [
         ImageCompletedEvent(
@@ -213,8 +251,8 @@ def completed_events(
             b64_json=image.b64_json,
             created_at=response.created,
             size=response.size,
-            quality=request.quality or "auto",
-            background=request.background or "auto",
+            quality=response.quality,
+            background=response.background,
             output_format=response.output_format,
             seed=image.seed,
         )
@@ -226,7 +264,7 @@ def _first(*values: int | None) -> int | None:
     return next((value for value in values if value is not None), None)
 
 
-def _images_response(results: list[ImageResult]) -> ImagesResponse:
+def _images_response(results: list[ImageResult], quality: Quality) -> ImagesResponse:
     described = describe_image(results[0].data) if results else None
     if described is None:
         raise OpenAIError(502, "The predictor returned no usable image", code=PREDICTOR_ERROR)
@@ -238,4 +276,6 @@ def _images_response(results: list[ImageResult]) -> ImagesResponse:
         ],
         output_format=output_format,
         size=f"{width}x{height}",
+        quality=quality,
+        background="opaque",
     )

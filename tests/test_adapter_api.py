@@ -52,6 +52,7 @@ def small(client: OpenAI, **kwargs: Any) -> Any:
 def test_generate_defaults(client: OpenAI):
     result = client.images.generate(prompt="A cute cat sleeping on a sofa")
     assert (result.size, result.output_format) == ("1664x928", "png")
+    assert (result.quality, result.background) == ("auto", "opaque")
     assert len(result.data) == 1 and result.data[0].seed == 42
     image = open_image(result.data[0])
     assert (image.format, image.size) == ("PNG", (1664, 928))
@@ -169,9 +170,9 @@ def test_streams_yield_one_completed_event_per_image(client: OpenAI):
     events = list(small(client, stream=True, n=2, extra={"seed": 5}))
     assert [event.type for event in events] == ["image_generation.completed"] * 2
     assert [event.seed for event in events] == [5, 6]
-    assert {(event.size, event.output_format, event.quality) for event in events} == {
-        ("64x64", "png", "auto")
-    }
+    assert {
+        (event.size, event.output_format, event.quality, event.background) for event in events
+    } == {("64x64", "png", "auto", "opaque")}
     assert open_image(events[0]).size == (64, 64)
     assert image_bytes(events[0]) != image_bytes(events[1])
 
@@ -204,6 +205,29 @@ def test_edit_with_a_mask(client: OpenAI):
         )
     assert_api_error(caught, openai.BadRequestError, 400, "invalid_value", "mask")
     assert caught.value.body["message"].startswith("'mask' is 64x64, and must have the size")
+
+
+def test_a_json_edit_equals_the_multipart_one(client: OpenAI):
+    """OpenAI's JSON edit body, sent over raw HTTP (the SDK sends forms), with the image and
+    the mask as data URLs: the same edit as the SDK's form gives the same image."""
+    image, mask = encode_image((128, 96)), encode_mask((128, 96), (0, 0, 64, 96))
+    fields = {"prompt": "a party hat on the left", "seed": 7, **FAST}
+    uploaded = client.images.edit(
+        image=image, mask=mask, prompt=fields["prompt"], extra_body={"seed": 7, **FAST}
+    )
+    as_url = {
+        "images": [{"image_url": f"data:image/png;base64,{base64.b64encode(image).decode()}"}],
+        "mask": {"image_url": f"data:image/png;base64,{base64.b64encode(mask).decode()}"},
+    }
+    answer = httpx.post(
+        f"{client.base_url}images/edits",
+        json={**fields, **as_url},
+        headers={"Authorization": f"Bearer {client.api_key}"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["size"] == uploaded.size == "1184x896"
+    assert base64.b64decode(answer.json()["data"][0]["b64_json"]) == image_bytes(uploaded.data[0])
 
 
 def test_edit_from_several_images(edit_plus_client: OpenAI, client: OpenAI):

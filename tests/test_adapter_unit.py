@@ -158,7 +158,10 @@ def test_generation_translates_openai_fields(client: TestClient, predictor: Fake
     answer = response.json()
     assert answer["size"] == "512x256"
     assert answer["output_format"] == "png"  # what the bytes are, whatever was asked
+    assert (answer["quality"], answer["background"]) == ("low", "opaque")
     assert [item["seed"] for item in answer["data"]] == [9, 10]
+    plain = client.post("/v1/images/generations", json={"prompt": "a cat"}).json()
+    assert (plain["quality"], plain["background"]) == ("auto", "opaque")
 
 
 def test_defaults_are_left_to_the_predictor(client: TestClient, predictor: FakePredictor):
@@ -297,7 +300,8 @@ def test_a_stream_sends_one_completed_event_per_image(client, predictor):
         assert name == "event: image_generation.completed"
         payload = json.loads(data.removeprefix("data: "))
         assert payload["type"] == "image_generation.completed"
-        assert (payload["seed"], payload["quality"], payload["background"]) == (seed, "low", "auto")
+        assert (payload["seed"], payload["quality"]) == (seed, "low")
+        assert payload["background"] == "opaque"
         assert (payload["size"], payload["output_format"]) == ("64x48", "png")
         assert base64.b64decode(payload["b64_json"]).startswith(b"\x89PNG")
     edited = client.post(
@@ -318,10 +322,23 @@ def test_missing_prompt_and_bad_json(client: TestClient):
     assert_error(response, 400, "invalid_json", None)
 
 
-def test_an_edit_that_is_not_a_multipart_form(client, predictor):
-    response = client.post("/v1/images/edits", json={"prompt": "make it blue", "image": "x"})
+def test_an_edit_that_is_neither_a_form_nor_json(client, predictor):
+    response = client.post(
+        "/v1/images/edits", content=b"prompt=x", headers={"content-type": "text/plain"}
+    )
     error = assert_error(response, 400, "invalid_content_type", None)
-    assert "multipart/form-data" in error["message"]
+    assert "multipart/form-data" in error["message"] and "JSON" in error["message"]
+    response = client.post("/v1/images/edits", json={"prompt": "make it blue", "image": "x"})
+    assert_error(response, 400, "missing_required_parameter", "images")  # a JSON edit's field
+    response = client.post(
+        "/v1/images/edits", content=b"", headers={"content-type": "application/json"}
+    )
+    error = assert_error(response, 400, "invalid_json", None)
+    assert error["message"] == "Missing request body: send a JSON object"
+    response = client.post(
+        "/v1/images/edits", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert "not valid JSON" in assert_error(response, 400, "invalid_json", None)["message"]
     assert not predictor.requests
 
 
@@ -536,6 +553,168 @@ def test_edit_errors_say_which_of_several_images(make_client, predictor):
     assert not predictor.requests
 
 
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def sent_images(predictor: FakePredictor) -> dict[str, list[bytes]]:
+    """The image and mask inputs of the predictor's last request, decoded."""
+    return {
+        item["name"]: [contract.decode_bytes_from_rest(item["name"], d) for d in item["data"]]
+        for item in predictor.last_body["inputs"]
+        if item["name"] in (contract.IMAGE, contract.MASK)
+    }
+
+
+def test_a_json_edit_sends_its_data_urls(client: TestClient, predictor: FakePredictor):
+    """OpenAI's JSON edit body: the images and the mask as data URLs, in order, with the
+    fields that the form takes."""
+    images, mask = [encode((96, 64), "WEBP"), encode((64, 64), "JPEG")], encode((96, 64))
+    response = client.post(
+        "/v1/images/edits",
+        json={
+            "prompt": "a hat",
+            "images": [
+                {"image_url": data_url(images[0], "image/webp")},
+                {"image_url": data_url(images[1], "image/jpeg")},
+            ],
+            "mask": {"image_url": data_url(mask)},
+            "n": 2,
+            "seed": 3,
+            "size": "512x256",
+            "input_fidelity": "high",
+            "moderation": "low",
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert predictor.requests[-1].url.path == "/v2/models/qwen-image-edit/infer"
+    assert sent_images(predictor) == {contract.IMAGE: images, contract.MASK: [mask]}
+    params = predictor.last_body["parameters"]
+    assert (params[contract.WIDTH], params[contract.HEIGHT], params[contract.SEED]) == (512, 256, 3)
+    assert [item["seed"] for item in response.json()["data"]] == [3, 4]
+
+
+GIF_URL = data_url(b"GIF89a....", "image/gif")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code", "message"),
+    [
+        ({}, "images", "missing_required_parameter", "Missing required parameter: 'images'"),
+        ({"images": []}, "images", "missing_required_parameter", None),
+        (
+            {"images": [{"image_url": "https://example.com/cat.png"}]},
+            "images",
+            "unsupported_value",
+            "The image's image_url is not a data URL: send the image itself as a base64 data "
+            "URL ('data:image/png;base64,...'); this server fetches no URLs",
+        ),
+        (
+            {"images": [{"file_id": "file-abc"}]},
+            "images",
+            "unsupported_value",
+            "The image is given by file_id, and this server has no Files API: send it in "
+            "image_url as a data URL ('data:image/png;base64,...')",
+        ),
+        ({"images": [{"image_url": GIF_URL, "file_id": "f"}]}, "images", "invalid_value", None),
+        ({"images": [{}]}, "images", "invalid_value", None),
+        ({"images": [{"url": GIF_URL}]}, "images", "unknown_parameter", None),
+        (
+            {"images": [{"image_url": "data:image/png,abc"}]},
+            "images",
+            "invalid_value",
+            "The image's image_url is a data URL without ';base64': send the image itself as "
+            "a base64 data URL ('data:image/png;base64,...'); this server fetches no URLs",
+        ),
+        (
+            {"images": [{"image_url": "data:image/png;base64,iVBOR$$"}]},
+            "images",
+            "invalid_value",
+            None,
+        ),
+        (
+            {"images": [{"image_url": data_url(encode())}, {"image_url": GIF_URL}]},
+            "images",
+            "invalid_image_format",
+            "Image 2 of 2 must be a PNG, JPEG or WebP file",
+        ),
+        ({"images": [{"image_url": data_url(encode())}] * 17}, "images", "invalid_value", None),
+        (
+            {"images": [{"image_url": data_url(b"\x89PNG\r\n\x1a\n" + bytes(30_000))}] * 2},
+            "images",
+            "image_too_large",
+            "The images together are larger than 50000 bytes",
+        ),
+        (
+            {
+                "images": [{"image_url": data_url(encode())}],
+                "mask": {"image_url": "HTTP://10.0.0.1/mask.png"},
+            },
+            "mask",
+            "unsupported_value",
+            None,
+        ),
+        (
+            {"images": [{"image_url": data_url(encode())}], "mask": {"image_url": GIF_URL}},
+            "mask",
+            "invalid_image_format",
+            "The mask must be a PNG, JPEG or WebP file",
+        ),
+    ],
+    ids=[
+        "no-images",
+        "empty-images",
+        "an-https-url",
+        "a-file-id",
+        "url-and-file-id",
+        "neither",
+        "unknown-field",
+        "not-base64",
+        "bad-base64",
+        "second-a-gif",
+        "more-than-openai-allows",
+        "too-large-together",
+        "mask-an-http-url",
+        "mask-a-gif",
+    ],
+)
+def test_json_edit_errors(make_client, predictor, fields, param, code, message):
+    client = make_client(max_upload_bytes=50_000)
+    response = client.post("/v1/images/edits", json={"prompt": "x", **fields})
+    error = assert_error(response, 400, code, param)
+    if message is not None:
+        assert error["message"] == message
+    assert not predictor.requests
+
+
+def test_a_json_edit_as_large_as_the_upload_limit_fits_in_a_body(make_client, predictor):
+    """A data URL is a third larger than its image: the body limit leaves room for that."""
+    client = make_client(max_upload_bytes=6_000_000)
+    image = b"\x89PNG\r\n\x1a\n" + bytes(6_000_000 - 8)
+    body = {"prompt": "x", "images": [{"image_url": data_url(image)}]}
+    assert len(json.dumps(body)) > 6_000_000 + 1024 * 1024
+    response = client.post("/v1/images/edits", json=body)
+    assert response.status_code == 200, response.text
+    assert sent_images(predictor)[contract.IMAGE] == [image]
+    body["images"][0]["image_url"] = data_url(image + b"\x00")
+    assert_error(client.post("/v1/images/edits", json=body), 400, "image_too_large", "images")
+
+
+def test_blank_form_fields_count_as_not_sent(client: TestClient, predictor: FakePredictor):
+    """As browsers send them: an empty text field, a file input with no file chosen."""
+    image = ("image", ("upload", encode(), "image/png"))
+    no_file = ("mask", ("", b"", "application/octet-stream"))
+    response = client.post(
+        "/v1/images/edits", data={"prompt": "x", "size": "", "seed": ""}, files=[image, no_file]
+    )
+    assert response.status_code == 200, response.text
+    assert contract.MASK not in sent_images(predictor)
+    assert contract.WIDTH not in predictor.last_body["parameters"]
+    assert contract.SEED not in predictor.last_body["parameters"]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=[no_file])
+    assert_error(response, 400, "missing_required_parameter", "image")
+
+
 def test_a_body_past_the_upload_limit_is_refused_before_it_is_read(make_client, predictor):
     client = make_client(max_upload_bytes=50_000)
     oversized = b"\x89PNG\r\n\x1a\n" + bytes(2 * 1024 * 1024)
@@ -614,7 +793,13 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
     assert '"422"' not in text and "HTTPValidationError" not in text
     assert "image[]" in text
     edit_body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
-    assert list(edit_body) == ["multipart/form-data"]
+    assert set(edit_body) == {"multipart/form-data", "application/json"}
+    components = schema["components"]["schemas"]
+    for refs in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text):
+        assert refs in components
+    json_edit = components[edit_body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert "images" in json_edit["required"]
+    assert components["ImageReference"]["properties"].keys() == {"image_url", "file_id"}
     assert client.get("/docs").status_code == 200
 
 
