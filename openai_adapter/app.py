@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from openai_adapter.errors import install_error_handlers
+from openai_adapter.image_urls import ImageUrlReader
 from openai_adapter.middleware import AccessMiddleware, BodySizeLimitMiddleware
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.routes import edit_body_schemas, health, metrics, v1
@@ -39,17 +40,19 @@ def _version() -> str:
 def create_app(
     settings: Settings | None = None, transport: httpx.AsyncBaseTransport | None = None
 ) -> FastAPI:
-    """The adapter app; ``transport`` replaces the network in tests."""
+    """The adapter app; ``transport`` replaces the network to the predictors in tests."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = PredictorClient(settings, transport)
-        app.state.service = ImageService(settings, client)
+        image_urls = ImageUrlReader(settings)
+        app.state.service = ImageService(settings, client, image_urls)
         try:
             yield
         finally:
             await client.aclose()
+            await image_urls.aclose()
 
     app = FastAPI(
         title="Qwen-Image OpenAI Images API",

@@ -19,7 +19,13 @@ from openai_adapter.errors import (
     bad_request,
     model_not_found,
 )
-from openai_adapter.media import decode_data_url, describe_image, detect_image_format
+from openai_adapter.image_urls import (
+    DATA_URL_HINT,
+    ImageUrlReader,
+    ImageUrlRefused,
+    ImageUrlUnreadable,
+)
+from openai_adapter.media import describe_image, detect_image_format
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.protocol import (
     ImageCompletedEvent,
@@ -47,16 +53,15 @@ from predictors.contract import (
 OWNER = "qwen-image-serve"
 # OpenAI's own limit on the images of one edit; the predictor applies the model's.
 MAX_EDIT_IMAGES = 16
-# URL schemes of images that OpenAI fetches and this server does not.
-_FETCHED = ("http", "https")
 
 
 class ImageService:
     """Serves the OpenAI image endpoints with the configured predictors."""
 
-    def __init__(self, settings: Settings, client: PredictorClient):
+    def __init__(self, settings: Settings, client: PredictorClient, image_urls: ImageUrlReader):
         self._settings = settings
         self._client = client
+        self._image_urls = image_urls
         self._created = int(time.time())
 
     @property
@@ -135,7 +140,7 @@ class ImageService:
         room = limit
         read: list[bytes] = []
         for param, name, source in inputs:
-            data = await _read_input(source, room + 1, param, name)
+            data = await self._read_input(source, room + 1, param, name)
             if len(data) > room:
                 what = "The image is" if len(inputs) == 1 else together
                 raise bad_request(f"{what} larger than {limit} bytes", param, IMAGE_TOO_LARGE)
@@ -148,6 +153,27 @@ class ImageService:
         if request.mask is not None:
             return read[:-1], read[-1]
         return read, None
+
+    async def _read_input(
+        self, source: UploadFile | ImageReference, max_bytes: int, param: str, name: str
+    ) -> bytes:
+        """The bytes of an edit's input, at most ``max_bytes`` of an upload or a fetched URL:
+        an uploaded file's, or those of a JSON edit's ``image_url``."""
+        if not isinstance(source, ImageReference):
+            return await source.read(max_bytes)
+        if source.image_url is None:
+            raise bad_request(
+                f"{name} is given by file_id, and this server has no Files API: "
+                f"{DATA_URL_HINT} in image_url",
+                param,
+                UNSUPPORTED_VALUE,
+            )
+        try:
+            return await self._image_urls.read(source.image_url, max_bytes)
+        except ImageUrlRefused as refused:
+            raise bad_request(f"{name}'s image_url {refused}", param, UNSUPPORTED_VALUE) from None
+        except ImageUrlUnreadable as unreadable:
+            raise bad_request(f"{name}'s image_url {unreadable}", param, INVALID_VALUE) from None
 
     async def _run(
         self,
@@ -191,33 +217,6 @@ class ImageService:
         )
         results = await self._client.infer(model, body, request_id, param_names)
         return _images_response(results, request.quality or "auto")
-
-
-async def _read_input(
-    source: UploadFile | ImageReference, max_bytes: int, param: str, name: str
-) -> bytes:
-    """The bytes of an edit's input (at most ``max_bytes`` of an upload): an uploaded file's,
-    or those of a JSON edit's data URL."""
-    if not isinstance(source, ImageReference):
-        return await source.read(max_bytes)
-    if source.image_url is None:
-        raise bad_request(
-            f"{name} is given by file_id, and this server has no Files API: send it in "
-            "image_url as a data URL ('data:image/png;base64,...')",
-            param,
-            UNSUPPORTED_VALUE,
-        )
-    try:
-        return decode_data_url(source.image_url)
-    except ValueError as problem:
-        raise bad_request(
-            f"{name}'s image_url {problem}: send the image itself as a base64 data URL "
-            "('data:image/png;base64,...'); this server fetches no URLs",
-            param,
-            UNSUPPORTED_VALUE
-            if source.image_url.partition(":")[0].lower() in _FETCHED
-            else INVALID_VALUE,
-        ) from None
 
 
 def _reject_unsupported(request: ImageRequest) -> None:

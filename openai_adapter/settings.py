@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest accepted edit upload: its images together."
     )
+    image_url_hosts: list[str] = Field(
+        [],
+        description="Hosts (exact, or '*.example.com' for its subdomains) whose http(s) URLs "
+        "a JSON edit may give as an image; the adapter fetches them (JSON list). Empty: "
+        "images come as data URLs or files only.",
+    )
+    image_url_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait to fetch an image URL (then 400)."
+    )
     quality_steps: dict[str, int] = Field(
         {"low": 20, "medium": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100},
         description="num_inference_steps for each OpenAI 'quality' (JSON object; 'auto' also "

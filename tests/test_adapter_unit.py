@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, get_args
@@ -21,6 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_adapter.app import create_app
+from openai_adapter.image_urls import ImageUrlReader
 from openai_adapter.local_stack import adapter_url
 from openai_adapter.media import detect_image_format
 from openai_adapter.protocol import OutputFormat
@@ -606,15 +609,15 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
             {"images": [{"image_url": "https://example.com/cat.png"}]},
             "images",
             "unsupported_value",
-            "The image's image_url is not a data URL: send the image itself as a base64 data "
-            "URL ('data:image/png;base64,...'); this server fetches no URLs",
+            "The image's image_url is not a data URL, and this server fetches no URLs: send "
+            "the image itself as a base64 data URL ('data:image/png;base64,...')",
         ),
         (
             {"images": [{"file_id": "file-abc"}]},
             "images",
             "unsupported_value",
-            "The image is given by file_id, and this server has no Files API: send it in "
-            "image_url as a data URL ('data:image/png;base64,...')",
+            "The image is given by file_id, and this server has no Files API: send the "
+            "image itself as a base64 data URL ('data:image/png;base64,...') in image_url",
         ),
         ({"images": [{"image_url": GIF_URL, "file_id": "f"}]}, "images", "invalid_value", None),
         ({"images": [{}]}, "images", "invalid_value", None),
@@ -624,7 +627,7 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
             "images",
             "invalid_value",
             "The image's image_url is a data URL without ';base64': send the image itself as "
-            "a base64 data URL ('data:image/png;base64,...'); this server fetches no URLs",
+            "a base64 data URL ('data:image/png;base64,...')",
         ),
         (
             {"images": [{"image_url": "data:image/png;base64,iVBOR$$"}]},
@@ -685,6 +688,101 @@ def test_json_edit_errors(make_client, predictor, fields, param, code, message):
     if message is not None:
         assert error["message"] == message
     assert not predictor.requests
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """A web server's answers to image fetches: a PNG, a large file, a redirect, a slow
+    answer, 404 for anything else."""
+
+    PNG = encode((96, 64))
+
+    def do_GET(self) -> None:
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/cat.png")
+            self.end_headers()
+            return
+        if self.path == "/slow.png":
+            time.sleep(2)
+        body = {
+            "/cat.png": self.PNG,
+            "/slow.png": self.PNG,
+            "/big.png": b"\x89PNG\r\n\x1a\n" + bytes(200_000),
+        }.get(self.path)
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """The base URL of a loopback web server serving ``ImageHost``'s answers."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_host):
+    client = make_client(image_url_hosts=["127.0.0.1"])
+    mask = encode((96, 64))
+    response = client.post(
+        "/v1/images/edits",
+        json={
+            "prompt": "a hat",
+            "images": [{"image_url": f"{image_host}/cat.png"}, {"image_url": data_url(mask)}],
+            "mask": {"image_url": f"{image_host}/cat.png"},
+        },
+    )
+    assert response.status_code == 200, response.text
+    png = ImageHost.PNG
+    assert sent_images(predictor) == {contract.IMAGE: [png, mask], contract.MASK: [png]}
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "message"),
+    [
+        ("/missing.png", "invalid_value", "could not be fetched: HTTP 404"),
+        ("/moved", "invalid_value", "could not be fetched: HTTP 302 (redirects are not followed)"),
+        ("/big.png", "image_too_large", "The image is larger than 50000 bytes"),
+        ("/slow.png", "invalid_value", "could not be fetched: ReadTimeout"),
+    ],
+)
+def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, message):
+    client = make_client(
+        image_url_hosts=["127.0.0.1"], max_upload_bytes=50_000, image_url_timeout_seconds=0.5
+    )
+    body = {"prompt": "x", "images": [{"image_url": image_host + path}]}
+    error = assert_error(client.post("/v1/images/edits", json=body), 400, code, "images")
+    assert error["message"].endswith(message)
+    assert not predictor.requests
+
+
+def test_image_urls_on_other_hosts_are_not_fetched(make_client, predictor, image_host):
+    client = make_client(image_url_hosts=["*.example.com"])
+    url = image_host.replace("127.0.0.1", "localhost") + "/cat.png"
+    body = {"prompt": "x", "images": [{"image_url": url}]}
+    error = assert_error(
+        client.post("/v1/images/edits", json=body), 400, "unsupported_value", "images"
+    )
+    assert error["message"].startswith(
+        "The image's image_url is on 'localhost', a host that this server does not fetch "
+        "images from: send the image itself as a base64 data URL"
+    )
+    assert not predictor.requests
+
+
+def test_listed_image_hosts():
+    reader = ImageUrlReader(Settings(image_url_hosts=["*.example.com", "Images.Test"]))
+    allowed = ["a.example.com", "b.a.example.com", "images.test", "IMAGES.test"]
+    refused = ["example.com", "evil-example.com", "example.com.evil", "x.images.test"]
+    assert [reader.allows(host) for host in allowed + refused] == [True] * 4 + [False] * 4
 
 
 def test_a_json_edit_as_large_as_the_upload_limit_fits_in_a_body(make_client, predictor):

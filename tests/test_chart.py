@@ -644,6 +644,15 @@ def test_lora_models_leave_quality_to_their_steps() -> None:
     assert adapter_settings(objects("defaults")).model_quality_steps == {}
 
 
+def test_image_url_hosts_reach_the_adapter() -> None:
+    """The hosts the adapter may fetch edit images from: none unless the values list them."""
+    assert adapter_settings(objects("ingress-httproute")).image_url_hosts == [
+        "images.example.com",
+        "*.s3.example.com",
+    ]
+    assert adapter_settings(objects("defaults")).image_url_hosts == []
+
+
 def test_notes_list_each_predictors_speed_modes() -> None:
     notes = render_text("fast")["qwen-image-serve/templates/NOTES.txt"]
     lines = notes.splitlines()
@@ -1120,6 +1129,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "unknown quality in the adapter's table": (
         {"adapter": {"qualitySteps": {"ultra": 80}}},
         "/adapter/qualitySteps",
+    ),
+    "a URL in place of an image host": (
+        {"adapter": {"imageUrlHosts": ["https://images.example.com"]}},
+        "/adapter/imageUrlHosts/0",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},

@@ -1,0 +1,90 @@
+"""The ``image_url`` of a JSON edit's images: a base64 data URL, or an http(s) URL on a host
+that the deployment lists, which the adapter then fetches."""
+
+from __future__ import annotations
+
+import httpx
+
+from openai_adapter.media import decode_data_url
+from openai_adapter.settings import Settings
+
+# How a client is told to send its image instead of a URL this deployment does not read.
+DATA_URL_HINT = "send the image itself as a base64 data URL ('data:image/png;base64,...')"
+_FETCH_CONNECTIONS = 16
+
+
+class ImageUrlRefused(ValueError):
+    """A URL of a kind or host that this deployment does not read."""
+
+
+class ImageUrlUnreadable(ValueError):
+    """A URL that does not give an image's bytes: a malformed data URL, a failed fetch."""
+
+
+class ImageUrlReader:
+    """Reads an image's ``image_url``. A data URL is decoded. An http(s) URL is fetched only
+    when its host is in ``Settings.image_url_hosts`` (exactly, or under a ``*.`` entry), with
+    no redirects followed, within ``Settings.image_url_timeout_seconds``: left open, clients
+    could make the adapter reach whatever the cluster can reach."""
+
+    def __init__(self, settings: Settings):
+        self._hosts = [host.lower() for host in settings.image_url_hosts]
+        self._http = httpx.AsyncClient(
+            timeout=settings.image_url_timeout_seconds,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=_FETCH_CONNECTIONS),
+        )
+
+    async def aclose(self) -> None:
+        """Close the fetching connections."""
+        await self._http.aclose()
+
+    def allows(self, host: str) -> bool:
+        """Whether images may be fetched from ``host``."""
+        host = host.lower()
+        return any(
+            host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+            for allowed in self._hosts
+        )
+
+    async def read(self, url: str, max_bytes: int) -> bytes:
+        """The image's bytes, at most ``max_bytes`` of a fetched one. Raises ImageUrlRefused
+        or ImageUrlUnreadable, whose message completes "<the image>'s image_url ..."."""
+        scheme = url.partition(":")[0].lower()
+        if scheme not in ("http", "https"):
+            try:
+                return decode_data_url(url)
+            except ValueError as problem:
+                raise ImageUrlUnreadable(f"{problem}: {DATA_URL_HINT}") from None
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL as problem:
+            raise ImageUrlUnreadable(f"is not a valid URL ({problem})") from None
+        if not self._hosts:
+            raise ImageUrlRefused(
+                f"is not a data URL, and this server fetches no URLs: {DATA_URL_HINT}"
+            )
+        if not self.allows(host):
+            raise ImageUrlRefused(
+                f"is on {host!r}, a host that this server does not fetch images from: "
+                f"{DATA_URL_HINT}"
+            )
+        return await self._fetch(url, max_bytes)
+
+    async def _fetch(self, url: str, max_bytes: int) -> bytes:
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    redirect = " (redirects are not followed)" if response.is_redirect else ""
+                    raise ImageUrlUnreadable(
+                        f"could not be fetched: HTTP {response.status_code}{redirect}"
+                    )
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) >= max_bytes:
+                        break
+                return bytes(data[:max_bytes])
+        except httpx.HTTPError as problem:
+            reason = str(problem) or type(problem).__name__
+            raise ImageUrlUnreadable(f"could not be fetched: {reason}") from None
