@@ -78,8 +78,8 @@ class ImageService:
         return ModelList(data=[self.model(model) for model in self._settings.models])
 
     def model(self, model: str) -> ModelCard:
-        """One enabled model, or a 404."""
-        if model not in self._settings.models:
+        """One enabled model, by its id or an alias, or a 404."""
+        if self._served_as(model) is None:
             raise model_not_found(model)
         return ModelCard(id=model, created=self._created, owned_by=OWNER)
 
@@ -96,17 +96,31 @@ class ImageService:
         images, mask = await self._read_edit_inputs(request)
         return await self._run(model, request, request_id, images, mask)
 
+    def _served_as(self, name: str) -> str | None:
+        """The enabled model that ``name`` is the id or an alias of; None if none."""
+        return next(
+            (
+                model
+                for model in self._settings.models
+                if name == model or name in self._settings.aliases(model)
+            ),
+            None,
+        )
+
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
-        """The model to call: the endpoint's own, which ``requested`` may only name."""
-        model = requested or endpoint_model
-        if model not in self._settings.models:
-            raise model_not_found(model)
-        if model != endpoint_model:
+        """The model to call: the endpoint's own, which ``requested`` may only name (by its
+        id or one of its aliases)."""
+        if requested is None or requested in self._settings.aliases(endpoint_model):
+            requested = endpoint_model
+        served = self._served_as(requested)
+        if served is None:
+            raise model_not_found(requested)
+        if served != endpoint_model:
             raise bad_request(
-                f"The model '{model}' does not serve this endpoint; use '{endpoint_model}'",
+                f"The model '{requested}' does not serve this endpoint; use '{endpoint_model}'",
                 "model",
             )
-        return model
+        return served
 
     async def _read_edit_inputs(
         self, request: ImageEditRequest | ImageEditJsonRequest

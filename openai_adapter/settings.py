@@ -25,6 +25,14 @@ class Settings(BaseSettings):
         GENERATION_MODEL_NAME, description="Model id of the text-to-image predictor."
     )
     edit_model: str = Field(EDIT_MODEL_NAME, description="Model id of the image-edit predictor.")
+    generation_model_aliases: list[str] = Field(
+        [],
+        description="Other names that a generation's 'model' may give the text-to-image "
+        "model (JSON list), e.g. OpenAI's model names that existing clients send.",
+    )
+    edit_model_aliases: list[str] = Field(
+        [], description="The same for the image-edit model and edits."
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, clients must send 'Authorization: Bearer <key>'."
     )
@@ -83,6 +91,15 @@ class Settings(BaseSettings):
         """The base URL serving ``model``, or None when no enabled predictor serves it."""
         urls = {self.generation_model: self.generation_url, self.edit_model: self.edit_url}
         return urls.get(model) or None
+
+    def aliases(self, model: str) -> list[str]:
+        """The other names that requests may give ``model``, when it is enabled."""
+        if not self.predictor_url(model):
+            return []
+        return {
+            self.generation_model: self.generation_model_aliases,
+            self.edit_model: self.edit_model_aliases,
+        }.get(model, [])
 
     def quality_table(self, model: str) -> dict[str, int]:
         """The quality -> num_inference_steps table that applies to ``model``."""

@@ -444,6 +444,40 @@ def test_models_and_switched_off_model(make_client, predictor):
     assert not predictor.requests
 
 
+def test_model_aliases(make_client, predictor):
+    """Clients that send OpenAI's model names reach the endpoint's model when the deployment
+    lists those names as its aliases; one name may alias both endpoints' models."""
+    client = make_client(
+        generation_model_aliases=["gpt-image-1", "dall-e-3"],
+        edit_model_aliases=["gpt-image-1", "dall-e-2"],
+    )
+    for alias in ("gpt-image-1", "dall-e-3"):
+        response = client.post("/v1/images/generations", json={"prompt": "x", "model": alias})
+        assert response.status_code == 200, response.text
+        assert predictor.requests[-1].url.path == "/v2/models/qwen-image/infer"
+    files = {"image": ("upload", encode(), "image/png")}
+    for alias in ("gpt-image-1", "dall-e-2"):
+        response = client.post(
+            "/v1/images/edits", data={"prompt": "x", "model": alias}, files=files
+        )
+        assert response.status_code == 200, response.text
+        assert predictor.requests[-1].url.path == "/v2/models/qwen-image-edit/infer"
+    sent = len(predictor.requests)
+    response = client.post("/v1/images/generations", json={"prompt": "x", "model": "dall-e-2"})
+    error = assert_error(response, 400, "invalid_value", "model")
+    assert error["message"] == (
+        "The model 'dall-e-2' does not serve this endpoint; use 'qwen-image'"
+    )
+    response = client.post("/v1/images/generations", json={"prompt": "x", "model": "dall-e-1"})
+    assert_error(response, 404, "model_not_found", "model")
+    assert len(predictor.requests) == sent
+    listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
+    assert listed == ["qwen-image", "qwen-image-edit"], "aliases are names, not more models"
+    assert client.get("/v1/models/dall-e-3").json()["id"] == "dall-e-3"
+    switched_off = make_client(edit_url="", edit_model_aliases=["dall-e-2"])
+    assert_error(switched_off.get("/v1/models/dall-e-2"), 404, "model_not_found", "model")
+
+
 def test_edit_sends_the_image(client: TestClient, predictor: FakePredictor):
     image = encode((96, 64), "WEBP")
     response = client.post(

@@ -644,6 +644,14 @@ def test_lora_models_leave_quality_to_their_steps() -> None:
     assert adapter_settings(objects("defaults")).model_quality_steps == {}
 
 
+def test_model_aliases_reach_the_adapter() -> None:
+    settings = adapter_settings(objects("ingress-httproute"))
+    assert settings.aliases(settings.generation_model) == ["gpt-image-1", "dall-e-3"]
+    assert settings.aliases(settings.edit_model) == ["gpt-image-1", "dall-e-2"]
+    defaults = adapter_settings(objects("defaults"))
+    assert (defaults.generation_model_aliases, defaults.edit_model_aliases) == ([], [])
+
+
 def test_image_url_hosts_reach_the_adapter() -> None:
     """The hosts the adapter may fetch edit images from: none unless the values list them."""
     assert adapter_settings(objects("ingress-httproute")).image_url_hosts == [
