@@ -1,4 +1,5 @@
-"""The README's curl and SDK examples, run as written against the local stack.
+"""The README's curl and SDK examples, and docs/adapter.md's JSON edit, run as written
+against the local stack.
 
 Only the port (the stack runs on a free one) and the curl example's image path change.
 The curl examples ask for the defaults (1664x928 for generation; the test stack maps "no
@@ -26,12 +27,13 @@ from tests.adapter_stack import Stack
 from tests.servers import PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
+ADAPTER_DOCS = PROJECT_ROOT / "docs" / "adapter.md"
 README_PORT = "127.0.0.1:8000"
 README_IMAGE = "/path/to/your/image.png"
 
 
-def fenced_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
+def fenced_blocks(language: str, document: Path = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", document.read_text(), re.M | re.S)
 
 
 def curl_examples() -> list[str]:
@@ -93,3 +95,28 @@ def test_readme_examples_run(stack: Stack, image_path: Path, tmp_path: Path):
     assert len(written) == 2, written
     for name in written:
         assert Image.open(tmp_path / name).format == "PNG"
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None and not os.environ.get("CI"),
+    reason="curl is not installed (in CI this fails instead)",
+)
+def test_the_json_edit_example_runs(stack: Stack, tmp_path: Path):
+    """docs/adapter.md's JSON edit, with a photo-sized cat.png: its data URL (1.3 MB) is
+    past what one command-line argument may hold (128 KiB), which the example must not
+    need."""
+    (example,) = [block for block in fenced_blocks("bash", ADAPTER_DOCS) if "edit.json" in block]
+    noise = Image.frombytes("RGB", (640, 480), os.urandom(640 * 480 * 3))
+    noise.save(tmp_path / "cat.png")
+    assert (tmp_path / "cat.png").stat().st_size > 900_000
+    done = subprocess.run(
+        ["bash", "-c", example.replace(README_PORT, f"127.0.0.1:{stack.port}")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout)
+    width, height = decode(answer["data"][0]).size
+    assert abs(width / height - 640 / 480) < 0.05  # the input's aspect ratio
