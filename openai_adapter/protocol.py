@@ -17,6 +17,8 @@ from predictors.contract import SIZE_MULTIPLE
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
+# What an answer says of its images' background: this service makes no transparent ones.
+Background = Literal["opaque"]
 
 _EDIT_IMAGES_NOTE = (
     ": one, or several for a model that edits from several (Qwen-Image-Edit-2509 and later)."
@@ -25,8 +27,6 @@ _MASK_DESCRIPTION = (
     "A PNG or WebP of the first image's size whose fully transparent pixels mark the area to "
     "repaint; the rest of that image is kept."
 )
-# What a response says of its images' background: this service makes no transparent ones.
-Background = Literal["opaque"]
 _QUALITY_DESCRIPTION = "The request's quality ('auto' when not sent)."
 _BACKGROUND_DESCRIPTION = "The images' background: always opaque."
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
@@ -144,8 +144,8 @@ class ImageReference(BaseModel):
 
     image_url: str | None = Field(
         None,
-        description="The image as a base64 data URL ('data:image/png;base64,...'); other URLs "
-        "are not fetched.",
+        description="The image as a base64 data URL ('data:image/png;base64,...'), or as an "
+        "http(s) URL on a host that the deployment lists (QWEN_ADAPTER_IMAGE_URL_HOSTS).",
     )
     file_id: str | None = Field(
         None, description="An id from OpenAI's Files API, which this server does not offer."
@@ -160,7 +160,7 @@ class ImageReference(BaseModel):
 
 class ImageEditJsonRequest(ImageRequest):
     """``POST /v1/images/edits`` as a JSON object (OpenAI's ``EditImageBodyJsonParam``), the
-    images given as data URLs."""
+    images given by URL."""
 
     images: list[ImageReference] = Field(
         description=f"The images to edit, in order{_EDIT_IMAGES_NOTE}"

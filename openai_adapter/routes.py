@@ -145,7 +145,7 @@ def _is_blank(value: str | StarletteUploadFile) -> bool:
 
 async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | ImageEditJsonRequest]:
     """The edit in either of OpenAI's bodies: a multipart form with the images as files, as
-    the openai SDK sends it, or a JSON object with the images as data URLs."""
+    the openai SDK sends it, or a JSON object with the images by URL."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == _JSON:
         yield _validated(ImageEditJsonRequest, await request.body())
@@ -154,7 +154,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
         raise OpenAIError(
             400,
             "Image edits take a multipart/form-data body with the images as files, or a JSON "
-            "body ('application/json') with the images as data URLs in 'images'",
+            "body ('application/json') with the images' URLs in 'images'",
             code=NOT_MULTIPART,
         )
     form = await request.form()
@@ -184,7 +184,7 @@ async def create_image_edit(
     service: Service,
 ) -> Response:
     """Edit images following a prompt (OpenAI ``images.edit``): a multipart form, or a JSON
-    object whose images are data URLs."""
+    object whose images are given by URL."""
     response = await service.edit(edit, request_id_of(request))
     return _answer(response, edit, "image_edit.completed")
 
