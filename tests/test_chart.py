@@ -650,6 +650,9 @@ def test_model_aliases_reach_the_adapter() -> None:
     assert settings.aliases(settings.edit_model) == ["gpt-image-1", "dall-e-2"]
     defaults = adapter_settings(objects("defaults"))
     assert (defaults.generation_model_aliases, defaults.edit_model_aliases) == ([], [])
+    notes = render_text("ingress-httproute")["qwen-image-serve/templates/NOTES.txt"]
+    assert 'model "qwen-image" (also "gpt-image-1", "dall-e-3")  storage' in notes
+    assert 'model "qwen-image-edit" (also "gpt-image-1", "dall-e-2")  storage' in notes
 
 
 def test_image_url_hosts_reach_the_adapter() -> None:
