@@ -67,7 +67,11 @@ class ImageRequest(BaseModel):
         "once the images are done.",
     )
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Partial images (streaming) are not supported; only 0."
+        None,
+        ge=0,
+        le=3,
+        description="Partial images a stream may send before each image (0-3). None are sent: "
+        "OpenAI lets the final image come first, and this service sends only the final ones.",
     )
     user: str | None = Field(None, description="End-user id; accepted and ignored.")
     safety_identifier: str | None = Field(

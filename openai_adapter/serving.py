@@ -247,13 +247,6 @@ def _reject_unsupported(request: ImageRequest) -> None:
             "background",
             UNSUPPORTED_VALUE,
         )
-    if request.partial_images:
-        raise bad_request(
-            "partial_images are not supported yet: a stream sends each image once it is done; "
-            "send 0 or none",
-            "partial_images",
-            UNSUPPORTED_VALUE,
-        )
 
 
 def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCompletedEvent]:
