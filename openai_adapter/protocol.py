@@ -13,7 +13,7 @@ from typing import Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from predictors.contract import SIZE_MULTIPLE
+from predictors.contract import MAX_PROMPT_CHARACTERS, SIZE_MULTIPLE
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
@@ -37,7 +37,11 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="What to draw, or how to change the image.")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARACTERS,
+        description="What to draw, or how to change the image.",
+    )
     model: str | None = Field(None, description="A model id from /v1/models.")
     n: int | None = Field(None, ge=1, le=10, description="Number of images (1-10).")
     size: str | None = Field(
@@ -80,7 +84,9 @@ class ImageRequest(BaseModel):
     # The original Qwen-Image service's fields (``extra_body`` in the openai SDK).
     width: int | None = Field(None, description="Image width in pixels (multiple of 16).")
     height: int | None = Field(None, description="Image height in pixels (multiple of 16).")
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARACTERS, description="What to steer away from."
+    )
     num_inference_steps: int | None = Field(None, description="Denoising steps.")
     true_cfg_scale: float | None = Field(None, description="Classifier-free guidance scale.")
     seed: int | None = Field(None, description="Seed of the first image; image i uses seed + i.")

@@ -7,8 +7,8 @@ builds requests with it. It imports neither torch nor diffusers.
 Request (``POST /v2/models/{model}/infer``)::
 
     inputs:
-      prompt           BYTES [1]   UTF-8 text, required, not blank
-      negative_prompt  BYTES [1]   UTF-8 text, optional (generation "", edit " ")
+      prompt           BYTES [1]   UTF-8 text, required, not blank, at most 32000 characters
+      negative_prompt  BYTES [1]   UTF-8 text, optional (generation "", edit " "), as long
       image            BYTES [N]   edit only, required: N encoded PNG/JPEG/WebP files, 1 to
                                    --max_input_images (more than one for the pipeline of
                                    Qwen-Image-Edit-2509 and later only)
@@ -81,6 +81,9 @@ BINARY_HEADER_LENGTH = "inference-header-content-length"
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 SIZE_MULTIPLE = 16
+# OpenAI's limit on a prompt. Qwen's text encoder reads its first 512 tokens (about 2000
+# characters of English); the limit keeps megabytes of text off the tokenizer.
+MAX_PROMPT_CHARACTERS = 32000
 MAX_SEED = 2**63 - 1 - 1024  # leaves room for seed + i in an INT64
 
 
@@ -232,6 +235,11 @@ def validate_request(
     """Apply defaults and limits to raw request fields; raise ``ContractError`` on bad input."""
     if prompt is None or not prompt.strip():
         raise ContractError(PROMPT, "'prompt' must be a non-empty string")
+    for name, text in ((PROMPT, prompt), (NEGATIVE_PROMPT, negative_prompt or "")):
+        if len(text) > MAX_PROMPT_CHARACTERS:
+            raise ContractError(
+                name, f"'{name}' has {len(text)} characters; at most {MAX_PROMPT_CHARACTERS}"
+            )
     if needs_image and not any(images):
         raise ContractError(IMAGE, "'image' is required: send the image to edit")
     if mask is not None and not mask:

@@ -273,6 +273,8 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"quality": "ultra"}, "quality", "invalid_value"),
         ({"prompt": ""}, "prompt", "invalid_value"),
         ({"prompt": None}, "prompt", "invalid_value"),
+        ({"prompt": "a" * 32001}, "prompt", "invalid_value"),
+        ({"negative_prompt": "a" * 32001}, "negative_prompt", "invalid_value"),
         ({"seeds": 3}, "seeds", "unknown_parameter"),
         ({"response_format": "url"}, "response_format", "unsupported_value"),
         ({"background": "transparent"}, "background", "unsupported_value"),

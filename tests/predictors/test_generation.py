@@ -99,6 +99,8 @@ def test_defaults_are_the_original_services(generation_predictor):
     [
         ("", {}, "'prompt' must be a non-empty string"),
         ("   ", {}, "'prompt' must be a non-empty string"),
+        ("a" * 32001, {}, "'prompt' has 32001 characters; at most 32000"),
+        ("a", {"negative_prompt": "b" * 32001}, "'negative_prompt' has 32001 characters"),
         ("a", {"width": 100, "height": 64}, "'width' must be a multiple of 16"),
         ("a", {"width": 64, "height": 2048}, "'height' must be between 64 and 1024"),
         ("a", {"width": 32, "height": 64}, "'width' must be between 64 and 1024"),
