@@ -9,11 +9,16 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from openai_adapter.errors import install_error_handlers
 from openai_adapter.image_urls import ImageUrlReader
-from openai_adapter.middleware import AccessMiddleware, BodySizeLimitMiddleware
+from openai_adapter.middleware import (
+    REQUEST_ID_HEADER,
+    AccessMiddleware,
+    BodySizeLimitMiddleware,
+)
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.routes import edit_body_schemas, health, metrics, v1
 from openai_adapter.serving import ImageService
@@ -67,8 +72,17 @@ def create_app(
     app.include_router(metrics)
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
-    # the request id (with its access log line and metrics) wraps the size check.
+    # the request id (with its access log line and metrics) wraps the rest, and CORS headers
+    # reach every answer, the size check's 413 included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes(settings.max_upload_bytes))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER, "retry-after", "x-should-retry"],
+        )
     app.add_middleware(AccessMiddleware)
     app.add_middleware(CancelOnDisconnect)
 

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, clients must send 'Authorization: Bearer <key>'."
     )
+    cors_origins: list[str] = Field(
+        [],
+        description="Web origins (e.g. 'https://app.example.com', or '*') whose browser "
+        "pages may call the API, by CORS (JSON list). Empty: no CORS headers.",
+    )
     request_timeout_seconds: float = Field(
         570.0,
         gt=0,

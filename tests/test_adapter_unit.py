@@ -876,6 +876,55 @@ def test_a_body_past_the_upload_limit_is_refused_before_it_is_read(make_client, 
     assert not predictor.requests
 
 
+APP_ORIGIN = "https://app.example.com"
+
+
+def test_cors_for_listed_origins(make_client, predictor):
+    """Browser pages of a listed origin may call the API: the preflight is answered before
+    the API key is asked for, and answers (errors included) expose the request id."""
+    client = make_client(cors_origins=[APP_ORIGIN], api_key="s3cret", max_upload_bytes=1000)
+    preflight = client.options(
+        "/v1/images/generations",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang",
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "x-stainless-lang" in preflight.headers["access-control-allow-headers"].lower()
+    key = {"Authorization": "Bearer s3cret"}
+    answer = client.post(
+        "/v1/images/generations", json={"prompt": "x"}, headers={"Origin": APP_ORIGIN, **key}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
+    too_large = client.post(
+        "/v1/images/generations",
+        content=b"x" * 2_000_000,
+        headers={"Origin": APP_ORIGIN, "content-type": "application/json", **key},
+    )
+    assert too_large.status_code == 413
+    assert too_large.headers["access-control-allow-origin"] == APP_ORIGIN
+    other = client.post(
+        "/v1/images/generations",
+        json={"prompt": "x"},
+        headers={"Origin": "https://elsewhere.example", **key},
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_no_cors_headers_by_default(client: TestClient):
+    headers = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST"}
+    preflight = client.options("/v1/images/generations", headers=headers)
+    assert preflight.status_code == 405
+    answer = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
+    assert answer.status_code == 200
+    assert not [name for name in answer.headers if name.startswith("access-control-")]
+
+
 def test_api_key(make_client: Callable[..., TestClient]):
     client = make_client(api_key="s3cret")
     for headers in ({}, {"Authorization": "Basic dXNlcjpzM2NyZXQ="}):

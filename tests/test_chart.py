@@ -655,13 +655,14 @@ def test_model_aliases_reach_the_adapter() -> None:
     assert 'model "qwen-image-edit" (also "gpt-image-1", "dall-e-2")  storage' in notes
 
 
-def test_image_url_hosts_reach_the_adapter() -> None:
-    """The hosts the adapter may fetch edit images from: none unless the values list them."""
-    assert adapter_settings(objects("ingress-httproute")).image_url_hosts == [
-        "images.example.com",
-        "*.s3.example.com",
-    ]
-    assert adapter_settings(objects("defaults")).image_url_hosts == []
+def test_image_url_hosts_and_cors_origins_reach_the_adapter() -> None:
+    """The hosts the adapter may fetch edit images from, and the origins that may call it
+    from a browser: none unless the values list them."""
+    settings = adapter_settings(objects("ingress-httproute"))
+    assert settings.image_url_hosts == ["images.example.com", "*.s3.example.com"]
+    assert settings.cors_origins == ["https://app.example.com"]
+    defaults = adapter_settings(objects("defaults"))
+    assert (defaults.image_url_hosts, defaults.cors_origins) == ([], [])
 
 
 def test_notes_list_each_predictors_speed_modes() -> None:
@@ -1144,6 +1145,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "a URL in place of an image host": (
         {"adapter": {"imageUrlHosts": ["https://images.example.com"]}},
         "/adapter/imageUrlHosts/0",
+    ),
+    "an origin with a path": (
+        {"adapter": {"corsOrigins": ["https://app.example.com/"]}},
+        "/adapter/corsOrigins/0",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},
