@@ -49,17 +49,18 @@ async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Refuse the request with a 401 unless it carries the configured API key."""
-    expected = request.app.state.settings.api_key
-    if expected is None:
+    """Refuse the request with a 401 unless it carries one of the configured API keys."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
         return
     if credentials is None:
         raise OpenAIError(
             401, "No API key in an 'Authorization: Bearer <key>' header", code=INVALID_API_KEY
         )
-    if not secrets.compare_digest(
-        credentials.credentials.encode(), expected.get_secret_value().encode()
-    ):
+    sent = credentials.credentials.encode()
+    # Every key is compared, so that the time taken does not tell which one nearly matched.
+    matches = [secrets.compare_digest(sent, key.encode()) for key in keys]
+    if not any(matches):
         raise OpenAIError(401, "Incorrect API key provided", code=INVALID_API_KEY)
 
 

@@ -34,7 +34,10 @@ class Settings(BaseSettings):
         [], description="The same for the image-edit model and edits."
     )
     api_key: SecretStr | None = Field(
-        None, description="When set, clients must send 'Authorization: Bearer <key>'."
+        None,
+        description="When set, clients must send 'Authorization: Bearer <key>' with this key, "
+        "or with one of several keys separated by commas (to rotate keys without downtime: "
+        "add the new key, move the clients to it, drop the old one).",
     )
     cors_origins: list[str] = Field(
         [],
@@ -87,6 +90,18 @@ class Settings(BaseSettings):
         "model with a step-distilled LoRA needs.",
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _holds_a_key(cls, api_key: SecretStr | None) -> SecretStr | None:
+        if api_key is not None and not _keys(api_key):
+            raise ValueError("holds no key: unset it to switch authentication off")
+        return api_key
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The keys that clients may send; none when authentication is off."""
+        return _keys(self.api_key) if self.api_key is not None else []
+
     @field_validator("generation_url", "edit_url")
     @classmethod
     def _strip_slash(cls, url: str) -> str:
@@ -114,3 +129,7 @@ class Settings(BaseSettings):
     def models(self) -> list[str]:
         """The ids of the enabled models."""
         return [m for m in (self.generation_model, self.edit_model) if self.predictor_url(m)]
+
+
+def _keys(api_key: SecretStr) -> list[str]:
+    return [key.strip() for key in api_key.get_secret_value().split(",") if key.strip()]

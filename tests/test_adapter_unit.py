@@ -938,6 +938,19 @@ def test_api_key(make_client: Callable[..., TestClient]):
     assert client.get("/health/live").is_success
 
 
+def test_several_api_keys(make_client: Callable[..., TestClient]):
+    """Keys rotate without downtime: while both are listed, the old and the new one work."""
+    client = make_client(api_key=" old-key , new-key ")
+    for key in ("old-key", "new-key"):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).is_success
+    for wrong in ("old-key , new-key", "old-key,new-key", "", "other"):
+        response = client.get("/v1/models", headers={"Authorization": f"Bearer {wrong}"})
+        assert_error(response, 401, "invalid_api_key", None)
+    for blank in ("", " , "):
+        with pytest.raises(ValueError, match="holds no key"):
+            Settings(api_key=blank)
+
+
 def test_http_errors_have_openai_shape(client: TestClient):
     assert_error(client.get("/v1/nothing"), 404, "not_found", None)
     assert_error(client.delete("/v1/models"), 405, "method_not_allowed", None)

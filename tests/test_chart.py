@@ -12,6 +12,9 @@ import base64
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import typing
 from collections.abc import Iterator
 from functools import cache
@@ -26,6 +29,7 @@ import pytest
 import yaml
 
 from tests.k8s_schemas import core_errors, custom_errors, is_custom, load_documents
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_DIR = ROOT / "charts" / "qwen-image-serve"
@@ -554,6 +558,46 @@ def test_pvc_case_creates_the_api_key_secret() -> None:
     assert env_of(test_pod["spec"]["containers"][0])["API_KEY"]["valueFrom"]["secretKeyRef"][
         "name"
     ] == (f"{FULLNAME}-api-key")
+
+
+def test_the_helm_test_pod_lists_the_models_from_a_real_adapter(tmp_path: Path) -> None:
+    """The test Pod's script, run as the Pod runs it, against a real adapter whose Secret
+    holds two keys (a rotation): it passes while every model is listed, and fails when one
+    is missing."""
+    from tests.adapter_stack import run_adapter, stop
+
+    keys = "new-key, old-key"
+    (pod,) = by_kind(render_values({"adapter": {"apiKey": {"value": keys}}}), "Pod").values()
+    (test,) = pod["spec"]["containers"]
+    assert test["command"][:2] == ["python", "-c"]
+    closed = f"http://127.0.0.1:{free_port()}"  # /v1/models needs no predictor
+    adapter_env = {
+        "QWEN_ADAPTER_GENERATION_URL": closed,
+        "QWEN_ADAPTER_EDIT_URL": closed,
+        "QWEN_ADAPTER_API_KEY": keys,
+    }
+    process, url = run_adapter(tmp_path / "adapter.log", adapter_env)
+    try:
+        env = {**env_values(test), "API_KEY": keys, "MODELS_URL": f"{url}/models"}
+
+        def run_test_pod(**changes: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-c", test["command"][2]],
+                env={**env, **changes},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        passed = run_test_pod()
+        assert passed.returncode == 0, passed.stderr
+        assert "listed: ['qwen-image', 'qwen-image-edit']" in passed.stdout
+        missing = run_test_pod(EXPECTED_MODELS='["qwen-image", "qwen-image-2"]')
+        assert missing.returncode == 1, missing.stderr
+        unauthorized = run_test_pod(API_KEY="revoked-key")
+        assert unauthorized.returncode == 1 and "401" in unauthorized.stderr
+    finally:
+        stop(process, signal.SIGTERM)
 
 
 def test_a_new_api_key_restarts_the_adapter_pods() -> None:
