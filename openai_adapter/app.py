@@ -73,7 +73,8 @@ def create_app(
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
     # the request id (with its access log line and metrics) wraps the rest, and CORS headers
-    # reach every answer, the size check's 413 included.
+    # reach every answer, the size check's 413 included, except an unexpected 500 (Starlette
+    # answers those outside every middleware).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes(settings.max_upload_bytes))
     if settings.cors_origins:
         app.add_middleware(

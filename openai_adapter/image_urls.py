@@ -3,6 +3,9 @@ that the deployment lists, which the adapter then fetches."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import httpx
 
 from openai_adapter.media import decode_data_url
@@ -10,7 +13,6 @@ from openai_adapter.settings import Settings
 
 # How a client is told to send its image instead of a URL this deployment does not read.
 DATA_URL_HINT = "send the image itself as a base64 data URL ('data:image/png;base64,...')"
-_FETCH_CONNECTIONS = 16
 
 
 class ImageUrlRefused(ValueError):
@@ -21,55 +23,66 @@ class ImageUrlUnreadable(ValueError):
     """A URL that does not give an image's bytes: a malformed data URL, a failed fetch."""
 
 
+def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether ``host`` (ASCII, as in a URL) is one of ``allowed_hosts``, exactly or under a
+    ``*.parent`` entry."""
+    host = host.lower()
+    return any(
+        host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+        for allowed in (entry.lower() for entry in allowed_hosts)
+    )
+
+
 class ImageUrlReader:
     """Reads an image's ``image_url``. A data URL is decoded. An http(s) URL is fetched only
-    when its host is in ``Settings.image_url_hosts`` (exactly, or under a ``*.`` entry), with
-    no redirects followed, within ``Settings.image_url_timeout_seconds``: left open, clients
-    could make the adapter reach whatever the cluster can reach."""
+    when its host is in ``Settings.image_url_hosts``, following no redirects, and in at most
+    ``Settings.image_url_timeout_seconds`` in all: left open, clients could make the adapter
+    reach whatever the cluster can reach."""
 
     def __init__(self, settings: Settings):
-        self._hosts = [host.lower() for host in settings.image_url_hosts]
+        self._hosts = settings.image_url_hosts
+        self._timeout = settings.image_url_timeout_seconds
+        # No timeouts of its own (``read`` bounds a whole fetch) and no pool limit: each edit
+        # fetches one image at a time, so the adapter's own requests bound the connections.
         self._http = httpx.AsyncClient(
-            timeout=settings.image_url_timeout_seconds,
+            timeout=None,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=_FETCH_CONNECTIONS),
+            limits=httpx.Limits(max_connections=None),
+            headers={"Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
         """Close the fetching connections."""
         await self._http.aclose()
 
-    def allows(self, host: str) -> bool:
-        """Whether images may be fetched from ``host``."""
-        host = host.lower()
-        return any(
-            host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
-            for allowed in self._hosts
-        )
-
     async def read(self, url: str, max_bytes: int) -> bytes:
         """The image's bytes, at most ``max_bytes`` of a fetched one. Raises ImageUrlRefused
         or ImageUrlUnreadable, whose message completes "<the image>'s image_url ..."."""
         scheme = url.partition(":")[0].lower()
-        if scheme not in ("http", "https"):
+        if scheme == "data":
             try:
                 return decode_data_url(url)
             except ValueError as problem:
                 raise ImageUrlUnreadable(f"{problem}: {DATA_URL_HINT}") from None
-        try:
-            host = httpx.URL(url).host
-        except httpx.InvalidURL as problem:
-            raise ImageUrlUnreadable(f"is not a valid URL ({problem})") from None
+        if scheme not in ("http", "https"):
+            raise ImageUrlRefused(f"is neither a data URL nor an http(s) URL: {DATA_URL_HINT}")
         if not self._hosts:
             raise ImageUrlRefused(
                 f"is not a data URL, and this server fetches no URLs: {DATA_URL_HINT}"
             )
-        if not self.allows(host):
+        try:
+            host = httpx.URL(url).raw_host.decode("ascii")
+        except httpx.InvalidURL as problem:
+            raise ImageUrlUnreadable(f"is not a valid URL ({problem})") from None
+        if not host_allowed(host, self._hosts):
             raise ImageUrlRefused(
                 f"is on {host!r}, a host that this server does not fetch images from: "
                 f"{DATA_URL_HINT}"
             )
-        return await self._fetch(url, max_bytes)
+        try:
+            return await asyncio.wait_for(self._fetch(url, max_bytes), self._timeout)
+        except asyncio.TimeoutError:
+            raise ImageUrlUnreadable(f"could not be fetched within {self._timeout:g} s") from None
 
     async def _fetch(self, url: str, max_bytes: int) -> bytes:
         try:
@@ -79,8 +92,13 @@ class ImageUrlReader:
                     raise ImageUrlUnreadable(
                         f"could not be fetched: HTTP {response.status_code}{redirect}"
                     )
+                encoding = response.headers.get("content-encoding", "identity").lower()
+                if encoding != "identity":
+                    raise ImageUrlUnreadable(
+                        f"could not be fetched: the answer is {encoding}-encoded"
+                    )
                 data = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     data += chunk
                     if len(data) >= max_bytes:
                         break

@@ -47,4 +47,8 @@ def decode_data_url(url: str) -> bytes:
     try:
         return pybase64.b64decode(payload, validate=True)
     except ValueError:
+        pass
+    try:  # base64 as tools write it, in lines
+        return pybase64.b64decode("".join(payload.split()), validate=True)
+    except ValueError:
         raise ValueError("holds data that is not valid base64") from None

@@ -8,7 +8,7 @@ sends through ``extra_body``. Unknown fields are rejected, so a typo is a 400, n
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -124,6 +124,9 @@ class ImageEditRequest(ImageRequest):
     """``POST /v1/images/edits`` as a multipart form, the images uploaded as files (what the
     openai SDK sends)."""
 
+    # The form fields that may be sent several times, each time with one more value.
+    LIST_FIELDS: ClassVar[tuple[str, ...]] = ("image", "image[]")
+
     image: list[UploadFile] | None = Field(
         None,
         description=f"The PNG, JPEG or WebP image(s) to edit{_EDIT_IMAGES_NOTE}",
@@ -133,12 +136,6 @@ class ImageEditRequest(ImageRequest):
     )
     mask: UploadFile | None = Field(None, description=_MASK_DESCRIPTION)
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
-
-    @field_validator("image", "image_list", mode="before")
-    @classmethod
-    def _one_or_several(cls, value: object) -> object:
-        """A form field sent once carries one file, not a list."""
-        return value if isinstance(value, list) else [value]
 
     @property
     def images(self) -> list[UploadFile]:

@@ -113,29 +113,38 @@ def edit_body_schemas() -> dict[str, Any]:
     return schemas
 
 
-def _validated(model: type[_Body], data: bytes | dict[str, Any]) -> _Body:
-    """``data`` (a JSON document or form fields) as ``model``; a RequestValidationError,
-    answered as FastAPI answers its own, when it does not fit."""
-    if data == b"":
+def _json_body(model: type[_Body], body: bytes) -> _Body:
+    """A JSON body as ``model``; answered as FastAPI answers its own bodies when it does
+    not fit (``_as_request_error``)."""
+    if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "missing"}])
     try:
-        if isinstance(data, bytes):
-            return model.model_validate_json(data)
-        return model.model_validate(data)
+        return model.model_validate_json(body)
     except ValidationError as invalid:
-        errors = invalid.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+        raise _as_request_error(invalid) from None
 
 
-def _form_fields(form: FormData) -> dict[str, Any]:
-    """A form's fields by name, a repeated field's values as a list. Empty fields (a blank
-    text field, a file input with no file chosen) count as not sent, as FastAPI counts them."""
+def _form_body(model: type[_Body], form: FormData) -> _Body:
+    """A form as ``model``. As FastAPI reads a form: a field sent more than once gives its
+    last value, or all of them for the fields that take several (``LIST_FIELDS``), and
+    empty fields (a blank text field, a file input with no file chosen) count as not sent."""
+    list_fields = getattr(model, "LIST_FIELDS", ())
     fields: dict[str, Any] = {}
     for name in form:
         values = [value for value in form.getlist(name) if not _is_blank(value)]
         if values:
-            fields[name] = values if len(values) > 1 else values[0]
-    return fields
+            fields[name] = values if name in list_fields else values[-1]
+    try:
+        return model.model_validate(fields)
+    except ValidationError as invalid:
+        raise _as_request_error(invalid) from None
+
+
+def _as_request_error(invalid: ValidationError) -> RequestValidationError:
+    """A model's validation errors as FastAPI's for a request body, which
+    ``errors.install_error_handlers`` answers in OpenAI's shape."""
+    errors = invalid.errors(include_url=False)
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
 
 
 def _is_blank(value: str | StarletteUploadFile) -> bool:
@@ -149,7 +158,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
     the openai SDK sends it, or a JSON object with the images by URL."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == _JSON:
-        yield _validated(ImageEditJsonRequest, await request.body())
+        yield _json_body(ImageEditJsonRequest, await request.body())
         return
     if media_type not in _FORMS:
         raise OpenAIError(
@@ -160,7 +169,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
         )
     form = await request.form()
     try:
-        yield _validated(ImageEditRequest, _form_fields(form))
+        yield _form_body(ImageEditRequest, form)
     finally:
         await form.close()
 

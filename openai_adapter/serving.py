@@ -86,6 +86,7 @@ class ImageService:
     async def generate(self, request: ImageGenerationRequest, request_id: str) -> ImagesResponse:
         """``POST /v1/images/generations``."""
         model = self._resolve_model(request.model, self._settings.generation_model)
+        _reject_unsupported(request)
         return await self._run(model, request, request_id)
 
     async def edit(
@@ -93,19 +94,16 @@ class ImageService:
     ) -> ImagesResponse:
         """``POST /v1/images/edits``: a multipart form or a JSON object."""
         model = self._resolve_model(request.model, self._settings.edit_model)
+        _reject_unsupported(request)  # before any image URL is fetched
         images, mask = await self._read_edit_inputs(request)
         return await self._run(model, request, request_id, images, mask)
 
     def _served_as(self, name: str) -> str | None:
         """The enabled model that ``name`` is the id or an alias of; None if none."""
-        return next(
-            (
-                model
-                for model in self._settings.models
-                if name == model or name in self._settings.aliases(model)
-            ),
-            None,
-        )
+        models = self._settings.models
+        if name in models:
+            return name
+        return next((model for model in models if name in self._settings.aliases(model)), None)
 
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
         """The model to call: the endpoint's own, which ``requested`` may only name (by its
@@ -198,7 +196,6 @@ class ImageService:
         mask: bytes | None = None,
     ) -> ImagesResponse:
         """Call the predictor with the request's fields and answer in OpenAI's shape."""
-        _reject_unsupported(request)
         size = request.size_pixels or (None, None)
         quality_steps = self._settings.quality_table(model).get(request.quality or "auto")
         width = _first(request.width, size[0])

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import re
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from predictors.contract import EDIT_MODEL_NAME, GENERATION_MODEL_NAME
+
+# An entry of image_url_hosts: a host name or IPv4 address, or "*." and a domain.
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 class Settings(BaseSettings):
@@ -71,12 +76,12 @@ class Settings(BaseSettings):
     )
     image_url_hosts: list[str] = Field(
         [],
-        description="Hosts (exact, or '*.example.com' for its subdomains) whose http(s) URLs "
-        "a JSON edit may give as an image; the adapter fetches them (JSON list). Empty: "
-        "images come as data URLs or files only.",
+        description="Hosts (a name or IPv4 address, or '*.example.com' for the subdomains of "
+        "example.com) whose http(s) URLs a JSON edit may give as an image; the adapter "
+        "fetches them (JSON list). Empty: images come as data URLs or files only.",
     )
     image_url_timeout_seconds: float = Field(
-        10.0, gt=0, description="Longest wait to fetch an image URL (then 400)."
+        10.0, gt=0, description="Longest time to fetch an image URL, all of it (then 400)."
     )
     quality_steps: dict[str, int] = Field(
         {"low": 20, "medium": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100},
@@ -89,6 +94,24 @@ class Settings(BaseSettings):
         "object: model id -> table). {} leaves every quality to the predictor's default, as a "
         "model with a step-distilled LoRA needs.",
     )
+
+    @field_validator("image_url_hosts")
+    @classmethod
+    def _are_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _HOST.match(host):
+                raise ValueError(
+                    f"{host!r} is not a host name, an IPv4 address or '*.' and a domain"
+                )
+        return hosts
+
+    @model_validator(mode="after")
+    def _aliases_are_other_names(self) -> Settings:
+        models = {self.generation_model, self.edit_model}
+        for alias in (*self.generation_model_aliases, *self.edit_model_aliases):
+            if alias in models:
+                raise ValueError(f"the alias {alias!r} is a model's id")
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import http.server
 import io
 import json
@@ -23,7 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_adapter.app import create_app
-from openai_adapter.image_urls import ImageUrlReader
+from openai_adapter.image_urls import host_allowed
 from openai_adapter.local_stack import adapter_url
 from openai_adapter.media import detect_image_format
 from openai_adapter.protocol import OutputFormat
@@ -484,6 +486,8 @@ def test_model_aliases(make_client, predictor):
     assert client.get("/v1/models/dall-e-3").json()["id"] == "dall-e-3"
     switched_off = make_client(edit_url="", edit_model_aliases=["dall-e-2"])
     assert_error(switched_off.get("/v1/models/dall-e-2"), 404, "model_not_found", "model")
+    with pytest.raises(ValueError, match="the alias 'qwen-image-edit' is a model's id"):
+        Settings(generation_model_aliases=["qwen-image-edit"])
 
 
 def test_edit_sends_the_image(client: TestClient, predictor: FakePredictor):
@@ -621,7 +625,8 @@ def test_a_json_edit_sends_its_data_urls(client: TestClient, predictor: FakePred
             "prompt": "a hat",
             "images": [
                 {"image_url": data_url(images[0], "image/webp")},
-                {"image_url": data_url(images[1], "image/jpeg")},
+                # base64 in lines, as the base64 tool writes it
+                {"image_url": "data:image/jpeg;base64," + base64.encodebytes(images[1]).decode()},
             ],
             "mask": {"image_url": data_url(mask)},
             "n": 2,
@@ -733,28 +738,42 @@ def test_json_edit_errors(make_client, predictor, fields, param, code, message):
 
 
 class ImageHost(http.server.BaseHTTPRequestHandler):
-    """A web server's answers to image fetches: a PNG, a large file, a redirect, a slow
-    answer, 404 for anything else."""
+    """A web server's answers to image fetches: a PNG, a large file, a redirect, an answer
+    that starts late, one that trickles in, a gzip-encoded one, 404 for anything else. It
+    records the paths asked for in ``asked``."""
 
     PNG = encode((96, 64))
+    asked: list[str] = []
 
     def do_GET(self) -> None:
+        self.asked.append(self.path)
         if self.path == "/moved":
             self.send_response(302)
             self.send_header("Location", "/cat.png")
             self.end_headers()
             return
-        if self.path == "/slow.png":
+        if self.path == "/late.png":
             time.sleep(2)
         body = {
             "/cat.png": self.PNG,
-            "/slow.png": self.PNG,
+            "/late.png": self.PNG,
+            "/trickle.png": self.PNG[:10],
+            "/gzip.png": gzip.compress(self.PNG),
             "/big.png": b"\x89PNG\r\n\x1a\n" + bytes(200_000),
         }.get(self.path)
         self.send_response(200 if body else 404)
         self.send_header("Content-Length", str(len(body or b"")))
+        if self.path == "/gzip.png":
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
-        self.wfile.write(body or b"")
+        with contextlib.suppress(ConnectionError):  # a client that gave up
+            if self.path == "/trickle.png":  # each byte in time, the whole too late
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                return
+            self.wfile.write(body or b"")
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -793,7 +812,9 @@ def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_ho
         ("/missing.png", "invalid_value", "could not be fetched: HTTP 404"),
         ("/moved", "invalid_value", "could not be fetched: HTTP 302 (redirects are not followed)"),
         ("/big.png", "image_too_large", "The image is larger than 50000 bytes"),
-        ("/slow.png", "invalid_value", "could not be fetched: ReadTimeout"),
+        ("/late.png", "invalid_value", "could not be fetched within 0.5 s"),
+        ("/trickle.png", "invalid_value", "could not be fetched within 0.5 s"),
+        ("/gzip.png", "invalid_value", "could not be fetched: the answer is gzip-encoded"),
     ],
 )
 def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, message):
@@ -801,30 +822,53 @@ def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, 
         image_url_hosts=["127.0.0.1"], max_upload_bytes=50_000, image_url_timeout_seconds=0.5
     )
     body = {"prompt": "x", "images": [{"image_url": image_host + path}]}
+    started = time.monotonic()
     error = assert_error(client.post("/v1/images/edits", json=body), 400, code, "images")
     assert error["message"].endswith(message)
+    assert time.monotonic() - started < 1.5, "the timeout bounds the whole fetch"
     assert not predictor.requests
 
 
-def test_image_urls_on_other_hosts_are_not_fetched(make_client, predictor, image_host):
-    client = make_client(image_url_hosts=["*.example.com"])
-    url = image_host.replace("127.0.0.1", "localhost") + "/cat.png"
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://localhost:{port}/cat.png", "is on 'localhost', a host"),
+        ("http://images.example.com@127.0.0.1:{port}/cat.png", "is on '127.0.0.1', a host"),
+        ("s3://images/cat.png", "is neither a data URL nor an http(s) URL"),
+    ],
+    ids=["unlisted-host", "userinfo", "s3"],
+)
+def test_image_urls_on_other_hosts_are_not_fetched(
+    make_client, predictor, image_host, url, message
+):
+    client = make_client(image_url_hosts=["images.example.com", "*.example.com"])
+    asked = len(ImageHost.asked)
+    url = url.format(port=image_host.rsplit(":", 1)[1])
     body = {"prompt": "x", "images": [{"image_url": url}]}
     error = assert_error(
         client.post("/v1/images/edits", json=body), 400, "unsupported_value", "images"
     )
-    assert error["message"].startswith(
-        "The image's image_url is on 'localhost', a host that this server does not fetch "
-        "images from: send the image itself as a base64 data URL"
-    )
-    assert not predictor.requests
+    assert message in error["message"]
+    assert len(ImageHost.asked) == asked and not predictor.requests
+
+
+def test_an_unsupported_value_is_refused_before_any_fetch(make_client, predictor, image_host):
+    client = make_client(image_url_hosts=["127.0.0.1"])
+    asked = len(ImageHost.asked)
+    body = {"prompt": "x", "images": [{"image_url": f"{image_host}/cat.png"}]}
+    response = client.post("/v1/images/edits", json={**body, "background": "transparent"})
+    assert_error(response, 400, "unsupported_value", "background")
+    assert len(ImageHost.asked) == asked and not predictor.requests
 
 
 def test_listed_image_hosts():
-    reader = ImageUrlReader(Settings(image_url_hosts=["*.example.com", "Images.Test"]))
+    listed = ["*.example.com", "Images.Test"]
     allowed = ["a.example.com", "b.a.example.com", "images.test", "IMAGES.test"]
     refused = ["example.com", "evil-example.com", "example.com.evil", "x.images.test"]
-    assert [reader.allows(host) for host in allowed + refused] == [True] * 4 + [False] * 4
+    assert [host_allowed(host, listed) for host in allowed + refused] == [True] * 4 + [False] * 4
+    for entry in ("https://images.example.com", "images.example.com:8080", "*", "[::1]"):
+        with pytest.raises(ValueError, match="is not a host name"):
+            Settings(image_url_hosts=[entry])
 
 
 def test_a_json_edit_as_large_as_the_upload_limit_fits_in_a_body(make_client, predictor):
@@ -838,6 +882,26 @@ def test_a_json_edit_as_large_as_the_upload_limit_fits_in_a_body(make_client, pr
     assert sent_images(predictor)[contract.IMAGE] == [image]
     body["images"][0]["image_url"] = data_url(image + b"\x00")
     assert_error(client.post("/v1/images/edits", json=body), 400, "image_too_large", "images")
+
+
+def test_a_form_field_sent_twice_gives_its_last_value(client, predictor):
+    """As FastAPI reads forms: the last value wins, except for the images, which add up."""
+    first, second, mask = encode((64, 64)), encode((96, 64)), encode((64, 64))
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": ["a hat", "a scarf"], "seed": ["1", "2"]},
+        files=[
+            ("image", ("a.png", first, "image/png")),
+            ("image", ("b.png", second, "image/png")),
+            ("mask", ("m1.png", encode((32, 32)), "image/png")),
+            ("mask", ("m2.png", mask, "image/png")),
+        ],
+    )
+    assert response.status_code == 200, response.text
+    assert sent_images(predictor) == {contract.IMAGE: [first, second], contract.MASK: [mask]}
+    inputs = {item["name"]: item["data"] for item in predictor.last_body["inputs"]}
+    assert inputs[contract.PROMPT] == ["a scarf"]
+    assert predictor.last_body["parameters"][contract.SEED] == 2
 
 
 def test_blank_form_fields_count_as_not_sent(client: TestClient, predictor: FakePredictor):
