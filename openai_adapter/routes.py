@@ -124,11 +124,10 @@ def _json_body(model: type[_Body], body: bytes) -> _Body:
         raise _as_request_error(invalid) from None
 
 
-def _form_body(model: type[_Body], form: FormData) -> _Body:
+def _form_body(model: type[_Body], form: FormData, list_fields: tuple[str, ...]) -> _Body:
     """A form as ``model``. As FastAPI reads a form: a field sent more than once gives its
-    last value, or all of them for the fields that take several (``LIST_FIELDS``), and
-    empty fields (a blank text field, a file input with no file chosen) count as not sent."""
-    list_fields = getattr(model, "LIST_FIELDS", ())
+    last value, or all of them for ``list_fields``, and empty fields (a blank text field, a
+    file input with no file chosen) count as not sent."""
     fields: dict[str, Any] = {}
     for name in form:
         values = [value for value in form.getlist(name) if not _is_blank(value)]
@@ -169,7 +168,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
         )
     form = await request.form()
     try:
-        yield _form_body(ImageEditRequest, form)
+        yield _form_body(ImageEditRequest, form, ImageEditRequest.LIST_FIELDS)
     finally:
         await form.close()
 
