@@ -688,6 +688,21 @@ def test_lora_models_leave_quality_to_their_steps() -> None:
     assert adapter_settings(objects("defaults")).model_quality_steps == {}
 
 
+def test_the_edit_predictor_takes_its_input_image_limit() -> None:
+    """settings.maxInputImages reaches the edit predictor's parser, not the generation one."""
+    for case, limit in (("defaults", 3), ("overrides", 2)):
+        objs = objects(case)
+        edit = next(
+            isvc
+            for isvc in by_kind(objs, "InferenceService").values()
+            if "edit" in container(isvc)["command"][0]
+        )
+        assert predictor_options(edit).limits.max_input_images == limit
+        for isvc in by_kind(objs, "InferenceService").values():
+            if isvc is not edit:
+                assert "QWEN_MAX_INPUT_IMAGES" not in env_of(container(isvc))
+
+
 def test_model_aliases_reach_the_adapter() -> None:
     settings = adapter_settings(objects("ingress-httproute"))
     assert settings.aliases(settings.generation_model) == ["gpt-image-1", "dall-e-3"]
