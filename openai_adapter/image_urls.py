@@ -24,12 +24,12 @@ class ImageUrlUnreadable(ValueError):
 
 
 def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
-    """Whether ``host`` (ASCII, as in a URL) is one of ``allowed_hosts``, exactly or under a
-    ``*.parent`` entry."""
+    """Whether ``host`` (ASCII, as in a URL) is one of ``allowed_hosts`` (lower case, as
+    ``Settings`` keeps them), exactly or under a ``*.parent`` entry."""
     host = host.lower()
     return any(
         host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
-        for allowed in (entry.lower() for entry in allowed_hosts)
+        for allowed in allowed_hosts
     )
 
 

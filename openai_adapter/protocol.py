@@ -126,6 +126,8 @@ class ImageEditRequest(ImageRequest):
 
     # The form fields that may be sent several times, each time with one more value.
     LIST_FIELDS: ClassVar[tuple[str, ...]] = ("image", "image[]")
+    # The field that errors about the images name.
+    IMAGES_PARAM: ClassVar[str] = "image"
 
     image: list[UploadFile] | None = Field(
         None,
@@ -168,6 +170,8 @@ class ImageReference(BaseModel):
 class ImageEditJsonRequest(ImageRequest):
     """``POST /v1/images/edits`` as a JSON object (OpenAI's ``EditImageBodyJsonParam``), the
     images given by URL."""
+
+    IMAGES_PARAM: ClassVar[str] = "images"
 
     images: list[ImageReference] = Field(
         description=f"The images to edit, in order{_EDIT_IMAGES_NOTE}"

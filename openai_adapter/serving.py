@@ -126,7 +126,7 @@ class ImageService:
         """The edit's images in order and its mask, if any: each a PNG, JPEG or WebP file, all
         together within the upload limit. How many images the model edits from, and whether
         the mask fits its image, are the predictor's to say."""
-        images_param = "images" if isinstance(request, ImageEditJsonRequest) else "image"
+        images_param = request.IMAGES_PARAM
         sources = request.images
         if not sources:
             raise bad_request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import cached_property
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,7 +104,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{host!r} is not a host name, an IPv4 address or '*.' and a domain"
                 )
-        return hosts
+        return [host.lower() for host in hosts]
 
     @model_validator(mode="after")
     def _aliases_are_other_names(self) -> Settings:
@@ -120,9 +121,10 @@ class Settings(BaseSettings):
             raise ValueError("holds no key: unset it to switch authentication off")
         return api_key
 
-    @property
+    @cached_property
     def api_keys(self) -> list[str]:
-        """The keys that clients may send; none when authentication is off."""
+        """The keys that clients may send; none when authentication is off (read once, not
+        at every request)."""
         return _keys(self.api_key) if self.api_key is not None else []
 
     @field_validator("generation_url", "edit_url")

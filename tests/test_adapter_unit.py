@@ -862,7 +862,7 @@ def test_an_unsupported_value_is_refused_before_any_fetch(make_client, predictor
 
 
 def test_listed_image_hosts():
-    listed = ["*.example.com", "Images.Test"]
+    listed = Settings(image_url_hosts=["*.example.com", "Images.Test"]).image_url_hosts
     allowed = ["a.example.com", "b.a.example.com", "images.test", "IMAGES.test"]
     refused = ["example.com", "evil-example.com", "example.com.evil", "x.images.test"]
     assert [host_allowed(host, listed) for host in allowed + refused] == [True] * 4 + [False] * 4
