@@ -28,6 +28,7 @@ import prometheus_client
 import pytest
 import yaml
 
+from tests.adapter_stack import Stack, run_adapter, stop
 from tests.k8s_schemas import core_errors, custom_errors, is_custom, load_documents
 from tests.servers import free_port
 
@@ -190,8 +191,9 @@ def test_objects_are_namespaced_and_labelled(case: str) -> None:
         assert labels["app.kubernetes.io/name"] == "qwen-image-serve"
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["app.kubernetes.io/version"] == chart().metadata["appVersion"]
-        assert labels["helm.sh/chart"] == f"qwen-image-serve-{chart().version}"
+        if obj["kind"] != "InferenceService":  # whose labels reach the predictor pods
+            assert labels["app.kubernetes.io/version"] == chart().metadata["appVersion"]
+            assert labels["helm.sh/chart"] == f"qwen-image-serve-{chart().version}"
         assert all(isinstance(value, str) for value in labels.values())
 
 
@@ -228,8 +230,10 @@ def test_adapter_urls_point_at_the_inference_services(case: str) -> None:
     for component in ("generation", "edit"):
         key = component.upper()
         if not values[component]["enabled"]:
-            # Set and empty, so the adapter does not fall back to its local default URL.
-            assert env[f"QWEN_ADAPTER_{key}_URL"] == ""
+            # The URL of a predictor that runs elsewhere, or set and empty, so that the
+            # adapter does not fall back to its local default URL.
+            override = values["adapter"]["predictorUrls"][component]
+            assert env[f"QWEN_ADAPTER_{key}_URL"] == override
             continue
         (isvc,) = (
             obj
@@ -466,7 +470,7 @@ def test_defaults_adapter_service_pdb_and_test_hook() -> None:
     (test_pod,) = by_kind(objs, "Pod").values()
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     test_env = env_values(test_pod["spec"]["containers"][0])
-    assert test_env["MODELS_URL"] == f"http://{ADAPTER}:8000/v1/models"
+    assert test_env["ADAPTER_URL"] == f"http://{ADAPTER}:8000"
     assert test_env["EXPECTED_MODELS"] == '["qwen-image","qwen-image-edit"]'
     for absent in ("Secret", "HorizontalPodAutoscaler", "Ingress", "HTTPRoute", "ServiceMonitor"):
         assert not by_kind(objs, absent), absent
@@ -491,17 +495,33 @@ def test_notes_give_port_forward_and_first_requests() -> None:
     assert "curl -s http://localhost:8000/v1/images/edits" in notes
 
 
-def test_names_stay_dns_labels_for_long_release_names() -> None:
-    rendered = chart().render({}, name="a" * 53, namespace=NAMESPACE)
+@pytest.mark.parametrize("release", ["team-ml-platform-prod", "a" * 53])
+def test_names_stay_dns_labels_for_long_release_names(release: str) -> None:
+    """KServe names the predictor's Deployment and Service <name>-predictor and labels its
+    pods app=isvc.<name>-predictor: each must stay within 63 characters."""
+    rendered = chart().render({}, name=release, namespace=NAMESPACE)
     objs = [
         obj
         for path, text in rendered.items()
         if path.endswith(".yaml")
         for obj in load_documents(text)
     ]
-    for name in by_kind(objs, "InferenceService"):
-        assert len(f"{name}-predictor") <= 63, name
+    isvcs = by_kind(objs, "InferenceService")
+    assert len(isvcs) == 2
+    for name in isvcs:
+        assert len(f"isvc.{name}-predictor") <= 63, name
     assert all(len(obj["metadata"]["name"]) <= 63 for obj in objs)
+
+
+def test_inference_service_labels_do_not_change_with_the_chart_version() -> None:
+    """KServe copies the InferenceService's labels onto the predictor pods: a label that
+    changes with the chart's version would restart the GPU predictors at every upgrade."""
+    for isvc in by_kind(objects("defaults"), "InferenceService").values():
+        labels = isvc["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+    adapter = one(objects("defaults"), "Deployment", ADAPTER)
+    assert "helm.sh/chart" in adapter["metadata"]["labels"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -560,44 +580,54 @@ def test_pvc_case_creates_the_api_key_secret() -> None:
     ] == (f"{FULLNAME}-api-key")
 
 
-def test_the_helm_test_pod_lists_the_models_from_a_real_adapter(tmp_path: Path) -> None:
-    """The test Pod's script, run as the Pod runs it, against a real adapter whose Secret
-    holds two keys (a rotation): it passes while every model is listed, and fails when one
-    is missing."""
-    from tests.adapter_stack import run_adapter, stop
-
+def test_the_helm_test_pod_checks_a_real_adapter_and_its_predictors(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The test Pod's script, run as the Pod runs it, against a real adapter in front of the
+    local stack's predictors, whose Secret holds two keys (a rotation): it passes while the
+    predictors are ready and every model is listed, and fails when a predictor is down, a
+    model is missing, or the key is revoked."""
     keys = "new-key, old-key"
     (pod,) = by_kind(render_values({"adapter": {"apiKey": {"value": keys}}}), "Pod").values()
     (test,) = pod["spec"]["containers"]
     assert test["command"][:2] == ["python", "-c"]
-    closed = f"http://127.0.0.1:{free_port()}"  # /v1/models needs no predictor
-    adapter_env = {
-        "QWEN_ADAPTER_GENERATION_URL": closed,
-        "QWEN_ADAPTER_EDIT_URL": closed,
-        "QWEN_ADAPTER_API_KEY": keys,
+
+    def run_test_pod(adapter_url: str, **changes: str) -> subprocess.CompletedProcess:
+        env = {**env_values(test), "API_KEY": keys, "ADAPTER_URL": adapter_url, **changes}
+        return subprocess.run(
+            [sys.executable, "-c", test["command"][2]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    predictors = {
+        "QWEN_ADAPTER_GENERATION_URL": stack.generation_url,
+        "QWEN_ADAPTER_EDIT_URL": f"http://127.0.0.1:{stack.edit_port}",
     }
-    process, url = run_adapter(tmp_path / "adapter.log", adapter_env)
+    closed = f"http://127.0.0.1:{free_port()}"
+    down = {**predictors, "QWEN_ADAPTER_EDIT_URL": closed}
+    up_process, up = run_adapter(tmp_path / "up.log", {**predictors, "QWEN_ADAPTER_API_KEY": keys})
+    down_process, half_down = run_adapter(
+        tmp_path / "down.log", {**down, "QWEN_ADAPTER_API_KEY": keys}
+    )
     try:
-        env = {**env_values(test), "API_KEY": keys, "MODELS_URL": f"{url}/models"}
-
-        def run_test_pod(**changes: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-c", test["command"][2]],
-                env={**env, **changes},
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-
-        passed = run_test_pod()
+        passed = run_test_pod(up.removesuffix("/v1"))
         assert passed.returncode == 0, passed.stderr
         assert "listed: ['qwen-image', 'qwen-image-edit']" in passed.stdout
-        missing = run_test_pod(EXPECTED_MODELS='["qwen-image", "qwen-image-2"]')
+        missing = run_test_pod(
+            up.removesuffix("/v1"), EXPECTED_MODELS='["qwen-image", "qwen-image-2"]'
+        )
         assert missing.returncode == 1, missing.stderr
-        unauthorized = run_test_pod(API_KEY="revoked-key")
+        unauthorized = run_test_pod(up.removesuffix("/v1"), API_KEY="revoked-key")
         assert unauthorized.returncode == 1 and "401" in unauthorized.stderr
+        not_ready = run_test_pod(half_down.removesuffix("/v1"), TIMEOUT="6")
+        assert not_ready.returncode == 1
+        assert "not ready: 503" in not_ready.stderr and "qwen-image-edit" in not_ready.stderr
     finally:
-        stop(process, signal.SIGTERM)
+        stop(up_process, signal.SIGTERM)
+        stop(down_process, signal.SIGTERM)
 
 
 def test_a_new_api_key_restarts_the_adapter_pods() -> None:
@@ -658,11 +688,18 @@ def test_pods_stop_only_after_the_requests_they_hold() -> None:
     no_predictor_sleep = render_values({"predictor": {"preStopSleepSeconds": 0}})
     for isvc in by_kind(no_predictor_sleep, "InferenceService").values():
         assert "lifecycle" not in container(isvc)
-        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == "600"
-    with pytest.raises(helm_python.HelmError, match=r"longer than predictor.preStopSleepSeconds"):
-        chart().render(
-            {"predictor": {"terminationGracePeriodSeconds": 5}}, name=RELEASE, namespace=NAMESPACE
-        )
+        assert predictor(isvc)["terminationGracePeriodSeconds"] == timeout + 25
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(timeout + 25)
+    # The predictors' grace period follows the adapter's timeout, as the adapter's does.
+    for isvc in by_kind(objects("ingress-httproute"), "InferenceService").values():
+        assert predictor(isvc)["terminationGracePeriodSeconds"] == 840 + 5 + 25
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(840 + 25)
+    too_short = {"predictor": {"terminationGracePeriodSeconds": 500}}
+    with pytest.raises(helm_python.HelmError, match=r"terminationGracePeriodSeconds \(500\) for"):
+        chart().render(too_short, name=RELEASE, namespace=NAMESPACE)
+    knative_too_short = {"deploymentMode": "Knative", "adapter": {"requestTimeoutSeconds": 700}}
+    with pytest.raises(helm_python.HelmError, match=r"predictor.timeout \(600\) for"):
+        chart().render(knative_too_short, name=RELEASE, namespace=NAMESPACE)
 
     values = {"adapter": {"preStopSleepSeconds": 0}}
     no_sleep = chart().render(values, name=RELEASE, namespace=NAMESPACE)
@@ -788,6 +825,27 @@ def test_fast_modes_reach_each_predictor() -> None:
     )
 
 
+def test_extra_env_replaces_the_charts_variable_of_the_same_name() -> None:
+    """The InferenceService's env is a list keyed by name (the API server refuses a name
+    twice): an extraEnv entry replaces the chart's own variable."""
+    values = {
+        "predictor": {
+            "extraEnv": [
+                {"name": "QWEN_MAX_INPUT_IMAGES", "value": "5"},
+                {"name": "QWEN_MAX_SIZE", "value": "1024"},
+            ]
+        }
+    }
+    objs = render_values(values)
+    for name in (GENERATION, EDIT):
+        isvc = one(objs, "InferenceService", name)
+        names = [item["name"] for item in container(isvc)["env"]]
+        assert len(names) == len(set(names)), names
+        assert predictor_options(isvc).limits.max_size == 1024
+    edit = one(objs, "InferenceService", EDIT)
+    assert predictor_options(edit).limits.max_input_images == 5
+
+
 def test_extra_env_reaches_the_predictor_as_documented() -> None:
     """The experimental CUDA graphs mode has no chart value: docs/deployment.md sets it with
     predictor.extraEnv, which the predictor's parser must then read."""
@@ -846,6 +904,12 @@ def test_host_path_storage() -> None:
         }
         assert mounts_of(container(isvc))[mount_path]["readOnly"] is True
         assert env_values(container(isvc))[location_env(isvc)] == mount_path
+    # The schema's empty type (Kubernetes' "no check") leaves the field out.
+    host_path = {"path": "/data/e", "type": ""}
+    values = {"edit": {"storage": {"kind": "hostPath", "hostPath": host_path}}}
+    edit = one(render_values(values), "InferenceService", EDIT)
+    assert volumes_of(predictor(edit))["model"]["hostPath"] == {"path": "/data/e"}
+    assert custom_errors(edit) == []
 
 
 def test_hugging_face_storage_with_token_and_cache_claim() -> None:
@@ -872,6 +936,47 @@ def test_hugging_face_storage_with_token_and_cache_claim() -> None:
         "claimName": "hf-cache"
     }
     assert "hf-cache" not in volumes_of(predictor(edit))
+
+
+def test_a_download_to_node_disk_requests_the_room_for_it() -> None:
+    """Storage kind huggingFace without a cache claim downloads ~58 GB into the cache
+    emptyDir: the pod asks the scheduler for that disk, unless its requests name their own."""
+    for isvc in by_kind(objects("defaults"), "InferenceService").values():
+        assert container(isvc)["resources"]["requests"]["ephemeral-storage"] == "100Gi"
+    objs = objects("huggingface")
+    with_claim = [
+        isvc
+        for isvc in by_kind(objs, "InferenceService").values()
+        if "hf-cache" in volumes_of(predictor(isvc))
+    ]
+    assert with_claim
+    for isvc in with_claim:
+        assert "ephemeral-storage" not in container(isvc)["resources"]["requests"]
+    own = {"predictor": {"resources": {"requests": {"ephemeral-storage": "150Gi"}}}}
+    for isvc in by_kind(render_values(own), "InferenceService").values():
+        assert container(isvc)["resources"]["requests"]["ephemeral-storage"] == "150Gi"
+
+
+def test_the_adapter_serves_a_predictor_that_runs_elsewhere() -> None:
+    """adapter.predictorUrls serves a model whose InferenceService the chart does not deploy;
+    the helm test expects it too."""
+    remote = "http://qwen-image-edit-predictor.shared-gpus.svc.cluster.local"
+    values = {
+        "edit": {"enabled": False, "modelAliases": ["dall-e-2"]},
+        "adapter": {"predictorUrls": {"edit": remote}},
+    }
+    objs = render_values(values)
+    assert list(by_kind(objs, "InferenceService")) == [GENERATION]
+    settings = adapter_settings(objs)
+    assert settings.edit_url == remote
+    assert settings.models == ["qwen-image", "qwen-image-edit"]
+    assert settings.aliases("qwen-image-edit") == ["dall-e-2"]
+    (test_pod,) = by_kind(objs, "Pod").values()
+    assert env_values(test_pod["spec"]["containers"][0])["EXPECTED_MODELS"] == (
+        '["qwen-image","qwen-image-edit"]'
+    )
+    off = adapter_settings(render_values({"edit": {"enabled": False}}))
+    assert off.models == ["qwen-image"]
 
 
 def test_tiny_storage_runs_without_gpu_or_weights() -> None:
@@ -1208,6 +1313,14 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "an origin with a path": (
         {"adapter": {"corsOrigins": ["https://app.example.com/"]}},
         "/adapter/corsOrigins/0",
+    ),
+    "a chart label in commonLabels": (
+        {"commonLabels": {"app.kubernetes.io/instance": "other"}},
+        "invalid propertyName 'app.kubernetes.io/instance'",
+    ),
+    "a selector label in the adapter's pod labels": (
+        {"adapter": {"podLabels": {"app.kubernetes.io/component": "api"}}},
+        "invalid propertyName 'app.kubernetes.io/component'",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},

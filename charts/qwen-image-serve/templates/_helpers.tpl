@@ -6,8 +6,8 @@ Chart name, overridable with nameOverride.
 {{- end }}
 
 {{/*
-Prefix of every object name. Kept to 40 characters: KServe appends "-predictor" and the
-component suffix to it, and the result must stay a DNS label.
+Prefix of every object name, at most 40 characters (the InferenceServices' names are cut
+further: see isvcName).
 */}}
 {{- define "qwen-image-serve.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -42,8 +42,17 @@ Recommended labels of every object.
 */}}
 {{- define "qwen-image-serve.labels" -}}
 helm.sh/chart: {{ include "qwen-image-serve.chart" . }}
-{{ include "qwen-image-serve.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{ include "qwen-image-serve.releaseLabels" . }}
+{{- end }}
+
+{{/*
+The labels that do not change from one chart version to the next. The InferenceServices carry
+only these: KServe copies them onto the predictor pods, and a changed pod label restarts a
+predictor (minutes of loading weights, and a spare GPU for the rollout).
+*/}}
+{{- define "qwen-image-serve.releaseLabels" -}}
+{{ include "qwen-image-serve.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: qwen-image-serve
 {{- with .Values.commonLabels }}
@@ -115,6 +124,20 @@ The predictor components the release deploys, in a fixed order.
 {{- end }}
 
 {{/*
+The models the adapter serves, in a fixed order: each enabled component, and each component
+whose predictor runs elsewhere (adapter.predictorUrls names it).
+*/}}
+{{- define "qwen-image-serve.servedComponents" -}}
+{{- $served := list }}
+{{- range $component := list "generation" "edit" }}
+{{- if or (index $.Values $component).enabled (index $.Values.adapter.predictorUrls $component) }}
+{{- $served = append $served $component }}
+{{- end }}
+{{- end }}
+{{- join " " $served }}
+{{- end }}
+
+{{/*
 A predictor's settings as YAML: `predictor`, then each top-level key of the component's
 `overrides` replacing the shared one whole. Call with (dict "root" $ "component" "edit")
 and read it back with fromYaml.
@@ -156,10 +179,13 @@ Call with (dict "root" $ "component" "edit").
 
 {{/*
 Name of a predictor's InferenceService; call with (dict "root" $ "component" "generation").
+At most 48 characters: KServe labels its pods app=isvc.<name>-predictor, and a label value
+is at most 63.
 */}}
 {{- define "qwen-image-serve.isvcName" -}}
 {{- $spec := index .root.Values .component }}
-{{- default (printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component) $spec.name }}
+{{- $default := printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component | trunc 48 | trimSuffix "-" }}
+{{- default $default $spec.name }}
 {{- end }}
 
 {{/*
