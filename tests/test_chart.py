@@ -740,6 +740,14 @@ def test_the_edit_predictor_takes_its_input_image_limit() -> None:
                 assert "QWEN_MAX_INPUT_IMAGES" not in env_of(container(isvc))
 
 
+def test_a_predictor_may_admit_no_waiting_request() -> None:
+    """settings.maxQueueSize 0 (only the running batch) is the predictor's own choice too."""
+    values = {"predictor": {"settings": {"maxQueueSize": 0}}}
+    chart().validate_schema(values)
+    for isvc in by_kind(render_values(values), "InferenceService").values():
+        assert predictor_options(isvc).max_queue_size == 0
+
+
 def test_model_aliases_reach_the_adapter() -> None:
     settings = adapter_settings(objects("ingress-httproute"))
     assert settings.aliases(settings.generation_model) == ["gpt-image-1", "dall-e-3"]
