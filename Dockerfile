@@ -73,19 +73,21 @@ COPY openai_adapter ./openai_adapter
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
-# predictor-build: torch first (the largest and most stable layer), then the other
-# dependencies, then the project wheel.
+# predictor-build: torch first (the largest and most stable layer), pinned by its own part of
+# the lock (requirements/predictor-torch.txt) so that a change to another pin leaves it
+# cached, then the other dependencies, then the project wheel.
 FROM base AS predictor-build
 ARG TORCH_INDEX_URL=""
 COPY --from=requirements /src/requirements-torch.txt /src/requirements-predictor.txt /tmp/
-COPY requirements/predictor.txt /tmp/constraints.txt
+COPY requirements/predictor-torch.txt /tmp/torch-constraints.txt
 RUN python -m venv /opt/venv \
     && if [ -n "${TORCH_INDEX_URL}" ]; then \
          pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
-           -c /tmp/constraints.txt -r /tmp/requirements-torch.txt; \
+           -c /tmp/torch-constraints.txt -r /tmp/requirements-torch.txt; \
        else \
-         pip install -c /tmp/constraints.txt -r /tmp/requirements-torch.txt; \
+         pip install -c /tmp/torch-constraints.txt -r /tmp/requirements-torch.txt; \
        fi
+COPY requirements/predictor.txt /tmp/constraints.txt
 RUN pip install -c /tmp/constraints.txt -r /tmp/requirements-predictor.txt
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-deps /wheels/*.whl

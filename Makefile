@@ -39,7 +39,9 @@ test: lint
 
 # Every dependency of each image, pinned: the adapter's (no extras) and the predictor's
 # (predictor and fp8 extras, torch at the version CI tests). The Dockerfile installs with
-# these as constraints.
+# these as constraints; predictor-torch.txt is the part of predictor.txt that torch needs,
+# for the image's torch layer alone (a change to another pin leaves that layer cached).
 lock: install
 	$(LOCK) --output-file requirements/adapter.txt
 	echo "$(TORCH)" | $(LOCK) - --extra predictor --extra fp8 --output-file requirements/predictor.txt
+	echo "$(TORCH)" | $(LOCK) - -c requirements/predictor.txt --output-file requirements/predictor-torch.txt

@@ -228,15 +228,42 @@ def test_each_image_dependency_is_pinned_within_pyprojects_range(image, extras) 
 
 
 def test_images_install_with_their_lock_as_constraints() -> None:
+    """Every install is pinned: torch by its part of the predictor's lock, the rest by the
+    whole lock, copied only after torch's layer so that another pin leaves it cached."""
     found = stages()
     for image in ("predictor", "adapter"):
         steps = found[f"{image}-build"].instructions
-        assert ("COPY", f"requirements/{image}.txt /tmp/constraints.txt") in steps
-        installs = [arguments for keyword, arguments in steps if " -r " in arguments]
+        copy_lock = ("COPY", f"requirements/{image}.txt /tmp/constraints.txt")
+        assert copy_lock in steps
+        installs = [
+            (index, arguments) for index, (_, arguments) in enumerate(steps) if " -r " in arguments
+        ]
         assert installs, image
-        for install in installs:
+        for index, install in installs:
             for command in re.findall(r"pip install[^;&]*", install):
-                assert "-c /tmp/constraints.txt" in command, f"{image}-build: {command}"
+                if "requirements-torch.txt" in command:
+                    assert "-c /tmp/torch-constraints.txt" in command, command
+                    assert index < steps.index(copy_lock), "torch's layer before the whole lock"
+                else:
+                    assert "-c /tmp/constraints.txt" in command, f"{image}-build: {command}"
+    torch_lock = ("COPY", "requirements/predictor-torch.txt /tmp/torch-constraints.txt")
+    assert torch_lock in found["predictor-build"].instructions
+
+
+def test_torchs_lock_is_the_part_of_the_predictors_lock_that_torch_needs() -> None:
+    """requirements/predictor-torch.txt pins torch and its dependencies at the versions of
+    requirements/predictor.txt (both written by `make lock`)."""
+    torch_pins = locked_versions("predictor-torch")
+    predictor_pins = locked_versions("predictor")
+    assert torch_pins["torch"] == predictor_pins["torch"]
+    assert {"triton", "nvidia-cudnn-cu13", "sympy"} <= set(torch_pins)
+    assert not {"diffusers", "kserve", "transformers", "torchao"} & set(torch_pins)
+    mismatched = {
+        name: (version, predictor_pins.get(name))
+        for name, version in torch_pins.items()
+        if predictor_pins.get(name) != version
+    }
+    assert mismatched == {}, "run make lock"
 
 
 def test_no_secrets_baked_in() -> None:
