@@ -20,13 +20,17 @@ from openai_adapter.middleware import (
     BodySizeLimitMiddleware,
 )
 from openai_adapter.predictor_client import PredictorClient
-from openai_adapter.routes import edit_body_schemas, health, metrics, v1
+from openai_adapter.routes import GENERATIONS_PATH, body_schemas, health, metrics, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
 from predictors.disconnect import CancelOnDisconnect
 
 # Room beside the largest upload for the other fields of an edit.
 FORM_OVERHEAD_BYTES = 1024 * 1024
+# The largest generation body: text fields only. Both prompts at their longest (32000
+# characters each) fit even with every character a JSON-escaped surrogate pair (12 bytes,
+# 768000 bytes in all), and a client cannot make the adapter hold the edits' megabytes.
+GENERATION_MAX_BODY_BYTES = 1024 * 1024
 
 
 def max_body_bytes(max_upload_bytes: int) -> int:
@@ -75,7 +79,11 @@ def create_app(
     # the request id (with its access log line and metrics) wraps the rest, and CORS headers
     # reach every answer, the size check's 413 included, except an unexpected 500 (Starlette
     # answers those outside every middleware).
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes(settings.max_upload_bytes))
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=max_body_bytes(settings.max_upload_bytes),
+        path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -89,7 +97,7 @@ def create_app(
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema without its 422 answers, which this app never gives, and with the
-        edit bodies' schemas."""
+        bodies' schemas, which the routes read themselves."""
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title,
@@ -103,7 +111,7 @@ def create_app(
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            components.update(edit_body_schemas())
+            components.update(body_schemas())
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -37,6 +37,9 @@ INFERENCE_ERROR = "inference_error"
 INTERNAL_ERROR = "internal_error"
 NOT_READY = "not_ready"
 
+# What a body that is JSON but not an object, or not sent as JSON, is told.
+NOT_A_JSON_OBJECT = "The request body must be a JSON object, sent as 'application/json'"
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _VALIDATION_CODES = {
     "missing": MISSING_PARAMETER,
@@ -73,10 +76,10 @@ def bad_request(message: str, param: str | None, code: str = INVALID_VALUE) -> O
     return OpenAIError(400, message, param=param, code=code)
 
 
-def model_not_found(model: str) -> OpenAIError:
-    """A 404 for a model id that no enabled predictor serves."""
+def model_not_found(model: str, detail: str = "") -> OpenAIError:
+    """A 404 for a model id that no enabled predictor serves; ``detail`` ends the message."""
     return OpenAIError(
-        404, f"The model '{model}' does not exist", param="model", code=MODEL_NOT_FOUND
+        404, f"The model '{model}' does not exist{detail}", param="model", code=MODEL_NOT_FOUND
     )
 
 
@@ -92,15 +95,19 @@ def error_response(
 def _validation_info(exc: RequestValidationError) -> ErrorInfo:
     """The first validation problem as an OpenAI error, pointing at its field."""
     error = exc.errors()[0]
-    fields = [part for part in error.get("loc", ()) if isinstance(part, str) and part != "body"]
+    loc = tuple(error.get("loc", ()))
+    if loc[:1] == ("body",):  # where FastAPI's errors start; a field may be named so too
+        loc = loc[1:]
+    fields = [part for part in loc if isinstance(part, str)]
     param = fields[0] if fields else None
     code = _VALIDATION_CODES.get(error.get("type", ""), INVALID_VALUE)
     reason = str(error.get("msg", "")).removeprefix("Value error, ")
     if param is None:  # the body as a whole: missing, not JSON, or not a JSON object
+        parse_error = error.get("ctx", {}).get("error", reason)
         message = {
             MISSING_PARAMETER: "Missing request body: send a JSON object",
-            INVALID_JSON: f"The request body is not valid JSON: {reason}",
-        }.get(code, "The request body must be a JSON object, sent as 'application/json'")
+            INVALID_JSON: f"The request body is not valid JSON (UTF-8): {parse_error}",
+        }.get(code, NOT_A_JSON_OBJECT)
         return ErrorInfo(message=message, type=INVALID_REQUEST, code=INVALID_JSON)
     if code == UNKNOWN_PARAMETER:
         message = f"Unrecognized request argument supplied: {param}"

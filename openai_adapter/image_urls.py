@@ -35,15 +35,16 @@ def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
 
 class ImageUrlReader:
     """Reads an image's ``image_url``. A data URL is decoded. An http(s) URL is fetched only
-    when its host is in ``Settings.image_url_hosts``, following no redirects, and in at most
-    ``Settings.image_url_timeout_seconds`` in all: left open, clients could make the adapter
-    reach whatever the cluster can reach."""
+    when its host is in ``Settings.image_url_hosts``, following no redirects, and by a
+    deadline: left open, clients could make the adapter reach whatever the cluster can
+    reach. The fetches go through the proxy that ``HTTP(S)_PROXY`` names, if any."""
 
     def __init__(self, settings: Settings):
         self._hosts = settings.image_url_hosts
         self._timeout = settings.image_url_timeout_seconds
         # No timeouts of its own (``read`` bounds a whole fetch) and no pool limit: each edit
         # fetches one image at a time, so the adapter's own requests bound the connections.
+        # The environment's proxy settings apply (httpx's trust_env).
         self._http = httpx.AsyncClient(
             timeout=None,
             follow_redirects=False,
@@ -55,9 +56,16 @@ class ImageUrlReader:
         """Close the fetching connections."""
         await self._http.aclose()
 
-    async def read(self, url: str, max_bytes: int) -> bytes:
-        """The image's bytes, at most ``max_bytes`` of a fetched one. Raises ImageUrlRefused
-        or ImageUrlUnreadable, whose message completes "<the image>'s image_url ..."."""
+    def deadline(self) -> float:
+        """When the image URLs of a request that starts reading them now must all be
+        fetched (event loop time): ``Settings.image_url_timeout_seconds`` bounds them
+        together, however many there are."""
+        return asyncio.get_running_loop().time() + self._timeout
+
+    async def read(self, url: str, max_bytes: int, deadline: float) -> bytes:
+        """The image's bytes, at most ``max_bytes`` of one fetched by ``deadline``
+        (``deadline()``). Raises ImageUrlRefused or ImageUrlUnreadable, whose message
+        completes "<the image>'s image_url ..."."""
         scheme = url.partition(":")[0].lower()
         if scheme == "data":
             try:
@@ -79,10 +87,14 @@ class ImageUrlReader:
                 f"is on {host!r}, a host that this server does not fetch images from: "
                 f"{DATA_URL_HINT}"
             )
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            return await asyncio.wait_for(self._fetch(url, max_bytes), self._timeout)
+            return await asyncio.wait_for(self._fetch(url, max_bytes), remaining)
         except asyncio.TimeoutError:
-            raise ImageUrlUnreadable(f"could not be fetched within {self._timeout:g} s") from None
+            raise ImageUrlUnreadable(
+                f"could not be fetched within {self._timeout:g} s, the time for all of a "
+                "request's image URLs"
+            ) from None
 
     async def _fetch(self, url: str, max_bytes: int) -> bytes:
         try:

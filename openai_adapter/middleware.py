@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -25,6 +26,13 @@ _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def loggable_path(scope: Scope) -> str:
+    """The request's path as the client sent it, percent-escapes kept, with any other
+    control or non-ASCII byte (and backslash) escaped: it cannot forge or break log lines."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    return raw.decode("latin-1").encode("unicode_escape").decode("ascii")
 
 
 def request_id_of(request: Request) -> str:
@@ -73,7 +81,7 @@ class AccessMiddleware:
                 "request_id=%s %s %s %d %.1fms",
                 request_id,
                 scope["method"],
-                scope["path"],
+                loggable_path(scope),
                 status,
                 seconds * 1000,
             )
@@ -84,16 +92,19 @@ class RequestTooLarge(Exception):
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413 before they are received: at once when
-    ``Content-Length`` says so, else (chunked uploads) as soon as the bytes pass the limit."""
+    """Refuse bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed
+    there, with 413 before they are received: at once when ``Content-Length`` says so, else
+    (chunked uploads) as soon as the bytes pass the limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: Mapping[str, int]):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits)
 
-    def too_large(self) -> JSONResponse:
+    @staticmethod
+    def too_large(max_bytes: int) -> JSONResponse:
         info = ErrorInfo(
-            message=f"The request body is larger than {self.max_bytes} bytes",
+            message=f"The request body is larger than {max_bytes} bytes",
             type="invalid_request_error",
             param=None,
             code="request_too_large",
@@ -104,9 +115,10 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await self.too_large()(scope, receive, send)
+        if length.isdigit() and int(length) > max_bytes:
+            await self.too_large(max_bytes)(scope, receive, send)
             return
         received = 0
         exceeded = False
@@ -115,7 +127,7 @@ class BodySizeLimitMiddleware:
             nonlocal received, exceeded
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > max_bytes:
                 exceeded = True
                 raise RequestTooLarge
             return message
@@ -127,4 +139,4 @@ class BodySizeLimitMiddleware:
         with contextlib.suppress(RequestTooLarge):  # unless the app turned it into an answer
             await self.app(scope, counting_receive, send_unless_exceeded)
         if exceeded:
-            await self.too_large()(scope, receive, send)
+            await self.too_large(max_bytes)(scope, receive, send)

@@ -1,5 +1,7 @@
 """KServe v2 REST calls to the predictors: inference over one pooled ``httpx.AsyncClient`` per
-predictor, readiness checks over a small one of their own."""
+predictor, readiness checks over a small one of their own. They ignore the environment's
+proxy settings (``trust_env=False``): ``HTTP(S)_PROXY`` is for image URL fetches, and the
+predictors are reached directly."""
 
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class PredictorClient:
         # connection do not make a ready predictor look unreachable.
         self._ready_http = httpx.AsyncClient(
             transport=transport,
+            trust_env=False,
             timeout=settings.ready_timeout_seconds,
             limits=httpx.Limits(max_connections=_READY_CONNECTIONS),
         )
@@ -172,6 +175,7 @@ def _inference_client(
     """The pooled client of one predictor's inference calls."""
     return httpx.AsyncClient(
         transport=transport,
+        trust_env=False,
         # A request that finds every connection busy waits no longer for one than for a
         # connection to open: it is shed with a 503 and Retry-After, as a full predictor
         # queue sheds it, rather than queued here for minutes.

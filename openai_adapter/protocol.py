@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from predictors.contract import MAX_PROMPT_CHARACTERS, SIZE_MULTIPLE
+from predictors.contract import MAX_PROMPT_CHARACTERS, MAX_SEED, SIZE_MULTIPLE
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
@@ -88,8 +88,15 @@ class ImageRequest(BaseModel):
         None, max_length=MAX_PROMPT_CHARACTERS, description="What to steer away from."
     )
     num_inference_steps: int | None = Field(None, description="Denoising steps.")
-    true_cfg_scale: float | None = Field(None, description="Classifier-free guidance scale.")
-    seed: int | None = Field(None, description="Seed of the first image; image i uses seed + i.")
+    true_cfg_scale: float | None = Field(
+        None, allow_inf_nan=False, description="Classifier-free guidance scale."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed + i.",
+    )
 
     @field_validator("size")
     @classmethod

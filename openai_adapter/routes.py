@@ -13,8 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openai_adapter.errors import INVALID_API_KEY, NOT_MULTIPART, NOT_READY, OpenAIError
+from openai_adapter.errors import (
+    INVALID_API_KEY,
+    INVALID_JSON,
+    NOT_A_JSON_OBJECT,
+    NOT_MULTIPART,
+    NOT_READY,
+    OpenAIError,
+)
 from openai_adapter.middleware import request_id_of
 from openai_adapter.protocol import (
     ErrorResponse,
@@ -84,33 +92,49 @@ def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) ->
     return Response(events, media_type="text/event-stream")
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
-
-
-@v1.post("/images/generations", response_model=ImagesResponse, tags=["images"])
-async def create_image(
-    body: ImageGenerationRequest, request: Request, service: Service
-) -> Response:
-    """Create images from a prompt (OpenAI ``images.generate``)."""
-    response = await service.generate(body, request_id_of(request))
-    return _answer(response, body, "image_generation.completed")
-
+_V1 = "/v1"
+_GENERATIONS = "/images/generations"
+# The generation route's full path, which has a body size limit of its own.
+GENERATIONS_PATH = _V1 + _GENERATIONS
+v1 = APIRouter(prefix=_V1, dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 _JSON = "application/json"
 _COMPONENT = "#/components/schemas/{model}"
-_EDIT_BODIES = {"multipart/form-data": ImageEditRequest, _JSON: ImageEditJsonRequest}
+_GENERATION_BODIES: dict[str, type[BaseModel]] = {_JSON: ImageGenerationRequest}
+_EDIT_BODIES: dict[str, type[BaseModel]] = {
+    "multipart/form-data": ImageEditRequest,
+    _JSON: ImageEditJsonRequest,
+}
 
 
-def edit_body_schemas() -> dict[str, Any]:
-    """The OpenAPI component schemas of the edit route's two bodies, which FastAPI does not
-    document for it: the route reads its body itself."""
+def body_schemas() -> dict[str, Any]:
+    """The OpenAPI component schemas of the image routes' bodies, which FastAPI does not
+    document: the routes read their bodies themselves, once the API key is checked."""
     schemas: dict[str, Any] = {}
-    for model in _EDIT_BODIES.values():
+    for model in (*_GENERATION_BODIES.values(), *_EDIT_BODIES.values()):
         schema = model.model_json_schema(ref_template=_COMPONENT)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     return schemas
+
+
+def _documented_body(bodies: dict[str, type[BaseModel]]) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads ``bodies`` (media type -> model) itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                media_type: {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}
+                for media_type, model in bodies.items()
+            },
+        }
+    }
+
+
+def _media_type(request: Request) -> str:
+    """The request's media type, in lower case and without its parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _json_body(model: type[_Body], body: bytes) -> _Body:
@@ -152,10 +176,39 @@ def _is_blank(value: str | StarletteUploadFile) -> bool:
     return value.filename == "" and value.size == 0
 
 
+async def generation_request(request: Request) -> ImageGenerationRequest:
+    """The generation's JSON body, read as FastAPI reads one (a body with no content type
+    counts as JSON), but only once the router's API key check has passed."""
+    body = await request.body()
+    media_type = _media_type(request)
+    is_json = media_type in ("", _JSON) or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+    if body and not is_json:
+        raise OpenAIError(400, NOT_A_JSON_OBJECT, code=INVALID_JSON)
+    return _json_body(ImageGenerationRequest, body)
+
+
+@v1.post(
+    _GENERATIONS,
+    response_model=ImagesResponse,
+    tags=["images"],
+    openapi_extra=_documented_body(_GENERATION_BODIES),
+)
+async def create_image(
+    body: Annotated[ImageGenerationRequest, Depends(generation_request)],
+    request: Request,
+    service: Service,
+) -> Response:
+    """Create images from a prompt (OpenAI ``images.generate``)."""
+    response = await service.generate(body, request_id_of(request))
+    return _answer(response, body, "image_generation.completed")
+
+
 async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | ImageEditJsonRequest]:
     """The edit in either of OpenAI's bodies: a multipart form with the images as files, as
     the openai SDK sends it, or a JSON object with the images by URL."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = _media_type(request)
     if media_type == _JSON:
         yield _json_body(ImageEditJsonRequest, await request.body())
         return
@@ -166,7 +219,12 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
             "body ('application/json') with the images' URLs in 'images'",
             code=NOT_MULTIPART,
         )
-    form = await request.form()
+    try:
+        form = await request.form()
+    except StarletteHTTPException as unreadable:  # Starlette's 400 for a malformed form
+        raise OpenAIError(
+            400, f"The {media_type} body cannot be read: {unreadable.detail}", code=NOT_MULTIPART
+        ) from None
     try:
         yield _form_body(ImageEditRequest, form, ImageEditRequest.LIST_FIELDS)
     finally:
@@ -177,15 +235,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
     "/images/edits",
     response_model=ImagesResponse,
     tags=["images"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                media_type: {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}
-                for media_type, model in _EDIT_BODIES.items()
-            },
-        }
-    },
+    openapi_extra=_documented_body(_EDIT_BODIES),
 )
 async def create_image_edit(
     edit: Annotated[ImageEditRequest | ImageEditJsonRequest, Depends(edit_request)],

@@ -43,6 +43,7 @@ from openai_adapter.protocol import (
 from openai_adapter.settings import Settings
 from predictors.contract import (
     HEIGHT,
+    IMAGE,
     NUM_IMAGES,
     NUM_INFERENCE_STEPS,
     WIDTH,
@@ -96,7 +97,7 @@ class ImageService:
         model = self._resolve_model(request.model, self._settings.edit_model)
         _reject_unsupported(request)  # before any image URL is fetched
         images, mask = await self._read_edit_inputs(request)
-        return await self._run(model, request, request_id, images, mask)
+        return await self._run(model, request, request_id, images, mask, request.IMAGES_PARAM)
 
     def _served_as(self, name: str) -> str | None:
         """The enabled model that ``name`` is the id or an alias of; None if none."""
@@ -108,6 +109,15 @@ class ImageService:
     def _resolve_model(self, requested: str | None, endpoint_model: str) -> str:
         """The model to call: the endpoint's own, which ``requested`` may only name (by its
         id or one of its aliases)."""
+        if not self._settings.predictor_url(endpoint_model):
+            # Switched off: nothing serves this endpoint, whatever the request names.
+            name = requested or endpoint_model
+            detail = (
+                ""
+                if name == endpoint_model
+                else f" for this endpoint, whose model '{endpoint_model}' is switched off"
+            )
+            raise model_not_found(name, detail)
         if requested is None or requested in self._settings.aliases(endpoint_model):
             requested = endpoint_model
         served = self._served_as(requested)
@@ -124,8 +134,9 @@ class ImageService:
         self, request: ImageEditRequest | ImageEditJsonRequest
     ) -> tuple[list[bytes], bytes | None]:
         """The edit's images in order and its mask, if any: each a PNG, JPEG or WebP file, all
-        together within the upload limit. How many images the model edits from, and whether
-        the mask fits its image, are the predictor's to say."""
+        together within the upload limit, and the image URLs among them fetched one after
+        another within one time limit for all. How many images the model edits from, and
+        whether the mask fits its image, are the predictor's to say."""
         images_param = request.IMAGES_PARAM
         sources = request.images
         if not sources:
@@ -150,9 +161,10 @@ class ImageService:
             together = "The image files and the mask together are"
         limit = self._settings.max_upload_bytes
         room = limit
+        deadline = self._image_urls.deadline()
         read: list[bytes] = []
         for param, name, source in inputs:
-            data = await self._read_input(source, room + 1, param, name)
+            data = await self._read_input(source, room + 1, deadline, param, name)
             if len(data) > room:
                 what = "The image is" if len(inputs) == 1 else together
                 raise bad_request(f"{what} larger than {limit} bytes", param, IMAGE_TOO_LARGE)
@@ -167,10 +179,16 @@ class ImageService:
         return read, None
 
     async def _read_input(
-        self, source: UploadFile | ImageReference, max_bytes: int, param: str, name: str
+        self,
+        source: UploadFile | ImageReference,
+        max_bytes: int,
+        deadline: float,
+        param: str,
+        name: str,
     ) -> bytes:
         """The bytes of an edit's input, at most ``max_bytes`` of an upload or a fetched URL:
-        an uploaded file's, or those of a JSON edit's ``image_url``."""
+        an uploaded file's, or those of a JSON edit's ``image_url``, fetched by ``deadline``
+        (``ImageUrlReader.deadline``)."""
         if not isinstance(source, ImageReference):
             return await source.read(max_bytes)
         if source.image_url is None:
@@ -181,7 +199,7 @@ class ImageService:
                 UNSUPPORTED_VALUE,
             )
         try:
-            return await self._image_urls.read(source.image_url, max_bytes)
+            return await self._image_urls.read(source.image_url, max_bytes, deadline)
         except ImageUrlRefused as refused:
             raise bad_request(f"{name}'s image_url {refused}", param, UNSUPPORTED_VALUE) from None
         except ImageUrlUnreadable as unreadable:
@@ -194,8 +212,10 @@ class ImageService:
         request_id: str,
         images: Sequence[bytes] = (),
         mask: bytes | None = None,
+        images_param: str = IMAGE,
     ) -> ImagesResponse:
-        """Call the predictor with the request's fields and answer in OpenAI's shape."""
+        """Call the predictor with the request's fields and answer in OpenAI's shape;
+        ``images_param`` is the client's field that carried the images."""
         size = request.size_pixels or (None, None)
         quality_steps = self._settings.quality_table(model).get(request.quality or "auto")
         width = _first(request.width, size[0])
@@ -203,6 +223,7 @@ class ImageService:
         steps = _first(request.num_inference_steps, quality_steps)
         # Where each contract field came from, so that a predictor's 400 names the client's field.
         param_names = {
+            IMAGE: images_param,
             NUM_IMAGES: "n",
             WIDTH: "size" if request.width is None and size[0] is not None else WIDTH,
             HEIGHT: "size" if request.height is None and size[1] is not None else HEIGHT,

@@ -82,7 +82,10 @@ class Settings(BaseSettings):
         "fetches them (JSON list). Empty: images come as data URLs or files only.",
     )
     image_url_timeout_seconds: float = Field(
-        10.0, gt=0, description="Longest time to fetch an image URL, all of it (then 400)."
+        10.0,
+        gt=0,
+        description="Longest time to fetch all the image URLs of one request, one after "
+        "another (then 400).",
     )
     quality_steps: dict[str, int] = Field(
         {"low": 20, "medium": 30, "high": 50, "hd": 50, "xhigh": 75, "max": 100},

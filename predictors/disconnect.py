@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class CancelOnDisconnect:
-    """Cancel the wrapped app when the client disconnects after sending its request and
-    before any response has started; a response already under way is left to finish."""
+    """Cancel the wrapped app when the client disconnects before any response has started,
+    while its body is still arriving or after; a response already under way is left to
+    finish."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -31,9 +32,16 @@ class CancelOnDisconnect:
         client_left = False
 
         async def receive_request() -> Message:
+            nonlocal client_left
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body_received.set()
+            elif message["type"] == "http.disconnect" and not response_started:
+                # The client left while the app was reading its body: cancelled here, the
+                # app never sees the disconnect (Starlette's ClientDisconnect, an error).
+                client_left = True
+                handler.cancel()
+                await asyncio.Future()  # where the cancellation lands
             return message
 
         async def send_response(message: Message) -> None:

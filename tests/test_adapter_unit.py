@@ -9,7 +9,9 @@ import gzip
 import http.server
 import io
 import json
+import logging
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +22,20 @@ from typing import Any, get_args
 import httpx
 import openai
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from openai_adapter.app import create_app
+from openai_adapter.app import GENERATION_MAX_BODY_BYTES, create_app
 from openai_adapter.image_urls import host_allowed
 from openai_adapter.local_stack import adapter_url
 from openai_adapter.media import detect_image_format
+from openai_adapter.middleware import loggable_path
 from openai_adapter.protocol import OutputFormat
 from openai_adapter.settings import Settings
 from predictors import contract
-from tests.servers import PROJECT_ROOT
+from tests.servers import PROJECT_ROOT, free_port
 
 Handler = Callable[[httpx.Request], httpx.Response]
 RETRY_LATER = {"retry-after": "5"}
@@ -282,12 +286,52 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"background": "transparent"}, "background", "unsupported_value"),
         ({"partial_images": 4}, "partial_images", "invalid_value"),
         ({"style": "anime"}, "style", "invalid_value"),
+        ({"seed": -1}, "seed", "invalid_value"),
+        ({"seed": contract.MAX_SEED + 1}, "seed", "invalid_value"),
+        ({"seed": 2**63}, "seed", "invalid_value"),  # past an INT64
+        ({"true_cfg_scale": "NaN"}, "true_cfg_scale", "invalid_value"),
+        ({"true_cfg_scale": "inf"}, "true_cfg_scale", "invalid_value"),
     ],
 )
 def test_generation_validation_errors(client, predictor, fields, param, code):
     response = client.post("/v1/images/generations", json={"prompt": "x", **fields})
     assert_error(response, 400, code, param)
     assert not predictor.requests
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_a_cfg_scale_that_is_not_a_finite_number(client, predictor, literal):
+    """JSON's non-standard literals, which Python's and pydantic's parsers accept, are
+    refused, in a generation's body, a JSON edit's and a form."""
+    body = b'{"prompt": "x", "true_cfg_scale": %s}' % literal
+    headers = {"content-type": "application/json"}
+    response = client.post("/v1/images/generations", content=body, headers=headers)
+    assert_error(response, 400, "invalid_value", "true_cfg_scale")
+    images = json.dumps([{"image_url": data_url(encode())}]).encode()
+    body = b'{"prompt": "x", "images": %s, "true_cfg_scale": %s}' % (images, literal)
+    response = client.post("/v1/images/edits", content=body, headers=headers)
+    assert_error(response, 400, "invalid_value", "true_cfg_scale")
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "x", "true_cfg_scale": literal.decode()},
+        files={"image": ("a.png", encode(), "image/png")},
+    )
+    assert_error(response, 400, "invalid_value", "true_cfg_scale")
+    assert not predictor.requests
+
+
+def test_the_largest_seed_is_the_contracts(client, predictor):
+    """A seed up to ``contract.MAX_SEED`` reaches the predictor, whose INT64 seeds of
+    ``seed + i`` it keeps in range; one past it is refused in a form too."""
+    fields = {"prompt": "x", "seed": contract.MAX_SEED}
+    assert client.post("/v1/images/generations", json=fields).is_success
+    assert predictor.last_body["parameters"][contract.SEED] == contract.MAX_SEED
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "x", "seed": str(contract.MAX_SEED + 1)},
+        files={"image": ("a.png", encode(), "image/png")},
+    )
+    assert_error(response, 400, "invalid_value", "seed")
 
 
 def test_a_stream_sends_one_completed_event_per_image(client, predictor):
@@ -356,6 +400,39 @@ def test_an_edit_that_is_neither_a_form_nor_json(client, predictor):
 
 
 @pytest.mark.parametrize(
+    ("path", "content", "content_type", "code", "message"),
+    [
+        (
+            "/v1/images/generations",
+            b'{"prompt": "caf\xe9"}',  # Latin-1
+            "application/json",
+            "invalid_json",
+            "The request body is not valid JSON (UTF-8): invalid unicode code point",
+        ),
+        (
+            "/v1/images/edits",
+            b"prompt=x",
+            "multipart/form-data",
+            "invalid_content_type",
+            "The multipart/form-data body cannot be read: Missing boundary in multipart.",
+        ),
+        (
+            "/v1/images/edits",
+            b"garbage\r\n--x--",
+            "multipart/form-data; boundary=x",
+            "invalid_content_type",
+            "The multipart/form-data body cannot be read: Invalid multipart data.",
+        ),
+    ],
+    ids=["json-not-utf-8", "multipart-without-boundary", "multipart-garbage"],
+)
+def test_a_malformed_body_has_a_code(client, predictor, path, content, content_type, code, message):
+    response = client.post(path, content=content, headers={"content-type": content_type})
+    assert assert_error(response, 400, code, None)["message"].startswith(message)
+    assert not predictor.requests
+
+
+@pytest.mark.parametrize(
     ("content", "content_type", "message"),
     [
         (b"", None, "Missing request body"),
@@ -371,6 +448,20 @@ def test_a_body_that_is_not_a_json_object(client, predictor, content, content_ty
     assert not predictor.requests
 
 
+def test_a_field_named_body_is_an_unknown_field(client, predictor):
+    """Only the location's leading "body" (FastAPI's) is dropped, not a client's field."""
+    response = client.post("/v1/images/generations", json={"prompt": "x", "body": 1})
+    error = assert_error(response, 400, "unknown_parameter", "body")
+    assert error["message"] == "Unrecognized request argument supplied: body"
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "x", "body": "1"},
+        files={"image": ("a.png", encode(), "image/png")},
+    )
+    assert_error(response, 400, "unknown_parameter", "body")
+    assert not predictor.requests
+
+
 @pytest.mark.parametrize(
     ("predictor_message", "fields", "param", "message_start"),
     [
@@ -379,7 +470,12 @@ def test_a_body_that_is_not_a_json_object(client, predictor, content, content_ty
         ("'width' must be between 256 and 2048, got 4096", {"width": 4096}, "width", "'width'"),
         ("'width' is required when the other side is given", {"height": 64}, "width", "'width'"),
         ("'num_inference_steps' must be ...", {"quality": "max"}, "quality", "'quality'"),
-        ("'seed' must be between 0 and 9, got -1", {"seed": -1}, "seed", "'seed'"),
+        (
+            "'true_cfg_scale' must be at most 20.0",
+            {"true_cfg_scale": 50},
+            "true_cfg_scale",
+            "'true",
+        ),
         ("something odd", {}, None, "something odd"),
     ],
 )
@@ -390,6 +486,22 @@ def test_predictor_400_names_the_clients_field(
     response = client.post("/v1/images/generations", json={"prompt": "x", **fields})
     error = assert_error(response, 400, "invalid_value", param)
     assert error["message"].startswith(message_start)
+
+
+def test_a_predictor_refusing_the_images_names_the_edits_field(client, predictor):
+    """The v2 ``image`` input is the form's ``image`` and a JSON edit's ``images``."""
+    refusal = "'image' holds 2 images; this deployment edits from at most 1"
+    predictor.handler = lambda request: httpx.Response(400, json={"error": refusal})
+    images = [{"image_url": data_url(encode())}] * 2
+    response = client.post("/v1/images/edits", json={"prompt": "x", "images": images})
+    error = assert_error(response, 400, "invalid_value", "images")
+    assert error["message"] == "'images' holds 2 images; this deployment edits from at most 1"
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "x"},
+        files=[("image[]", ("a.png", encode(), "image/png"))] * 2,
+    )
+    assert assert_error(response, 400, "invalid_value", "image")["message"] == refusal
 
 
 @pytest.mark.parametrize(
@@ -488,6 +600,25 @@ def test_model_aliases(make_client, predictor):
     assert_error(switched_off.get("/v1/models/dall-e-2"), 404, "model_not_found", "model")
     with pytest.raises(ValueError, match="the alias 'qwen-image-edit' is a model's id"):
         Settings(generation_model_aliases=["qwen-image-edit"])
+
+
+def test_an_alias_of_both_models_with_the_edit_model_switched_off(make_client, predictor):
+    """Edits have no model to run: whatever the request names, it is not found."""
+    client = make_client(
+        edit_url="", generation_model_aliases=["gpt-image-1"], edit_model_aliases=["gpt-image-1"]
+    )
+    files = {"image": ("a.png", encode(), "image/png")}
+    for model in ("gpt-image-1", "qwen-image"):
+        response = client.post(
+            "/v1/images/edits", data={"prompt": "x", "model": model}, files=files
+        )
+        error = assert_error(response, 404, "model_not_found", "model")
+        assert error["message"] == (
+            f"The model '{model}' does not exist for this endpoint, whose model "
+            "'qwen-image-edit' is switched off"
+        )
+    response = client.post("/v1/images/generations", json={"prompt": "x", "model": "gpt-image-1"})
+    assert response.status_code == 200, response.text
 
 
 def test_edit_sends_the_image(client: TestClient, predictor: FakePredictor):
@@ -738,9 +869,9 @@ def test_json_edit_errors(make_client, predictor, fields, param, code, message):
 
 
 class ImageHost(http.server.BaseHTTPRequestHandler):
-    """A web server's answers to image fetches: a PNG, a large file, a redirect, an answer
-    that starts late, one that trickles in, a gzip-encoded one, 404 for anything else. It
-    records the paths asked for in ``asked``."""
+    """A web server's answers to image fetches: a PNG, a large file, a redirect, answers
+    that start late (2 s) and a little late (0.4 s), one that trickles in, a gzip-encoded
+    one, 404 for anything else. It records the paths asked for in ``asked``."""
 
     PNG = encode((96, 64))
     asked: list[str] = []
@@ -754,9 +885,12 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/late.png":
             time.sleep(2)
+        if self.path == "/slow.png":
+            time.sleep(0.4)
         body = {
             "/cat.png": self.PNG,
             "/late.png": self.PNG,
+            "/slow.png": self.PNG,
             "/trickle.png": self.PNG[:10],
             "/gzip.png": gzip.compress(self.PNG),
             "/big.png": b"\x89PNG\r\n\x1a\n" + bytes(200_000),
@@ -779,15 +913,24 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The base URL of a loopback web server answering with ``handler``, in a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def image_host() -> Iterator[str]:
     """The base URL of a loopback web server serving ``ImageHost``'s answers."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
+    with http_server(ImageHost) as url:
+        yield url
 
 
 def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_host):
@@ -806,14 +949,17 @@ def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_ho
     assert sent_images(predictor) == {contract.IMAGE: [png, mask], contract.MASK: [png]}
 
 
+FOR_ALL = ", the time for all of a request's image URLs"
+
+
 @pytest.mark.parametrize(
     ("path", "code", "message"),
     [
         ("/missing.png", "invalid_value", "could not be fetched: HTTP 404"),
         ("/moved", "invalid_value", "could not be fetched: HTTP 302 (redirects are not followed)"),
         ("/big.png", "image_too_large", "The image is larger than 50000 bytes"),
-        ("/late.png", "invalid_value", "could not be fetched within 0.5 s"),
-        ("/trickle.png", "invalid_value", "could not be fetched within 0.5 s"),
+        ("/late.png", "invalid_value", f"could not be fetched within 0.5 s{FOR_ALL}"),
+        ("/trickle.png", "invalid_value", f"could not be fetched within 0.5 s{FOR_ALL}"),
         ("/gzip.png", "invalid_value", "could not be fetched: the answer is gzip-encoded"),
     ],
 )
@@ -827,6 +973,20 @@ def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, 
     assert error["message"].endswith(message)
     assert time.monotonic() - started < 1.5, "the timeout bounds the whole fetch"
     assert not predictor.requests
+
+
+def test_one_time_limit_bounds_all_image_url_fetches(make_client, predictor, image_host):
+    """Five fetches of 0.4 s each, one after another, take 2 s: past the 1 s that the
+    request's fetches get together, though each would fit."""
+    client = make_client(image_url_hosts=["127.0.0.1"], image_url_timeout_seconds=1)
+    one = {"prompt": "x", "images": [{"image_url": f"{image_host}/slow.png"}]}
+    assert client.post("/v1/images/edits", json=one).status_code == 200
+    started = time.monotonic()
+    response = client.post("/v1/images/edits", json={**one, "images": one["images"] * 5})
+    error = assert_error(response, 400, "invalid_value", "images")
+    assert error["message"].endswith(f"could not be fetched within 1 s{FOR_ALL}")
+    assert time.monotonic() - started < 1.8
+    assert len(predictor.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -940,6 +1100,31 @@ def test_a_body_past_the_upload_limit_is_refused_before_it_is_read(make_client, 
     assert not predictor.requests
 
 
+def test_a_generation_body_has_a_limit_of_its_own(client, predictor):
+    """A generation carries text only: past ``GENERATION_MAX_BODY_BYTES`` it is refused,
+    by its Content-Length or as it streams, while edits keep the upload limit's room. Both
+    prompts at their longest fit, even with every character JSON-escaped."""
+    escaped = "\\ud83d\\ude00" * contract.MAX_PROMPT_CHARACTERS  # an emoji, 12 bytes as JSON
+    body = f'{{"prompt": "{escaped}", "negative_prompt": "{escaped}"}}'.encode()
+    headers = {"content-type": "application/json"}
+    response = client.post("/v1/images/generations", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    oversized = b'{"prompt": "' + b"x" * GENERATION_MAX_BODY_BYTES + b'"}'
+    response = client.post("/v1/images/generations", content=oversized, headers=headers)
+    error = assert_error(response, 413, "request_too_large", None)
+    assert error["message"] == f"The request body is larger than {GENERATION_MAX_BODY_BYTES} bytes"
+    streamed = client.post(
+        "/v1/images/generations", content=iter([oversized[:-2], b'"}']), headers=headers
+    )
+    assert_error(streamed, 413, "request_too_large", None)
+    image = b"\x89PNG\r\n\x1a\n" + bytes(2 * GENERATION_MAX_BODY_BYTES)
+    response = client.post(
+        "/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", image, "image/png")}
+    )
+    assert response.status_code == 200, response.text
+    assert len(predictor.requests) == 2
+
+
 APP_ORIGIN = "https://app.example.com"
 
 
@@ -1002,6 +1187,26 @@ def test_api_key(make_client: Callable[..., TestClient]):
     assert client.get("/health/live").is_success
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "content_type"),
+    [
+        ("/v1/images/generations", b"{oops", "application/json"),
+        ("/v1/images/generations", b'{"prompt": ""}', "application/json"),
+        ("/v1/images/generations", b"prompt=x", "text/plain"),
+        ("/v1/images/edits", b"{oops", "application/json"),
+        ("/v1/images/edits", b"prompt=x", "multipart/form-data"),
+    ],
+)
+def test_the_api_key_is_checked_before_the_body(
+    make_client, predictor, path, content, content_type
+):
+    """A client without the key learns nothing from the body's problems: 401, not 400."""
+    client = make_client(api_key="s3cret")
+    response = client.post(path, content=content, headers={"content-type": content_type})
+    assert_error(response, 401, "invalid_api_key", None)
+    assert not predictor.requests
+
+
 def test_several_api_keys(make_client: Callable[..., TestClient]):
     """Keys rotate without downtime: while both are listed, the old and the new one work."""
     client = make_client(api_key=" old-key , new-key ")
@@ -1060,7 +1265,12 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
     assert "image[]" in text
     edit_body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert set(edit_body) == {"multipart/form-data", "application/json"}
+    generation_body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]
+    assert generation_body["required"] is True
+    generation_ref = generation_body["content"]["application/json"]["schema"]["$ref"]
     components = schema["components"]["schemas"]
+    generation = components[generation_ref.rsplit("/", 1)[1]]
+    assert generation["required"] == ["prompt"] and "style" in generation["properties"]
     for refs in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text):
         assert refs in components
     json_edit = components[edit_body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
@@ -1137,7 +1347,10 @@ def test_with_every_connection_busy_ready_answers_and_a_request_is_shed():
     assert answers["seconds"] < 5, f"waited {answers['seconds']:.1f} s for a connection"
 
 
-def metric(client: TestClient, name: str, **labels: str) -> float:
+COUNTED = "qwen_image_adapter_requests_total"
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
     """A sample of the adapter's /metrics (0 when absent)."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for sample in family.samples:
@@ -1158,14 +1371,13 @@ def test_metrics_count_requests_by_route_and_status(make_client, predictor):
         ("POST", "/v1/images/edits", {"content": bytes(2_000_000)}, "unrouted", "413"),
         ("BREW", "/v1/coffee", {}, "unrouted", "404"),
     ]
-    counted = "qwen_image_adapter_requests_total"
     timed = "qwen_image_adapter_request_duration_seconds_count"
 
     def counts() -> list[float]:
         """Each request's count; a method that is not standard is counted as 'other'."""
         return [
             metric(
-                client, counted, route=route, method=method.replace("BREW", "other"), status=code
+                client, COUNTED, route=route, method=method.replace("BREW", "other"), status=code
             )
             for method, _, _, route, code in requests
         ]
@@ -1178,6 +1390,161 @@ def test_metrics_count_requests_by_route_and_status(make_client, predictor):
     assert metric(client, timed, route=generations, method="POST") - timed_before == 2
     assert metric(client, "qwen_image_adapter_requests_in_progress") == 1  # the scrape itself
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+
+
+@contextlib.contextmanager
+def uvicorn_server(app: Any) -> Iterator[str]:
+    """The base URL of ``app`` served by uvicorn on loopback, in a thread."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    """The access log line of the request ``request_id``, once the server has logged it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for record in list(caplog.records):
+            message = record.getMessage()
+            if record.name == "openai_adapter.access" and f"request_id={request_id} " in message:
+                return message
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {request_id}")
+
+
+FORM_HEAD = (
+    b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na hat\r\n'
+    b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG'
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "sent"),
+    [
+        ("/v1/images/edits", "multipart/form-data; boundary=x", FORM_HEAD),
+        ("/v1/images/edits", "application/json", b'{"prompt": "a hat", "images": ['),
+        ("/v1/images/generations", "application/json", b'{"prompt": "a cat"'),
+    ],
+    ids=["form-edit", "json-edit", "generation"],
+)
+def test_a_client_that_leaves_during_its_upload_is_a_499(
+    caplog, predictor, path, content_type, sent
+):
+    """A client that closes its connection with its body half sent is counted and logged
+    as one that leaves later is: 499, with no error logged and no 400 or 500 counted."""
+    caplog.set_level(logging.INFO, logger="openai_adapter")
+    statuses = ("499", "400", "500")
+    labels = {"route": path, "method": "POST"}
+    app = create_app(Settings(), transport=httpx.MockTransport(predictor))
+    with uvicorn_server(app) as url, httpx.Client(base_url=url) as http:
+        before = [metric(http, COUNTED, **labels, status=status) for status in statuses]
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: adapter\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 100000\r\nx-request-id: left-early\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(head.encode() + sent)
+            time.sleep(0.3)  # the adapter reads what came, and waits for the rest
+        line = access_line(caplog, "left-early")
+        after = [metric(http, COUNTED, **labels, status=status) for status in statuses]
+    assert line.startswith(f"request_id=left-early POST {path} 499 "), line
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 0, 0]
+    problems = [record.getMessage() for record in caplog.records if record.levelno > logging.INFO]
+    assert not problems
+    assert not predictor.requests
+
+
+def test_the_access_log_shows_the_path_as_sent(caplog, predictor):
+    """Percent escapes stay escaped, and any other control or non-ASCII character is
+    escaped: a client cannot forge or break log lines."""
+    caplog.set_level(logging.INFO, logger="openai_adapter")
+    app = create_app(Settings(), transport=httpx.MockTransport(predictor))
+    with uvicorn_server(app) as url:
+        forged = "/v1/models%0A2030-01-01 00:00:00,000 INFO openai_adapter.access: forged"
+        response = httpx.get(url + forged, headers={"x-request-id": "forger"})
+        assert response.status_code == 404
+        line = access_line(caplog, "forger")
+    assert line.startswith(
+        "request_id=forger GET /v1/models%0A2030-01-01%2000:00:00,000%20INFO%20"
+        "openai_adapter.access:%20forged 404 "
+    ), line
+    # Bytes that a lenient HTTP parser passes on, and a server that sends no raw_path.
+    assert loggable_path({"path": "", "raw_path": b"/a\x1b[2J\xff\\b"}) == r"/a\x1b[2J\xff\\b"
+    assert loggable_path({"path": "/caf\u00e9\n"}) == r"/caf\xc3\xa9\n"  # UTF-8
+
+
+class LoopbackPredictor(http.server.BaseHTTPRequestHandler):
+    """A predictor: ready, and answering v2 infer calls as ``v2_answer``."""
+
+    def do_GET(self) -> None:
+        self.answer(httpx.Response(200))
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.answer(v2_answer(httpx.Request("POST", "http://predictor", content=body)))
+
+    def answer(self, response: httpx.Response) -> None:
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Proxy(LoopbackPredictor):
+    """An HTTP proxy that can reach only ``ImageHost``'s PNG (any URL ending in .png), and
+    answers 502 otherwise. It records the URLs asked for in ``asked``."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        if self.path.endswith(".png"):
+            self.answer(httpx.Response(200, content=ImageHost.PNG))
+        else:
+            self.answer(httpx.Response(502))
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
+
+def test_predictors_are_reached_directly_and_image_urls_through_the_proxy(monkeypatch):
+    """``HTTP_PROXY``, set for the image URL fetches, does not send the v2 calls and the
+    readiness checks to the proxy, which may not reach the predictors."""
+    for name in ("http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    Proxy.asked.clear()
+    with http_server(LoopbackPredictor) as predictor_url, http_server(Proxy) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        settings = Settings(
+            generation_url=predictor_url,
+            edit_url=predictor_url,
+            image_url_hosts=["images.example.com"],
+        )
+        with TestClient(create_app(settings)) as client:
+            ready = client.get("/health/ready")
+            generated = client.post("/v1/images/generations", json={"prompt": "x"})
+            image = {"image_url": "http://images.example.com/cat.png"}
+            edited = client.post("/v1/images/edits", json={"prompt": "x", "images": [image]})
+    for response in (ready, generated, edited):
+        assert response.status_code == 200, response.text
+    assert Proxy.asked == ["http://images.example.com/cat.png"]
 
 
 def test_the_request_timeout_is_below_the_sdks():
