@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = [int(size) for size in args.sizes.split(",")]
     common = [
         f"--max_queue_size={args.clients}",
-        f"--max_size={max(sizes)}",
+        # Only ever raised: the limits must allow the default size, 1664x928.
+        f"--max_size={max(*sizes, contract.Limits().max_size)}",
         f"--batch_wait_ms={args.batch_wait_ms}",
     ]
     if args.location:

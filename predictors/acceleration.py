@@ -100,6 +100,11 @@ class AccelerationError(RuntimeError):
     """A speed mode cannot be applied here; the message says why and what to do."""
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (Inductor's run to pages)."""
+    return next(iter(str(exc).splitlines()), "")
+
+
 @dataclass(frozen=True)
 class Acceleration:
     """The speed modes of one deployment. The defaults change nothing but the loop, how
@@ -178,6 +183,19 @@ def check(acceleration: Acceleration, device: torch.device) -> None:
         raise AccelerationError(
             "--max_autotune on needs compiled blocks (--compile on, or auto where Triton can "
             "build on a GPU), or use --max_autotune off"
+        )
+
+
+def check_cache_batching(acceleration: Acceleration, max_batch_size: int) -> None:
+    """Refuse the step cache with cross-request batching: it decides once per transformer
+    call, for the whole batch, whether to skip the blocks, so a request's images would depend
+    on the requests that share its batch."""
+    if acceleration.cache != "none" and max_batch_size > 1:
+        raise AccelerationError(
+            f"--cache {acceleration.cache} decides once per batch whether to skip the blocks, "
+            f"so with --max_batch_size {max_batch_size} a request's images would depend on "
+            "the requests batched with it: use --max_batch_size 1 with the cache, or "
+            "--cache none"
         )
 
 
@@ -344,8 +362,14 @@ def fuse_lora(
         pipeline.load_lora_weights(source, weight_name=weight_name, adapter_name="fast")
     except (OSError, ValueError, KeyError) as exc:
         raise AccelerationError(f"cannot load the LoRA {source!r}: {exc}") from exc
-    pipeline.fuse_lora(adapter_names=["fast"], lora_scale=1.0)
-    pipeline.unload_lora_weights()
+    try:
+        pipeline.fuse_lora(adapter_names=["fast"], lora_scale=1.0)
+        pipeline.unload_lora_weights()
+    except Exception as exc:  # the weights it loaded do not fit the transformer's
+        raise AccelerationError(
+            f"cannot fuse the LoRA {source!r} into the transformer: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipeline.scheduler.config, **distillation.scheduler
     )
@@ -449,12 +473,17 @@ def compile_by_warming_up(
 ) -> None:
     """Compile the blocks by running ``batches`` (``warm_up``). With ``--compile auto`` a
     failure (Inductor, Triton, GPU memory) is logged and the blocks run uncompiled from then
-    on: the predictor serves, slower, rather than not at all. With ``on`` it is raised."""
+    on: the predictor serves, slower, rather than not at all. With ``on`` it is raised as an
+    ``AccelerationError``."""
     try:
         warm_up(pipeline, batches, acceleration)
-    except Exception:
+    except Exception as exc:
         if acceleration.compile != "auto":
-            raise
+            raise AccelerationError(
+                f"--compile {acceleration.compile}: compiling the transformer blocks failed "
+                f"at load ({type(exc).__name__}: {_first_line(exc)}); use --compile auto to "
+                "serve uncompiled when it fails, or --compile off"
+            ) from exc
         logger.exception(
             "--compile auto: compiling the transformer blocks failed, so they run uncompiled "
             "(slower); set --compile off to skip compiling, or on to stop here instead"

@@ -81,8 +81,9 @@ BINARY_HEADER_LENGTH = "inference-header-content-length"
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 SIZE_MULTIPLE = 16
-# OpenAI's limit on a prompt. Qwen's text encoder reads its first 512 tokens (about 2000
-# characters of English); the limit keeps megabytes of text off the tokenizer.
+# OpenAI's limit on a prompt; the limit keeps megabytes of text off the tokenizer. Of a
+# prompt, generation and edit alike use the first 512 tokens (about 2000 characters of
+# English; ``denoise.MAX_SEQUENCE_LENGTH``), an edit's image tokens coming on top.
 MAX_PROMPT_CHARACTERS = 32000
 MAX_SEED = 2**63 - 1 - 1024  # leaves room for seed + i in an INT64
 
@@ -206,8 +207,15 @@ def _as_int(name: str, value: Any) -> int:
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ContractError(name, f"'{name}' must be a number, got a boolean")
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # JSON integers have no bound
+            raise ContractError(
+                name, f"'{name}' is out of range: got an integer of {value.bit_length()} bits"
+            ) from None
     if isinstance(value, str):
         try:
             return float(value.strip())

@@ -18,6 +18,9 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
 - edits take one input image (``QwenImageEditPipeline``) or several
   (``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509 and later), prepared as each
   pipeline prepares them;
+- an edit's prompt is cut to its first ``MAX_SEQUENCE_LENGTH`` tokens, as a generation's
+  (diffusers' edit pipelines keep all, and a long one overflows the transformer's text
+  positions);
 - an edit with a mask repaints only the mask's area of its first image, as
   ``QwenImageEditInpaintPipeline`` does at full strength: after each step, the latents
   outside the area are the image's, noised to the next step's level;
@@ -58,7 +61,9 @@ logger = logging.getLogger(__name__)
 # The edit pipelines condition on each input image resized to about this many pixels.
 # QwenImageEditPlusPipeline's text encoder reads them smaller (SEVERAL_IMAGES_PROMPT_AREA).
 EDIT_CONDITION_AREA = 1024 * 1024
-# QwenImagePipeline's default text length limit (the edit pipeline has none).
+# QwenImagePipeline's default text length limit: a prompt's first 512 tokens (with the
+# template's closing tokens) are kept. The edit pipelines keep all; the engine cuts their
+# prompts to the same length, after their image tokens (``_prompt_overflow``).
 MAX_SEQUENCE_LENGTH = 512
 # The inpaint pipelines' mask processor: grayscale, in [0, 1], binarised at 0.5. (Its VAE
 # scale factor only serves to pick a size when none is given; the engine always gives one.)
@@ -385,12 +390,26 @@ def condition(
         embeds, _ = pipeline.encode_prompt(
             prompt=prompt, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH, **extra
         )
+        text = embeds[0]  # a single prompt has no padding
+        if prompt_images is not None:
+            text = text[: text.shape[0] - _prompt_overflow(pipeline, prompt)]
         if cacheable:
-            text_cache[prompt] = embeds[0]
-        return embeds[0]  # a single prompt has no padding
+            text_cache[prompt] = text
+        return text
 
     negative = encode(job.negative_prompt) if job.do_true_cfg else None
     return Conditioning(encode(job.prompt), negative, image_latents, canvas, edit_area)
+
+
+def _prompt_overflow(pipeline: DiffusionPipeline, prompt: str) -> int:
+    """How many tokens of an edit's text embeddings ``QwenImagePipeline`` would not keep: it
+    keeps the first ``MAX_SEQUENCE_LENGTH`` tokens of the prompt and the template's closing
+    tokens, where the edit pipelines keep them all, after the image's tokens. The text encoder
+    is causal, so the tokens before the cut come out as if the text ended there. Special
+    tokens surround the prompt in the template, so it is tokenized as it is alone."""
+    closing = pipeline.prompt_template_encode.split("{}", 1)[1]
+    tokens = len(pipeline.processor.tokenizer(prompt + closing)["input_ids"])
+    return max(0, tokens - MAX_SEQUENCE_LENGTH)
 
 
 def _pixels(

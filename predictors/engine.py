@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -34,6 +35,10 @@ JobT = TypeVar("JobT", bound=Batchable)
 ResultT = TypeVar("ResultT")
 T = TypeVar("T")
 
+# The longest --batch_wait_ms: a request waiting longer for company than this would wait
+# longer than most of its generations take.
+MAX_BATCH_WAIT_MS = 10_000.0
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -52,8 +57,13 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        if self.batch_wait_ms < 0:
-            raise ValueError("batch_wait_ms must be >= 0")
+        # Also refuses NaN, which fails every comparison (the worker would wait for ever),
+        # and infinity (no wait takes it).
+        if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+            raise ValueError(
+                f"batch_wait_ms must be a number of milliseconds from 0 to "
+                f"{MAX_BATCH_WAIT_MS:g}, not {self.batch_wait_ms}"
+            )
 
 
 class ServerBusy(ServerNotReady):
@@ -80,6 +90,33 @@ class ServerStopping(ServerNotReady):
         self.reason = self.error_msg
 
 
+class ShutdownTimeout(ServerNotReady):
+    """A request accepted before the shutdown had not finished when the time the shutdown
+    leaves requests ran out. KServe answers it with 503 (gRPC UNAVAILABLE); a retry reaches
+    another replica."""
+
+    def __init__(self, model_name: str, grace_seconds: float):
+        super().__init__()
+        self.error_msg = (
+            f"Server is shutting down: model {model_name} did not finish this request in the "
+            f"{grace_seconds:g} s a shutdown leaves requests. Retry later."
+        )
+        self.reason = self.error_msg
+
+
+class WorkerFailed(ServerNotReady):
+    """The worker thread stopped on an unexpected error: the model serves nothing more. KServe
+    answers it with 503 (gRPC UNAVAILABLE); the predictor needs a restart."""
+
+    def __init__(self, model_name: str, cause: BaseException):
+        super().__init__()
+        self.error_msg = (
+            f"Model {model_name} cannot serve: its pipeline worker stopped on an unexpected "
+            f"error ({type(cause).__name__}: {cause}). Restart the predictor."
+        )
+        self.reason = self.error_msg
+
+
 class BatchAbandoned(Exception):
     """Every request of the running batch was given up by its caller: ``process`` raises it
     (through ``PipelineRunner.stop_if_abandoned``) to stop work that nobody waits for."""
@@ -99,18 +136,60 @@ class _Call:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
+def _settle(
+    future: concurrent.futures.Future, result: object = None, error: BaseException | None = None
+) -> None:
+    """Give a future its outcome unless it has one already: a cancelled request's, or one
+    failed by the end of the shutdown grace or a worker failure while its batch ran."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class Slot(Generic[JobT, ResultT]):
+    """A request's place among a runner's ``capacity``, taken before its job is prepared so
+    that a request the runner would refuse is refused before that work. ``run`` the job in
+    it; leaving the ``with`` block without having run it frees the place."""
+
+    def __init__(self, runner: PipelineRunner[JobT, ResultT]):
+        self._runner = runner
+        self.held = True  # counted by the runner, and not yet handed to a queued job
+
+    def __enter__(self) -> Slot[JobT, ResultT]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    async def run(self, job: JobT) -> ResultT:
+        """Queue ``job`` in this place and wait for its result (``PipelineRunner.run``)."""
+        return await self._runner._run(job, self)
+
+    def release(self) -> None:
+        """Free the place if no queued job holds it."""
+        if self.held:
+            self.held = False
+            self._runner._finish()
+
+
 class PipelineRunner(Generic[JobT, ResultT]):
     """One worker thread per GPU: pipeline calls never overlap and never block the event loop.
 
     ``process`` turns a batch of jobs into one result per job. Requests are counted, whatever
     their number of images: at most ``max_batch_size + max_queue_size`` may be accepted and
-    unfinished (running or waiting; with batching off, one running and ``max_queue_size``
-    waiting). Past that, ``run`` raises ``ServerBusy`` at once instead of queueing without
-    bound. A request counts until its work has really finished, even when its caller gave up
-    earlier, so the count always matches what the GPU still has to do; a request cancelled
-    before its batch starts leaves the queue at once and never runs, and a running batch
-    whose every request was cancelled stops at ``process``'s next ``stop_if_abandoned``.
-    Once shutting down, ``run`` raises ``ServerStopping`` (503).
+    unfinished (running, waiting, or holding a ``Slot`` while their job is prepared; with
+    batching off, one running and ``max_queue_size`` waiting). Past that, ``reserve`` (and
+    ``run``) raise ``ServerBusy`` at once instead of queueing without bound. A request counts
+    until its work has really finished, even when its caller gave up earlier, so the count
+    always matches what the GPU still has to do; a request cancelled before its batch starts
+    leaves the queue at once and never runs, and a running batch whose every request was
+    cancelled stops at ``process``'s next ``stop_if_abandoned``. Once closed, new requests get
+    ``ServerStopping`` (503); if the worker thread ever stops on an unexpected error, every
+    request gets ``WorkerFailed`` (503).
     """
 
     def __init__(
@@ -126,11 +205,12 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self.process = process
         self.policy = policy or BatchPolicy()
         self.capacity = self.policy.max_batch_size + max_queue_size
-        self._pending = 0
+        self._pending = 0  # read and written on the event loop only
         self._waiting: deque[_Waiting[JobT]] = deque()
         self._calls: deque[_Call] = deque()
         self._condition = threading.Condition()
         self._closed = False
+        self._failure: BaseException | None = None
         self._running: list[_Waiting[JobT]] = []
         self._depth = QUEUE_DEPTH.labels(model_name=model_name)
         self._depth.set(0)
@@ -145,26 +225,41 @@ class PipelineRunner(Generic[JobT, ResultT]):
         """Requests accepted and not finished (the running ones included)."""
         return self._pending
 
-    def check_capacity(self) -> None:
-        """Raise ``ServerBusy`` if a request arriving now would be refused: lets a caller
-        refuse before costly preparation (``run`` checks again)."""
+    @property
+    def failure(self) -> WorkerFailed | None:
+        """Why the worker thread stopped on an unexpected error, or None while it works."""
+        return None if self._failure is None else WorkerFailed(self.model_name, self._failure)
+
+    def reserve(self) -> Slot[JobT, ResultT]:
+        """A place for a request about to be prepared (``Slot``); ``ServerBusy`` if every
+        place is taken, ``ServerStopping`` once closed, ``WorkerFailed`` after a failure."""
+        if (failure := self.failure) is not None:
+            raise failure
+        if self._closed:
+            raise ServerStopping(self.model_name)
         if self._pending >= self.capacity:
             raise ServerBusy(self.model_name, self._pending, self.capacity)
+        self._pending += 1
+        self._depth.set(self._pending)
+        return Slot(self)
 
     async def run(self, job: JobT) -> ResultT:
-        """Run ``job`` in a batch once its turn comes; raise ``ServerBusy`` if full, and
-        ``ServerStopping`` once shutting down."""
-        self.check_capacity()
+        """Run ``job`` in a batch once its turn comes (``reserve`` and ``Slot.run``)."""
+        with self.reserve() as slot:
+            return await slot.run(job)
+
+    async def _run(self, job: JobT, slot: Slot[JobT, ResultT]) -> ResultT:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
         with self._condition:
+            if (failure := self.failure) is not None:
+                raise failure
             if self._closed:
                 raise ServerStopping(self.model_name)
             self._waiting.append(waiting)
             self._condition.notify()
-        # Counted once queued: its done callback, run on this loop, cannot come before.
-        self._pending += 1
-        self._depth.set(self._pending)
+        # From now on the job's end frees the place: its done callback, run on this loop.
+        slot.held = False
         waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
         try:
             return await asyncio.wrap_future(waiting.future)
@@ -186,18 +281,66 @@ class PipelineRunner(Generic[JobT, ResultT]):
         calls run, such as the load-time warm-up, which records CUDA graphs (per thread)."""
         call = _Call(function)
         with self._condition:
+            if (failure := self.failure) is not None:
+                raise failure
             if self._closed:
                 raise RuntimeError(f"the pipeline runner of {self.model_name} is shut down")
             self._calls.append(call)
             self._condition.notify()
         return call.future.result()
 
-    def shutdown(self) -> None:
-        """Finish the queued work, then stop the worker thread."""
+    def close(self, grace_seconds: float | None = None) -> None:
+        """Take no new work, and let the worker thread end once the accepted requests are
+        done; returns at once (KServe stops models on its event loop). Requests still
+        unfinished ``grace_seconds`` later (None: no limit) fail with ``ShutdownTimeout``,
+        and their batch stops at its next step. Later calls change nothing."""
         with self._condition:
+            if self._closed:
+                return
             self._closed = True
             self._condition.notify()
-        self._worker.join()
+        if grace_seconds is not None:
+            threading.Thread(
+                target=self._expire_after,
+                args=(grace_seconds,),
+                name=f"pipeline-{self.model_name}-grace",
+                daemon=True,
+            ).start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker thread to end (after ``close``);
+        whether it has."""
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _expire_after(self, grace_seconds: float) -> None:
+        if self.join(grace_seconds):
+            return
+        failed = self._fail_unfinished(
+            functools.partial(ShutdownTimeout, self.model_name, grace_seconds)
+        )
+        if failed:
+            logger.warning(
+                "Model %s: %d requests had not finished %g s into the shutdown; they get a 503",
+                self.model_name,
+                failed,
+                grace_seconds,
+            )
+
+    def _fail_unfinished(self, error: Callable[[], BaseException]) -> int:
+        """Fail every request waiting or running (the running batch stops at its next step)
+        and every call, each with a new ``error()``; how many requests."""
+        with self._condition:
+            unfinished = [*self._waiting, *self._running]
+            for item in unfinished:
+                item.abandoned = True
+                _settle(item.future, error=error())
+            for call in self._calls:
+                _settle(call.future, error=error())
+            self._waiting.clear()
+            self._calls.clear()
+            self._condition.notify()
+        return len(unfinished)
 
     def _abandon(self, waiting: _Waiting[JobT]) -> None:
         """Its caller gave up: waiting, it leaves the queue at once (no room taken in the
@@ -211,20 +354,29 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._depth.set(self._pending)
 
     def _work(self) -> None:
-        while (work := self._next_work()) is not None:
-            if isinstance(work, _Call):
-                try:
-                    work.future.set_result(work.function())
-                except BaseException as exc:
-                    work.future.set_exception(exc)
-                continue
-            started = [item for item in work if item.future.set_running_or_notify_cancel()]
-            if started:
-                self._execute(started)
+        """The worker thread. An error outside a batch's own (which ``_execute`` hands to its
+        requests) stops it: then every request and call fails with ``WorkerFailed`` rather
+        than wait for ever."""
+        try:
+            while (work := self._next_work()) is not None:
+                if isinstance(work, _Call):
+                    try:
+                        work.future.set_result(work.function())
+                    except BaseException as exc:
+                        work.future.set_exception(exc)
+                elif work:
+                    self._execute(work)
+        except BaseException as error:
+            logger.exception("The pipeline worker of model %s stopped", self.model_name)
+            with self._condition:
+                self._failure = error
+                self._closed = True
+            self._fail_unfinished(functools.partial(WorkerFailed, self.model_name, error))
 
     def _next_work(self) -> _Call | list[_Waiting[JobT]] | None:
-        """The next call, else the next batch once it is full or its oldest request has
-        waited long enough; None once closed with nothing left."""
+        """The next call, else the next batch, marked running, once it is full or its oldest
+        request has waited long enough (empty if all its callers gave up meanwhile); None
+        once closed with nothing left."""
         wait_s = self.policy.batch_wait_ms / 1000
         with self._condition:
             while True:
@@ -244,7 +396,9 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 self._condition.wait(remaining)
             for item in batch:
                 self._waiting.remove(item)
-        return batch
+            # Under the lock, so that nothing fails them between here and the batch's run.
+            self._running = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            return self._running
 
     def _drop_abandoned(self) -> None:
         """Forget the waiting requests whose callers gave up (called with the lock held)."""
@@ -263,34 +417,38 @@ class PipelineRunner(Generic[JobT, ResultT]):
         return batch
 
     def _execute(self, batch: list[_Waiting[JobT]]) -> None:
-        """Run a batch; if a batch of several fails, run its requests one by one, so that
-        one bad request (or a batch too big for the GPU) does not fail the others. Results
-        that cannot be handed out (not one per request) fail the batch, not the worker."""
+        """Run a batch (marked running); if a batch of several fails, run its requests one
+        by one, so that one bad request (or a batch too big for the GPU) does not fail the
+        others. Results that cannot be handed out (not one per request) fail the batch, not
+        the worker."""
         self._batch_sizes.observe(len(batch))
-        self._running = batch
         try:
             results = self.process([item.job for item in batch])
         except BatchAbandoned as exc:
             logger.info("Stopped a batch: %s", exc)
             for item in batch:
-                item.future.set_exception(exc)
+                _settle(item.future, error=exc)
             return
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                _settle(batch[0].future, error=exc)
                 return
             logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), exc)
             for item in batch:
+                with self._condition:
+                    if item.future.done():  # failed meanwhile: the shutdown grace ended
+                        continue
+                    self._running = [item]
                 self._execute([item])
             return
         finally:
-            self._running = []
+            with self._condition:
+                self._running = []
         try:
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")
             for item, result in zip(batch, results, strict=True):
-                item.future.set_result(result)
+                _settle(item.future, result)
         except Exception as exc:
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                _settle(item.future, error=exc)

@@ -9,9 +9,12 @@ from PIL import Image, UnidentifiedImageError
 
 from predictors.contract import IMAGE, MASK, ContractError
 
-# MPO is the multi-picture JPEG phone cameras write; it decodes to its first picture, as a
-# JPEG decoder reads it.
-ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
+# The only parsers Pillow tries. Its JPEG parser also opens the multi-picture JPEG phone
+# cameras write (MPO), which decodes to its first picture, as a JPEG decoder reads it.
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+# What Pillow's parsers and decoders raise on truncated or corrupt files, in the header or in
+# the pixels.
+DECODING_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 PIL_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -68,15 +71,15 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS)
+    except UnidentifiedImageError:  # an OSError: first
         raise ContractError(param, f"{label} is not a PNG, JPEG or WebP image") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ContractError(
             param, f"{label} declares more than the {max_pixels} pixels this server accepts"
         ) from None
-    if image.format not in ACCEPTED_INPUT_FORMATS:
-        raise ContractError(param, f"{label} must be PNG, JPEG or WebP, not {image.format}")
+    except DECODING_ERRORS as exc:
+        raise ContractError(param, f"{label} could not be decoded: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ContractError(
@@ -86,7 +89,7 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
         )
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODING_ERRORS as exc:
         raise ContractError(param, f"{label} could not be decoded: {exc}") from None
     return image
 

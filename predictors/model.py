@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -42,6 +43,10 @@ from predictors.tiny import TinyKind
 
 logger = logging.getLogger(__name__)
 
+# The last second of a shutdown's grace period: the requests still unfinished then get their
+# 503 before the servers close their connections.
+SHUTDOWN_ANSWER_SECONDS = 1
+
 
 @dataclass(frozen=True)
 class PredictorOptions:
@@ -51,6 +56,8 @@ class PredictorOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_queue_size: int = 4
+    # On SIGTERM or SIGINT, the longest the shutdown takes (``stop``).
+    shutdown_grace_seconds: float = 600
     limits: Limits = field(default_factory=Limits)
     tiny_cache_dir: Path | None = None
     batching: BatchPolicy = field(default_factory=BatchPolicy)
@@ -74,20 +81,36 @@ class QwenImageModel(Model):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.pipeline: DiffusionPipeline | None = None
+        self.defaults = self.request_defaults(options.acceleration)
         self.runner = PipelineRunner(name, self.generate, options.max_queue_size, options.batching)
+
+    @classmethod
+    def request_defaults(cls, modes: Acceleration) -> Defaults:
+        """What a request that leaves a field out gets: the predictor's defaults, and with a
+        step-distilled LoRA its steps (``--lora_steps``) and no CFG."""
+        if not modes.lora:
+            return cls.defaults
+        return replace(
+            cls.defaults,
+            num_inference_steps=modes.lora_steps,
+            true_cfg_scale=LIGHTNING.true_cfg_scale,
+        )
 
     def load(self) -> bool:
         """Load the pipeline (tiny when no location is set) and apply the speed modes.
 
-        Raises ``ModelLocationError`` or ``AccelerationError``. With a step-distilled LoRA,
-        requests that name no steps or CFG scale get ``lora_steps`` steps (``--lora_steps``,
-        8 by default) and no CFG. With compilation on, the blocks are compiled here, by a
-        warm-up at the warm-up sizes (with ``auto``, a failure to compile leaves them
-        uncompiled), on the worker thread.
+        Raises ``ModelLocationError`` or ``AccelerationError``. With compilation on, the
+        blocks are compiled here, by a warm-up at the warm-up sizes (with ``auto``, a failure
+        to compile leaves them uncompiled), on the worker thread. KServe calls it again before
+        an infer call if the model is not ``healthy``: after a worker failure it raises
+        ``WorkerFailed`` (503) instead of loading again.
         """
+        if (failure := self.runner.failure) is not None:
+            raise failure
         modes = self.options.acceleration
         acceleration.check(modes, self.device)
         acceleration.check_fp8_image_size(modes, self.options.limits.min_size)
+        acceleration.check_cache_batching(modes, self.options.batching.max_batch_size)
         location = resolve_location(
             self.options.location, self.tiny_kind, self.options.tiny_cache_dir
         )
@@ -98,12 +121,6 @@ class QwenImageModel(Model):
         pipeline_class = served_pipeline_class(location, self.pipeline_classes)
         self.pipeline = load_pipeline(pipeline_class, location, self.device, self.dtype)
         acceleration.apply(self.pipeline, modes)
-        if modes.lora:
-            self.defaults = replace(
-                self.defaults,
-                num_inference_steps=modes.lora_steps,
-                true_cfg_scale=LIGHTNING.true_cfg_scale,
-            )
         if modes.compiles(self.device):
             # On the worker thread, where requests run: CUDA graphs are recorded per thread.
             batches = self.warmup_batches()
@@ -127,9 +144,17 @@ class QwenImageModel(Model):
             with_image=self.needs_image,
         )
 
+    async def healthy(self) -> bool:
+        """Ready, and its worker thread still works (``/v2/models/{name}/ready``)."""
+        return self.ready and self.runner.failure is None
+
     def stop(self) -> None:
-        """Let accepted requests finish before the server goes away."""
-        self.runner.shutdown()
+        """Take no new requests; those accepted get ``shutdown_grace_seconds`` to finish, but
+        for its last second (``SHUTDOWN_ANSWER_SECONDS``), in which those still unfinished get
+        a 503. Returns at once: KServe calls it on the event loop, which must go on answering
+        (``predictors.server`` calls it as soon as the shutdown starts)."""
+        grace = self.options.shutdown_grace_seconds
+        self.runner.close(max(0, grace - SHUTDOWN_ANSWER_SECONDS))
 
     def prepare(self, request: ImageRequest) -> Job:
         """The denoising job of a request (runs off the event loop, before queueing)."""
@@ -170,9 +195,11 @@ class QwenImageModel(Model):
         request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
         try:
             request = self.parse(payload)
-            self.runner.check_capacity()  # before decoding edit images that would be refused
-            job = await asyncio.to_thread(self.prepare, request)
-            images = await self.runner.run(job)
+            # A place is taken before edit images are decoded, so that concurrent requests
+            # beyond the capacity are refused before that work, not after.
+            with self.runner.reserve() as slot:
+                job = await asyncio.to_thread(self.prepare, request)
+                images = await slot.run(job)
             encoded = await asyncio.to_thread(
                 lambda: [
                     encode_image(image, request.output_format, request.output_compression)
@@ -249,9 +276,9 @@ class QwenImageModel(Model):
         if not isinstance(parameters, dict):
             parameters = to_http_parameters(parameters)
 
-        def file(raw: str | bytes, name: str) -> bytes:
+        def file(raw: object, name: str) -> bytes:
             if payload.from_grpc:
-                return raw if isinstance(raw, bytes) else raw.encode()
+                return raw if isinstance(raw, bytes) else str(raw).encode()
             return contract.decode_bytes_from_rest(name, raw)
 
         images = []
@@ -313,16 +340,22 @@ class QwenImageModel(Model):
         )
 
 
-def _values(tensor: InferInput) -> list[str | bytes]:
-    """The elements of a BYTES input tensor, at least one."""
+def _values(tensor: InferInput) -> list[object]:
+    """The elements of a BYTES input tensor, at least one, as many as its shape says."""
     if tensor.datatype != "BYTES":
         raise ContractError(tensor.name, f"'{tensor.name}' must be a BYTES tensor")
     if not tensor.data:
         raise ContractError(tensor.name, f"'{tensor.name}' must hold at least one element")
-    return list(tensor.data)
+    values = list(tensor.data)
+    if math.prod(tensor.shape) != len(values):
+        raise ContractError(
+            tensor.name,
+            f"'{tensor.name}' has shape {list(tensor.shape)} but holds {len(values)} elements",
+        )
+    return values
 
 
-def _single_value(tensor: InferInput) -> str | bytes:
+def _single_value(tensor: InferInput) -> object:
     """The one element of a ``[1]`` BYTES input tensor."""
     values = _values(tensor)
     if len(values) != 1:
@@ -331,12 +364,17 @@ def _single_value(tensor: InferInput) -> str | bytes:
 
 
 def _text(tensor: InferInput | None) -> str | None:
+    """The text of a ``[1]`` BYTES input: UTF-8 bytes (gRPC) or a JSON string (REST) that
+    UTF-8 can encode (JSON's escapes can spell lone surrogates, which no tokenizer takes)."""
     if tensor is None:
         return None
     value = _single_value(tensor)
-    if isinstance(value, bytes):
-        try:
+    try:
+        if isinstance(value, bytes):
             return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ContractError(tensor.name, f"'{tensor.name}' must be UTF-8 text") from None
-    return str(value)
+        if isinstance(value, str):
+            value.encode("utf-8")
+            return value
+    except UnicodeError:
+        raise ContractError(tensor.name, f"'{tensor.name}' must be UTF-8 text") from None
+    raise ContractError(tensor.name, f"'{tensor.name}' must hold text, got {type(value).__name__}")

@@ -7,11 +7,13 @@ is configured by ``args`` in a container spec or by ``env`` in a Helm chart.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from kserve import ModelServer
 from kserve import model_server as kserve_server
@@ -26,6 +28,11 @@ from predictors.loading import ModelLocationError, PlacementError
 from predictors.model import PredictorOptions, QwenImageModel
 
 logger = logging.getLogger(__name__)
+
+# Once the servers are done, how long the process waits for the worker thread to end: at most
+# the rest of a batch whose requests all failed or left, which stops at its next step. A
+# thread still in torch when the interpreter exits aborts the process.
+WORKER_EXIT_SECONDS = 60
 
 
 def _env_default(name: str, default: object) -> object:
@@ -60,6 +67,31 @@ def non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {number}")
     return number
+
+
+def check_request_defaults(model_class: type[QwenImageModel], options: PredictorOptions) -> None:
+    """Refuse limits that refuse the model's request defaults (``ValueError``): every request
+    that leaves the field out would get a 400 that blames its client."""
+    defaults = model_class.request_defaults(options.acceleration)
+    limits = options.limits
+    sides = [side for side in (defaults.width, defaults.height) if side is not None]
+    if sides and not limits.min_size <= min(sides) <= max(sides) <= limits.max_size:
+        raise ValueError(
+            f"{model_class.default_name}'s default size, {defaults.width}x{defaults.height}, "
+            f"is outside --min_size {limits.min_size} .. --max_size {limits.max_size}, so "
+            "every request that names no size would be refused: widen the limits"
+        )
+    steps = defaults.num_inference_steps
+    if not limits.min_steps <= steps <= limits.max_steps:
+        source = (
+            f"--lora_steps ({steps})"
+            if options.acceleration.lora
+            else f"{model_class.default_name}'s default steps ({steps})"
+        )
+        raise ValueError(
+            f"{source} is outside {limits.min_steps} .. --max_steps {limits.max_steps}, so "
+            "every request that names no steps would be refused"
+        )
 
 
 def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
@@ -228,6 +260,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
         device=args.device,
         dtype=args.dtype,
         max_queue_size=int(args.max_queue_size),
+        shutdown_grace_seconds=int(args.shutdown_grace_seconds),
         limits=Limits(
             min_size=int(args.min_size),
             max_size=int(args.max_size),
@@ -259,19 +292,57 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
     )
 
 
-def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) -> None:
-    """Parse flags, load the model and serve it until SIGINT/SIGTERM, after which accepted
-    requests get up to ``--shutdown_grace_seconds`` to finish.
+class PredictorServer(ModelServer):
+    """KServe's ModelServer, whose shutdown starts for both protocols at SIGTERM or SIGINT.
 
-    A setting out of range, a location that cannot be loaded, a device or dtype this machine
-    lacks, or a speed mode that cannot be applied, ends the process with a one-line error and
-    exit code 2.
+    With one worker, KServe leaves the signals to uvicorn while it serves: uvicorn stops
+    listening and drains REST, and only then raises the signal again for KServe's ``stop``,
+    which stops gRPC and the models. gRPC would meanwhile take new calls for as long as REST
+    drains. Here the signal also starts, at once, the models' shutdown (no new work; the grace
+    period runs) and gRPC's (no new calls; those in flight get the grace period).
+    """
+
+    shutting_down = False
+
+    def register_signal_handler(self) -> None:
+        super().register_signal_handler()
+        rest = self._rest_server._server  # uvicorn's: its handler takes the signals as it serves
+        drain_rest = rest.handle_exit
+
+        def handle_exit(sig: int, frame: FrameType | None) -> None:
+            drain_rest(sig, frame)
+            asyncio.get_running_loop().call_soon_threadsafe(self.begin_shutdown)
+
+        rest.handle_exit = handle_exit
+
+    def begin_shutdown(self) -> None:
+        """Stop the models (``QwenImageModel.stop``) and gRPC; KServe's ``stop`` repeats
+        both once REST has drained, to no effect."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        for model in self.registered_models.get_models().values():
+            model.stop()
+        if self._grpc_server is not None:
+            # Held: the event loop keeps only weak references to its tasks.
+            self._grpc_stopping = asyncio.create_task(self._grpc_server.stop())
+
+
+def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) -> None:
+    """Parse flags, load the model and serve it until SIGINT/SIGTERM, after which the
+    servers take no new requests and close within ``--shutdown_grace_seconds``, the accepted
+    requests finished or, those that could not, failed with a 503 (``QwenImageModel.stop``).
+
+    A setting out of range (or limits that refuse the request defaults), a location that
+    cannot be loaded, a device or dtype this machine lacks, or a speed mode that cannot be
+    applied, ends the process with a one-line error and exit code 2.
     """
     parser = build_parser(model_class)
     args = parser.parse_args(argv)
     try:
         # Out-of-range values, and values from the environment, which argparse does not check.
         options = options_from_args(args)
+        check_request_defaults(model_class, options)
     except ValueError as exc:
         parser.error(str(exc))
     if args.configure_logging:
@@ -288,10 +359,16 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
-    ModelServer(
+    PredictorServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         enable_grpc=args.enable_grpc,
         workers=1,
-        grace_period=args.shutdown_grace_seconds,
+        grace_period=options.shutdown_grace_seconds,
     ).start([model])
+    model.stop()  # done already, unless the servers ended on their own
+    if not model.runner.join(WORKER_EXIT_SECONDS):
+        logger.error(
+            "The pipeline worker was still running %d s after the servers stopped",
+            WORKER_EXIT_SECONDS,
+        )

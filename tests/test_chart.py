@@ -335,10 +335,14 @@ def _model_class(command: str) -> type:
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_predictor_parses_every_setting_the_chart_renders(case: str) -> None:
-    """The predictor's own parser takes each rendered variable to the option it names."""
+    """The predictor's own parser takes each rendered variable to the option it names, and
+    its start-up check accepts them with its request defaults."""
+    from predictors.server import check_request_defaults
+
     for isvc in by_kind(objects(case), "InferenceService").values():
         env = env_values(container(isvc))
         options = predictor_options(isvc)
+        check_request_defaults(_model_class(container(isvc)["command"][0]), options)
         speed, batching = options.acceleration, options.batching
         parsed = {
             "QWEN_MAX_QUEUE_SIZE": str(options.max_queue_size),
@@ -800,6 +804,16 @@ def test_notes_name_the_gpu_resource_each_predictor_asks_for() -> None:
         '"Insufficient nvidia.com/mig-3g.71gb")'
         in render_text("mig")["qwen-image-serve/templates/NOTES.txt"]
     )
+
+
+def test_the_step_cache_with_batching_is_refused() -> None:
+    """The predictor refuses it at start (a request's image would depend on its
+    batch-mates): the chart says so at install instead of a crash-looping pod."""
+    values = {"predictor": {"performance": {"cache": "first_block", "maxBatchSize": 4}}}
+    with pytest.raises(helm_python.HelmError, match=r"needs maxBatchSize 1, not 4, for gener"):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    values["predictor"]["performance"]["maxBatchSize"] = 1
+    assert by_kind(render_values(values), "InferenceService")
 
 
 def test_fp8_without_a_gpu_is_refused() -> None:

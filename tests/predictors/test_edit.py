@@ -121,18 +121,60 @@ def decompression_bomb() -> bytes:
     ("image", "message"),
     [
         (b"this is not an image", "'image' is not a PNG, JPEG or WebP image"),
-        (encoded((64, 64), "GIF", mode="P"), "'image' must be PNG, JPEG or WebP, not GIF"),
+        # Only the PNG, JPEG and WebP parsers are tried: no other format is even read.
+        (encoded((64, 64), "GIF", mode="P"), "'image' is not a PNG, JPEG or WebP image"),
         (encoded((64, 64), "PNG")[:200], "'image' could not be decoded"),
+        # Cut or corrupt in their headers, which Pillow reads as it opens them.
+        (encoded((64, 64), "PNG")[:20], "'image' could not be decoded"),
+        (encoded((64, 64), "JPEG")[:30], "'image' could not be decoded"),
+        (encoded((64, 64), "WEBP")[:30] + bytes(10), "'image' could not be decoded"),
         (encoded((1100, 1000), "PNG"), f"more than the {EDIT_MAX_INPUT_PIXELS} pixels"),
         (encoded((1000, 90), "PNG"), "'image' has an aspect ratio of 1000:90"),
         (decompression_bomb(), f"more than the {EDIT_MAX_INPUT_PIXELS} pixels"),
     ],
-    ids=["not-an-image", "gif", "truncated", "over-pixel-limit", "extreme-aspect", "bomb"],
+    ids=[
+        "not-an-image",
+        "gif",
+        "truncated",
+        "png-header-cut",
+        "jpeg-header-cut",
+        "webp-header-corrupt",
+        "over-pixel-limit",
+        "extreme-aspect",
+        "bomb",
+    ],
 )
 def test_bad_images_get_a_clear_400(edit_predictor, image, message):
     response = edit(edit_predictor, image, **FAST)
     assert response.status_code == 400
     assert message in response.json()["error"]
+
+
+def edit_prompt(predictor: RunningPredictor, prompt: str) -> httpx.Response:
+    body = contract.build_rest_body(
+        prompt, images=[encoded((64, 64), "PNG")], width=64, height=64, **FAST
+    )
+    return httpx.post(predictor.infer_url, json=body, timeout=120)
+
+
+def test_a_long_prompt_is_cut_to_its_first_512_tokens_as_for_generation(edit_predictor):
+    """The edit pipelines keep every token of a prompt, and a long one overflowed the
+    transformer's text positions (a 500). Cut as a generation's, two prompts whose first 512
+    tokens agree edit alike."""
+    prompt = " ".join(f"a red cube number {n} on the table" for n in range(200))  # 7000 chars
+    first, second = (
+        edit_prompt(edit_predictor, text) for text in (prompt, prompt + " and a blue sphere")
+    )
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    (first_image,), (second_image,) = (
+        contract.parse_rest_response(response.json()) for response in (first, second)
+    )
+    first_pixels, second_pixels = (
+        np.asarray(Image.open(io.BytesIO(image.data)), dtype=int)
+        for image in (first_image, second_image)
+    )
+    assert np.abs(first_pixels - second_pixels).max() <= 1  # the text encoder's rounding
 
 
 def test_width_without_height_gets_a_clear_400(edit_predictor):
@@ -259,6 +301,7 @@ def test_a_webp_mask_with_alpha_is_taken(edit_predictor):
         (encoded((96, 64), "JPEG"), {}, "'mask' has no alpha channel"),
         (encode_mask((96, 64), (0, 0, 0, 0)), {}, "'mask' has no fully transparent pixel"),
         (b"not an image", {}, "'mask' is not a PNG, JPEG or WebP image"),
+        (encode_mask((96, 64), (0, 0, 8, 8))[:20], {}, "'mask' could not be decoded"),
         (b"", {}, "'mask' is empty"),
         (
             encode_mask((96, 64), (0, 0, 48, 64)),
@@ -267,7 +310,16 @@ def test_a_webp_mask_with_alpha_is_taken(edit_predictor):
             "~1024x1024): leave the size out or ask for that one, not 1024x1024",
         ),
     ],
-    ids=["other-size", "no-alpha", "jpeg", "opaque", "not-an-image", "empty", "other-output-size"],
+    ids=[
+        "other-size",
+        "no-alpha",
+        "jpeg",
+        "opaque",
+        "not-an-image",
+        "header-cut",
+        "empty",
+        "other-output-size",
+    ],
 )
 def test_bad_masks_get_a_clear_400(edit_predictor, mask, fields, message):
     response = edit(edit_predictor, encoded((96, 64), "PNG"), mask=mask, **FAST, **fields)

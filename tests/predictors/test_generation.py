@@ -88,10 +88,10 @@ def test_encodes_the_requested_output_format(generation_predictor, output_format
 
 
 def test_defaults_are_the_original_services(generation_predictor):
-    """No parameters: 1664x928 would exceed this server's test max_size, so it says so."""
-    response = infer(generation_predictor)
-    assert response.status_code == 400
-    assert "'width' must be between 64 and 1024, got 1664" in response.json()["error"]
+    """No size, seed or format: a 1664x928 PNG of seed 42 (two steps, to be quick)."""
+    (result,) = generate(generation_predictor, **FAST)
+    image = Image.open(io.BytesIO(result.data))
+    assert (image.size, image.format, result.seed) == ((1664, 928), "PNG", 42)
 
 
 @pytest.mark.parametrize(
@@ -102,8 +102,8 @@ def test_defaults_are_the_original_services(generation_predictor):
         ("a" * 32001, {}, "'prompt' has 32001 characters; at most 32000"),
         ("a", {"negative_prompt": "b" * 32001}, "'negative_prompt' has 32001 characters"),
         ("a", {"width": 100, "height": 64}, "'width' must be a multiple of 16"),
-        ("a", {"width": 64, "height": 2048}, "'height' must be between 64 and 1024"),
-        ("a", {"width": 32, "height": 64}, "'width' must be between 64 and 1024"),
+        ("a", {"width": 64, "height": 2064}, "'height' must be between 64 and 2048"),
+        ("a", {"width": 32, "height": 64}, "'width' must be between 64 and 2048"),
         ("a", {"num_inference_steps": 1}, "'num_inference_steps' must be between 2 and 100"),
         ("a", {"num_inference_steps": 101}, "'num_inference_steps' must be between 2 and 100"),
         ("a", {"true_cfg_scale": 0.5}, "'true_cfg_scale' must be between 1.0 and 20.0"),
@@ -116,6 +116,41 @@ def test_defaults_are_the_original_services(generation_predictor):
 def test_invalid_requests_get_a_clear_400(generation_predictor, prompt, fields, message):
     response = infer(generation_predictor, prompt, **{"width": 64, "height": 64, **fields})
     assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def post_json_text(predictor: RunningPredictor, body: str) -> httpx.Response:
+    """POST a JSON body written by hand: what ``json.dumps`` would not write."""
+    headers = {"content-type": "application/json"}
+    return httpx.post(predictor.infer_url, content=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("prompt_tensor", "parameters", "message"),
+    [
+        ('"shape": [1], "data": ["a"]', '"true_cfg_scale": 1' + "0" * 400, "'true_cfg_scale'"),
+        ('"shape": [1], "data": ["\\ud800"]', "", "'prompt' must be UTF-8 text"),
+        ('"shape": [1], "data": [null]', "", "'prompt' must hold text, got NoneType"),
+        ('"shape": [1], "data": [123]', "", "'prompt' must hold text, got int"),
+        ('"shape": [1], "data": [["a cat"]]', "", "'prompt' must hold text, got list"),
+        ('"shape": [7], "data": ["a cat"]', "", "'prompt' has shape [7] but holds 1 elements"),
+        ('"shape": [2], "data": ["a", "b"]', "", "'prompt' must hold exactly one element"),
+    ],
+    ids=["huge-integer", "lone-surrogate", "null", "number", "nested", "shape", "two"],
+)
+def test_malformed_tensors_and_numbers_get_a_clear_400(
+    generation_predictor, prompt_tensor, parameters, message
+):
+    """JSON allows what no prompt or parameter is: integers past any float, escapes of
+    lone UTF-16 surrogates, elements that are not strings, shapes that do not match."""
+    body = (
+        '{"inputs": [{"name": "prompt", "datatype": "BYTES", ' + prompt_tensor + "}], "
+        '"parameters": {"width": 64, "height": 64, "num_inference_steps": 2'
+        + (", " + parameters if parameters else "")
+        + "}}"
+    )
+    response = post_json_text(generation_predictor, body)
+    assert response.status_code == 400, response.text
     assert message in response.json()["error"]
 
 

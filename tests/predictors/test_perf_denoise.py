@@ -7,6 +7,8 @@ padding mask, and with the padding-free attention of ``predictors.attention``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,31 @@ def test_a_batch_of_edits_from_two_images_equals_each_edit_alone(edit_plus):
     batched = generate(edit_plus, jobs, output_type="np")
     for job, images in zip(jobs, batched, strict=True):
         assert np.abs(images - generate(edit_plus, [job], output_type="np")[0]).max() < TOLERANCE
+
+
+LONG_PROMPT = " ".join(f"paint cube {n} blue" for n in range(300))  # far over 512 tokens
+
+
+def check_long_prompt(pipeline: QwenImageEditPipeline | QwenImageEditPlusPipeline) -> None:
+    """As a generation's: what follows a prompt's first 512 tokens changes nothing (the
+    edit pipelines keep every token, which overflowed the transformer's text positions), and
+    the request batched equals the request alone."""
+    job = Job(LONG_PROMPT, " ", (3,), 64, 48, 2, 4.0, images=pictures((96, 64)))
+    other = Job("make it red", " ", (5,), 64, 48, 2, 4.0, images=pictures((96, 64), seed=1))
+    (alone,) = generate(pipeline, [job], output_type="np")
+    batched, _ = generate(pipeline, [job, other], output_type="np")
+    longer = replace(job, prompt=LONG_PROMPT + " and the sphere green")
+    (longer_alone,) = generate(pipeline, [longer], output_type="np")
+    assert np.abs(batched - alone).max() < TOLERANCE
+    assert np.abs(longer_alone - alone).max() < TOLERANCE
+
+
+def test_a_long_edit_prompt_keeps_its_first_512_tokens_alone_and_batched(edit):
+    check_long_prompt(edit)
+
+
+def test_a_long_edit_plus_prompt_keeps_its_first_512_tokens_alone_and_batched(edit_plus):
+    check_long_prompt(edit_plus)
 
 
 def test_a_zero_cond_t_transformer_equals_the_edit_plus_pipeline(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def test_compatible_requests_share_a_batch_up_to_its_image_limit():
         FakeJob("d"),
     ]
     results = asyncio.run(run_all(runner, jobs))
-    runner.shutdown()
+    runner.close()
     assert results == [f"done {job.name}" for job in jobs]
     assert pipeline.batches == [["a", "b", "c"], ["other-size"], ["d"]]
 
@@ -61,7 +62,7 @@ def test_batching_off_runs_one_request_at_a_time():
     pipeline = FakePipeline()
     runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=1))
     asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("b"), FakeJob("big", num_images=3)]))
-    runner.shutdown()
+    runner.close()
     assert pipeline.batches == [["a"], ["b"], ["big"]]
 
 
@@ -80,7 +81,7 @@ def test_a_full_queue_refuses_at_once():
         assert runner.pending == 0
 
     asyncio.run(scenario())
-    runner.shutdown()
+    runner.close()
 
 
 def test_capacity_counts_requests_batch_plus_queue():
@@ -97,14 +98,14 @@ def test_capacity_counts_requests_batch_plus_queue():
         return await asyncio.gather(*tasks)
 
     assert asyncio.run(scenario()) == ["done 0", "done 1", "done 2"]
-    runner.shutdown()
+    runner.close()
 
 
 def test_a_failing_batch_is_retried_one_by_one():
     pipeline = FakePipeline()
     runner = PipelineRunner("m", pipeline, 8, BatchPolicy(max_batch_size=8, batch_wait_ms=100))
     results = asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("bad", fail=True), FakeJob("c")]))
-    runner.shutdown()
+    runner.close()
     assert results[0] == "done a" and results[2] == "done c"
     assert isinstance(results[1], RuntimeError)
     assert pipeline.batches == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
@@ -126,7 +127,7 @@ def test_a_request_cancelled_while_waiting_never_runs():
         assert runner.pending == 0
 
     asyncio.run(scenario())
-    runner.shutdown()
+    runner.close()
     assert pipeline.batches == [["a"]]
 
 
@@ -149,7 +150,7 @@ def test_a_request_cancelled_while_waiting_takes_no_room_in_a_batch():
         return await asyncio.gather(running, *rest)
 
     assert asyncio.run(scenario()) == ["done running", "done b", "done c"]
-    runner.shutdown()
+    runner.close()
     assert pipeline.batches == [["running"], ["b", "c"]]
     assert runner.pending == 0
 
@@ -186,7 +187,7 @@ def test_a_running_batch_stops_once_every_caller_has_left():
         return await asyncio.wait_for(runner.run(FakeJob("next")), 5)
 
     assert asyncio.run(scenario()) == "done next"
-    runner.shutdown()
+    runner.close()
 
 
 def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
@@ -220,7 +221,7 @@ def test_a_call_runs_on_the_worker_thread_before_waiting_batches():
     with pytest.raises(ZeroDivisionError):
         runner.call(lambda: 1 / 0)
     assert runner.call(lambda: "still serving") == "still serving"
-    runner.shutdown()
+    runner.close()
     with pytest.raises(RuntimeError, match="shut down"):  # rather than wait for ever
         runner.call(warm_up)
     assert results == ["done a", "done b"]
@@ -247,13 +248,13 @@ def test_a_wrong_number_of_results_fails_its_batch_and_the_worker_keeps_serving(
         assert runner.pending == 0
 
     asyncio.run(scenario())
-    runner.shutdown()
+    runner.close()
     assert pipeline.batches == [["lost"], ["next"]]
 
 
 def test_a_request_after_shutdown_is_refused_rather_than_left_waiting():
     runner = PipelineRunner("m", FakePipeline(), 4, BatchPolicy(max_batch_size=1))
-    runner.shutdown()
+    runner.close()
 
     async def scenario() -> None:
         with pytest.raises(ServerStopping, match="shutting down") as refused:
@@ -262,3 +263,95 @@ def test_a_request_after_shutdown_is_refused_rather_than_left_waiting():
 
     asyncio.run(scenario())
     assert runner.pending == 0
+
+
+def test_a_place_is_held_from_its_reservation_until_its_job_ends():
+    """``reserve`` takes a place before the job exists (while an edit's images are decoded):
+    the capacity counts it, leaving the ``with`` block unused frees it, and once its job is
+    queued the job's end does."""
+    gate = threading.Event()
+    runner = PipelineRunner("m", FakePipeline(gate), 0, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with runner.reserve(), pytest.raises(ServerBusy, match="has 1 requests running"):
+            runner.reserve()
+        assert runner.pending == 0
+        with runner.reserve() as slot:
+            running = asyncio.create_task(slot.run(FakeJob("a")))
+            await asyncio.sleep(0.05)
+        assert runner.pending == 1
+        gate.set()
+        assert await running == "done a"
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    runner.close()
+
+
+@pytest.mark.parametrize("wait_ms", [math.nan, math.inf, -1, 10_001])
+def test_a_batch_wait_that_is_not_a_sane_number_of_milliseconds_is_refused(wait_ms):
+    with pytest.raises(ValueError, match="batch_wait_ms must be a number of milliseconds"):
+        BatchPolicy(max_batch_size=2, batch_wait_ms=wait_ms)
+
+
+def test_an_unexpected_error_in_the_worker_fails_every_request_rather_than_hang(monkeypatch):
+    """Outside a batch (here while one is gathered) nothing hands an error to the requests:
+    the worker thread ended and every request waited for ever. Now each fails, later ones at
+    once, with a 503 that says why."""
+    runner = PipelineRunner("m", FakePipeline(), 4, BatchPolicy(max_batch_size=2))
+
+    def select():
+        raise RuntimeError("the worker broke")
+
+    monkeypatch.setattr(runner, "_select", select)
+
+    async def scenario() -> None:
+        for name in ("waiting", "later"):
+            with pytest.raises(ServerNotReady, match=r"\(RuntimeError: the worker broke\)"):
+                await asyncio.wait_for(runner.run(FakeJob(name)), 5)
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    assert runner.failure is not None
+
+
+def test_closing_returns_at_once_and_the_grace_period_bounds_the_wait():
+    """``close`` runs on the event loop (KServe's shutdown): it must not wait for the work.
+    Accepted requests go on; those unfinished when the grace period ends fail with a clear
+    503, their batch is told to stop, and the worker thread then ends."""
+    gate = threading.Event()
+    pipeline = FakePipeline(gate)
+    runner = PipelineRunner("m", pipeline, 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> list:
+        requests = [asyncio.create_task(runner.run(FakeJob(name))) for name in "ab"]
+        await asyncio.sleep(0.05)  # "a" runs (held at the gate), "b" waits
+        started = time.monotonic()
+        runner.close(grace_seconds=0.5)
+        assert time.monotonic() - started < 0.05
+        with pytest.raises(ServerStopping):
+            await runner.run(FakeJob("late"))
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert 0.4 < time.monotonic() - started < 2
+        return results
+
+    results = asyncio.run(scenario())
+    for result in results:
+        assert isinstance(result, ServerNotReady)
+        assert "did not finish this request in the 0.5 s a shutdown leaves" in str(result)
+    gate.set()
+    assert runner.join(5)
+    assert pipeline.batches == [["a"]]  # "b" never ran
+
+
+def test_requests_that_finish_within_the_grace_period_succeed():
+    runner = PipelineRunner("m", FakePipeline(), 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> list[str]:
+        requests = [asyncio.create_task(runner.run(FakeJob(name))) for name in "abc"]
+        await asyncio.sleep(0)
+        runner.close(grace_seconds=5)
+        return await asyncio.gather(*requests)
+
+    assert asyncio.run(scenario()) == ["done a", "done b", "done c"]
+    assert runner.join(5)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.hooks import HookRegistry
 from diffusers.models.activations import GELU
 from PIL import Image
@@ -311,11 +311,36 @@ def test_compile_auto_serves_uncompiled_when_compiling_fails_at_load(
     np.testing.assert_array_equal(image, expected)
 
 
+def serve_to_exit(tiny_cache_env: dict[str, str], caplog, *flags: str) -> str:
+    """Run the server's entry point in-process until it exits with code 2; its log."""
+    caplog.set_level(logging.ERROR)
+    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        serve(QwenImageGenerationModel, argv)
+    assert exit_info.value.code == 2
+    return caplog.text
+
+
 def test_compile_on_stops_the_start_when_compiling_fails_at_load(
-    tiny_cache_env, warm_up_fails_on_recompile
+    tiny_cache_env, caplog, warm_up_fails_on_recompile
 ):
-    with pytest.raises(torch._dynamo.exc.RecompileError):
-        load_model(tiny_cache_env, "--compile", "on")
+    """With a one-line error and exit code 2, as other unusable speed modes, rather than a
+    traceback and exit code 1."""
+    log = serve_to_exit(tiny_cache_env, caplog, "--compile", "on")
+    assert "--compile on: compiling the transformer blocks failed at load (RecompileError" in log
+    assert "Traceback" not in log
+
+
+def test_a_lora_that_cannot_be_fused_stops_the_start_with_a_clear_error(
+    tiny_cache_env, tiny_lora, caplog, monkeypatch
+):
+    def fuse_lora(*args, **kwargs):
+        raise RuntimeError("The size of tensor a (32) must match the size of tensor b (64)")
+
+    monkeypatch.setattr(QwenImagePipeline, "fuse_lora", fuse_lora)
+    log = serve_to_exit(tiny_cache_env, caplog, "--lora", str(tiny_lora))
+    assert f"cannot fuse the LoRA '{tiny_lora}' into the transformer: RuntimeError: " in log
+    assert "Traceback" not in log
 
 
 def test_the_warm_up_runs_on_the_worker_thread(tiny_cache_env, monkeypatch):
@@ -466,12 +491,19 @@ def test_compile_auto_compiles_on_a_gpu_where_triton_can_build():
 def test_gpu_modes_on_a_cpu_exit_with_a_clear_error_before_the_weights_load(
     tiny_cache_env, caplog, no_weights, flags, message
 ):
-    caplog.set_level(logging.ERROR)
-    argv = ["--tiny_cache_dir", tiny_cache_env["QWEN_TINY_CACHE_DIR"], *flags]
-    with pytest.raises(SystemExit) as exit_info:
-        serve(QwenImageGenerationModel, argv)
-    assert exit_info.value.code == 2
-    assert message in caplog.text
+    assert message in serve_to_exit(tiny_cache_env, caplog, *flags)
+
+
+def test_the_step_cache_with_cross_request_batching_is_refused_before_the_weights_load(
+    tiny_cache_env, caplog, no_weights
+):
+    """FirstBlockCache decides once per transformer call, for the whole batch: batched, a
+    request's images would depend on its batch-mates."""
+    log = serve_to_exit(tiny_cache_env, caplog, "--cache", "first_block", "--max_batch_size", "4")
+    assert (
+        "--cache first_block decides once per batch whether to skip the blocks, so with "
+        "--max_batch_size 4 a request's images would depend on the requests batched with it"
+    ) in log
 
 
 def test_an_attention_backend_that_refuses_masks_is_refused_for_masked_batches(

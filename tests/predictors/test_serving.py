@@ -20,11 +20,13 @@ import grpc
 import httpx
 import pytest
 from kserve import InferenceGRPCClient, InferInput, InferRequest, InferResponse
+from kserve.errors import InvalidInput, ServerNotReady
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from predictors import contract
 from predictors import model as model_module
+from predictors.engine import ServerBusy
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import PredictorOptions
 from tests.servers import PROJECT_ROOT, RunningPredictor, run_predictor, wait_for_queue_depth
@@ -69,7 +71,7 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flag", "message"),
+    ("flags", "message"),
     [
         ("--device=cuda:7", "device 'cuda:7' is not available: this machine has"),
         ("--device=tpu", "unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
@@ -79,10 +81,23 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ("--max_steps=1", "the least steps (2) is above the most (1)"),
         ("--workers=2", "--workers must be 1, not 2: one process holds the pipeline"),
         ("--warmup_sizes=1000x1000", "widths and heights are positive multiples of 16"),
+        # NaN made every request wait for ever, infinity stopped the worker thread.
+        ("--batch_wait_ms=nan", "batch_wait_ms must be a number of milliseconds from 0 to"),
+        ("--batch_wait_ms=inf", "batch_wait_ms must be a number of milliseconds from 0 to"),
+        # Limits that refuse the request defaults would refuse every request that omits them.
+        (
+            "--max_size=1024",
+            "qwen-image's default size, 1664x928, is outside --min_size 256 .. --max_size 1024",
+        ),
+        ("--max_steps=30", "qwen-image's default steps (50) is outside 2 .. --max_steps 30"),
+        (
+            "--lora=lightning.safetensors --lora_steps=120",
+            "--lora_steps (120) is outside 2 .. --max_steps 100",
+        ),
     ],
 )
-def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flag, message):
-    result = run_to_exit(flag, env=tiny_cache_env)
+def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flags, message):
+    result = run_to_exit(*flags.split(), env=tiny_cache_env)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -187,6 +202,80 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
         {"model_name": "encode-fails", "outcome": "error"},
     )
     assert errors == 1
+
+
+def prompt_request(prompt: str) -> InferRequest:
+    return InferRequest(
+        model_name="m",
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
+        parameters={"width": 256, "height": 256},
+    )
+
+
+def test_requests_past_the_capacity_are_refused_before_their_preparation():
+    """A request takes its place before its preparation (decoding edit images, here a
+    sleep): of ten at once with room for one, one is prepared and runs, nine are refused at
+    once. A place whose preparation fails or is cancelled is freed."""
+    model = QwenImageGenerationModel("capacity", PredictorOptions(device="cpu", max_queue_size=0))
+    model.runner.process = lambda jobs: [[Image.new("RGB", (256, 256))] for _ in jobs]
+    model.ready = True
+    prepared: list[str] = []
+    job = model.prepare
+
+    def prepare(request: contract.ImageRequest):
+        prepared.append(request.prompt)
+        time.sleep(0.3)
+        if request.prompt == "bad":
+            raise contract.ContractError(contract.PROMPT, "'prompt' is bad")
+        return job(request)
+
+    model.prepare = prepare
+
+    async def scenario() -> None:
+        results = await asyncio.gather(
+            *(model.predict(prompt_request(f"p{n}")) for n in range(10)), return_exceptions=True
+        )
+        busy = [result for result in results if isinstance(result, ServerBusy)]
+        assert (len(prepared), len(busy)) == (1, 9), results
+        assert model.runner.pending == 0
+        with pytest.raises(InvalidInput):
+            await model.predict(prompt_request("bad"))
+        assert model.runner.pending == 0
+        cancelled = asyncio.create_task(model.predict(prompt_request("cancelled")))
+        await asyncio.sleep(0.1)  # in its preparation
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert model.runner.pending == 0
+        await model.predict(prompt_request("room again"))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model.stop()
+
+
+def test_a_worker_that_stops_fails_requests_and_the_model_is_no_longer_ready(monkeypatch):
+    """An error outside a batch's own ends the worker thread: the waiting request fails with
+    a 503 that says so instead of waiting for ever, later ones too, and the model reports not
+    ready (KServe's readiness, and its load() before an infer call, get the same error)."""
+    model = QwenImageGenerationModel("broken", PredictorOptions(device="cpu"))
+    model.ready = True
+
+    def select():
+        raise RuntimeError("the worker broke")
+
+    monkeypatch.setattr(model.runner, "_select", select)
+
+    async def scenario() -> None:
+        for prompt in ("waiting when it broke", "after"):
+            with pytest.raises(ServerNotReady, match=r"worker stopped .*RuntimeError: the worker"):
+                await asyncio.wait_for(model.predict(prompt_request(prompt)), 10)
+        assert not await model.healthy()
+
+    asyncio.run(scenario())
+    with pytest.raises(ServerNotReady, match="Restart the predictor"):
+        model.load()
 
 
 @contextlib.contextmanager
