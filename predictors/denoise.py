@@ -61,9 +61,10 @@ logger = logging.getLogger(__name__)
 # The edit pipelines condition on each input image resized to about this many pixels.
 # QwenImageEditPlusPipeline's text encoder reads them smaller (SEVERAL_IMAGES_PROMPT_AREA).
 EDIT_CONDITION_AREA = 1024 * 1024
-# QwenImagePipeline's default text length limit: a prompt's first 512 tokens (with the
-# template's closing tokens) are kept. The edit pipelines keep all; the engine cuts their
-# prompts to the same length, after their image tokens (``_prompt_overflow``).
+# QwenImagePipeline's default text length limit: the first 512 tokens of the prompt followed
+# by the template's closing tokens are kept (a long prompt loses its closing tokens). The edit
+# pipelines keep all; the engine cuts their prompts to the same length, after their image
+# tokens (``_prompt_overflow``).
 MAX_SEQUENCE_LENGTH = 512
 # The inpaint pipelines' mask processor: grayscale, in [0, 1], binarised at 0.5. (Its VAE
 # scale factor only serves to pick a size when none is given; the engine always gives one.)

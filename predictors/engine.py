@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -212,6 +213,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._closed = False
         self._failure: BaseException | None = None
         self._running: list[_Waiting[JobT]] = []
+        # The requests of a failed batch still to be retried one by one (``_execute``).
+        self._retries: list[_Waiting[JobT]] = []
         self._depth = QUEUE_DEPTH.labels(model_name=model_name)
         self._depth.set(0)
         self._batch_sizes = BATCH_REQUESTS.labels(model_name=model_name)
@@ -260,7 +263,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
             self._condition.notify()
         # From now on the job's end frees the place: its done callback, run on this loop.
         slot.held = False
-        waiting.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finish))
+        waiting.future.add_done_callback(lambda _: self._finish_on(loop))
         try:
             return await asyncio.wrap_future(waiting.future)
         except asyncio.CancelledError:
@@ -331,7 +334,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
         """Fail every request waiting or running (the running batch stops at its next step)
         and every call, each with a new ``error()``; how many requests."""
         with self._condition:
-            unfinished = [*self._waiting, *self._running]
+            unfinished = [*self._waiting, *self._running, *self._retries]
             for item in unfinished:
                 item.abandoned = True
                 _settle(item.future, error=error())
@@ -353,10 +356,18 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self._pending -= 1
         self._depth.set(self._pending)
 
+    def _finish_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``_finish`` on ``loop``, from any thread; nothing once the loop has closed (a
+        batch that ends after the servers, while the process waits for the worker)."""
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._finish)
+
     def _work(self) -> None:
         """The worker thread. An error outside a batch's own (which ``_execute`` hands to its
         requests) stops it: then every request and call fails with ``WorkerFailed`` rather
         than wait for ever."""
+        batch: list[_Waiting[JobT]] = []
         try:
             while (work := self._next_work()) is not None:
                 if isinstance(work, _Call):
@@ -365,13 +376,17 @@ class PipelineRunner(Generic[JobT, ResultT]):
                     except BaseException as exc:
                         work.future.set_exception(exc)
                 elif work:
-                    self._execute(work)
+                    batch = work
+                    self._execute(batch)
         except BaseException as error:
             logger.exception("The pipeline worker of model %s stopped", self.model_name)
             with self._condition:
                 self._failure = error
                 self._closed = True
-            self._fail_unfinished(functools.partial(WorkerFailed, self.model_name, error))
+            failed = functools.partial(WorkerFailed, self.model_name, error)
+            for item in batch:  # the batch that raised it, if one did: no longer running
+                _settle(item.future, error=failed())
+            self._fail_unfinished(failed)
 
     def _next_work(self) -> _Call | list[_Waiting[JobT]] | None:
         """The next call, else the next batch, marked running, once it is full or its oldest
@@ -434,9 +449,15 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 _settle(batch[0].future, error=exc)
                 return
             logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), exc)
+            with self._condition:
+                self._retries = list(batch)
             for item in batch:
                 with self._condition:
+                    self._retries.remove(item)
                     if item.future.done():  # failed meanwhile: the shutdown grace ended
+                        continue
+                    if item.abandoned:  # its caller left: settled, so that it stops counting
+                        _settle(item.future, error=BatchAbandoned("its caller left"))
                         continue
                     self._running = [item]
                 self._execute([item])

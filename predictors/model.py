@@ -58,6 +58,8 @@ class PredictorOptions:
     max_queue_size: int = 4
     # On SIGTERM or SIGINT, the longest the shutdown takes (``stop``).
     shutdown_grace_seconds: float = 600
+    # The size of a request that names none, in place of the model's own (text-to-image).
+    default_size: tuple[int, int] | None = None
     limits: Limits = field(default_factory=Limits)
     tiny_cache_dir: Path | None = None
     batching: BatchPolicy = field(default_factory=BatchPolicy)
@@ -81,20 +83,26 @@ class QwenImageModel(Model):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.pipeline: DiffusionPipeline | None = None
-        self.defaults = self.request_defaults(options.acceleration)
+        self.defaults = self.request_defaults(options)
         self.runner = PipelineRunner(name, self.generate, options.max_queue_size, options.batching)
 
     @classmethod
-    def request_defaults(cls, modes: Acceleration) -> Defaults:
-        """What a request that leaves a field out gets: the predictor's defaults, and with a
-        step-distilled LoRA its steps (``--lora_steps``) and no CFG."""
-        if not modes.lora:
-            return cls.defaults
-        return replace(
-            cls.defaults,
-            num_inference_steps=modes.lora_steps,
-            true_cfg_scale=LIGHTNING.true_cfg_scale,
-        )
+    def request_defaults(cls, options: PredictorOptions) -> Defaults:
+        """What a request that leaves a field out gets: the predictor's defaults, with
+        ``--default_size`` if set, and with a step-distilled LoRA its steps (``--lora_steps``)
+        and no CFG."""
+        defaults = cls.defaults
+        if options.default_size is not None:
+            width, height = options.default_size
+            defaults = replace(defaults, width=width, height=height)
+        modes = options.acceleration
+        if modes.lora:
+            defaults = replace(
+                defaults,
+                num_inference_steps=modes.lora_steps,
+                true_cfg_scale=LIGHTNING.true_cfg_scale,
+            )
+        return defaults
 
     def load(self) -> bool:
         """Load the pipeline (tiny when no location is set) and apply the speed modes.

@@ -61,6 +61,16 @@ def parse_sizes(value: str) -> tuple[tuple[int, int], ...] | None:
     return sizes
 
 
+def parse_default_size(value: str) -> tuple[int, int] | None:
+    """``auto`` (None: the model's own default size) or one ``WxH``."""
+    sizes = None if value == "auto" else parse_sizes(value)
+    if sizes is not None and len(sizes) != 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {value!r}: use auto or WxH such as 1024x1024"
+        )
+    return sizes[0] if sizes else None
+
+
 def non_negative_int(value: str) -> int:
     """An int of 0 or more (argparse type)."""
     number = int(value)
@@ -72,14 +82,20 @@ def non_negative_int(value: str) -> int:
 def check_request_defaults(model_class: type[QwenImageModel], options: PredictorOptions) -> None:
     """Refuse limits that refuse the model's request defaults (``ValueError``): every request
     that leaves the field out would get a 400 that blames its client."""
-    defaults = model_class.request_defaults(options.acceleration)
+    if options.default_size is not None and model_class.defaults.width is None:
+        raise ValueError(
+            f"--default_size is for text-to-image: {model_class.default_name}'s output size "
+            "follows its input image"
+        )
+    defaults = model_class.request_defaults(options)
     limits = options.limits
     sides = [side for side in (defaults.width, defaults.height) if side is not None]
     if sides and not limits.min_size <= min(sides) <= max(sides) <= limits.max_size:
         raise ValueError(
             f"{model_class.default_name}'s default size, {defaults.width}x{defaults.height}, "
             f"is outside --min_size {limits.min_size} .. --max_size {limits.max_size}, so "
-            "every request that names no size would be refused: widen the limits"
+            "every request that names no size would be refused: widen the limits, or set "
+            "--default_size within them"
         )
     steps = defaults.num_inference_steps
     if not limits.min_steps <= steps <= limits.max_steps:
@@ -128,8 +144,17 @@ def build_parser(model_class: type[QwenImageModel]) -> argparse.ArgumentParser:
             "QWEN_SHUTDOWN_GRACE_SECONDS",
             non_negative_int,
             600,
-            "on SIGTERM or SIGINT, how long accepted requests (running and queued) may take "
-            "to finish before the server cancels them",
+            "on SIGTERM or SIGINT, how long the shutdown takes: accepted requests (running "
+            "and queued) may finish until its last second, when those still unfinished get a "
+            "503",
+        ),
+        (
+            "--default_size",
+            "QWEN_DEFAULT_SIZE",
+            parse_default_size,
+            "auto",
+            "text-to-image: the size of a request that names none, WxH (auto: the original "
+            "service's 1664x928); an edit's follows its input image",
         ),
         ("--min_size", "QWEN_MIN_SIZE", int, limits.min_size, "smallest width/height"),
         ("--max_size", "QWEN_MAX_SIZE", int, limits.max_size, "largest width/height"),
@@ -261,6 +286,7 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
         dtype=args.dtype,
         max_queue_size=int(args.max_queue_size),
         shutdown_grace_seconds=int(args.shutdown_grace_seconds),
+        default_size=args.default_size,
         limits=Limits(
             min_size=int(args.min_size),
             max_size=int(args.max_size),

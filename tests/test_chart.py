@@ -744,6 +744,23 @@ def test_the_edit_predictor_takes_its_input_image_limit() -> None:
                 assert "QWEN_MAX_INPUT_IMAGES" not in env_of(container(isvc))
 
 
+def test_a_smaller_default_size_lets_the_generation_predictor_cap_sizes() -> None:
+    """settings.maxSize below the generation default (1664x928) is refused at install, as
+    the predictor would refuse to start; settings.defaultSize, for generation only, allows it."""
+    capped = {"predictor": {"settings": {"maxSize": 1024}}}
+    with pytest.raises(helm_python.HelmError, match=r"maxSize \(1024\) is smaller than the gen"):
+        chart().render(capped, name=RELEASE, namespace=NAMESPACE)
+    capped["predictor"]["settings"]["defaultSize"] = "1024x768"
+    objs = render_values(capped)
+    generation = one(objs, "InferenceService", GENERATION)
+    assert predictor_options(generation).default_size == (1024, 768)
+    assert predictor_options(one(objs, "InferenceService", EDIT)).default_size is None
+    assert (
+        predictor_options(one(objects("defaults"), "InferenceService", GENERATION)).default_size
+        is None
+    )
+
+
 def test_a_predictor_may_admit_no_waiting_request() -> None:
     """settings.maxQueueSize 0 (only the running batch) is the predictor's own choice too."""
     values = {"predictor": {"settings": {"maxQueueSize": 0}}}
@@ -977,6 +994,10 @@ def test_a_download_to_node_disk_requests_the_room_for_it() -> None:
     own = {"predictor": {"resources": {"requests": {"ephemeral-storage": "150Gi"}}}}
     for isvc in by_kind(render_values(own), "InferenceService").values():
         assert container(isvc)["resources"]["requests"]["ephemeral-storage"] == "150Gi"
+    # A limit alone is the request too (Kubernetes' default): a larger one would be invalid.
+    limit = {"predictor": {"resources": {"limits": {"ephemeral-storage": "80Gi"}}}}
+    for isvc in by_kind(render_values(limit), "InferenceService").values():
+        assert "ephemeral-storage" not in container(isvc)["resources"]["requests"]
 
 
 def test_the_adapter_serves_a_predictor_that_runs_elsewhere() -> None:
@@ -1343,6 +1364,14 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "a selector label in the adapter's pod labels": (
         {"adapter": {"podLabels": {"app.kubernetes.io/component": "api"}}},
         "invalid propertyName 'app.kubernetes.io/component'",
+    ),
+    "a batch wait past the predictor's bound": (
+        {"predictor": {"performance": {"batchWaitMs": 20000}}},
+        "/predictor/performance/batchWaitMs",
+    ),
+    "a default size that is not WxH": (
+        {"predictor": {"settings": {"defaultSize": "1024"}}},
+        "/predictor/settings/defaultSize",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},

@@ -355,3 +355,67 @@ def test_requests_that_finish_within_the_grace_period_succeed():
 
     assert asyncio.run(scenario()) == ["done a", "done b", "done c"]
     assert runner.join(5)
+
+
+def test_the_grace_period_also_ends_the_one_by_one_retries_of_a_failed_batch():
+    """A failed batch's requests wait for their retry outside the queue: when the grace
+    period ends during the first retry, the later ones fail with the 503 too, and never run."""
+    calls: list[list[str]] = []
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        calls.append([job.name for job in jobs])
+        if len(jobs) > 1:
+            raise RuntimeError("the batch failed")
+        time.sleep(1)  # the first retry outlasts the grace period
+        return [f"done {job.name}" for job in jobs]
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=3, batch_wait_ms=100))
+
+    async def scenario() -> list:
+        requests = [asyncio.create_task(runner.run(FakeJob(name))) for name in "abc"]
+        await asyncio.sleep(0.3)  # the batch failed; "a" is being retried
+        started = time.monotonic()
+        runner.close(grace_seconds=0.2)
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert time.monotonic() - started < 0.8
+        return results
+
+    for result in asyncio.run(scenario()):
+        assert isinstance(result, ServerNotReady), result
+        assert "did not finish this request" in str(result)
+    assert runner.join(5)
+    assert calls == [["a", "b", "c"], ["a"]]
+
+
+def test_a_base_exception_in_a_batch_fails_its_requests_rather_than_hang():
+    def process(jobs: list[FakeJob]) -> list[str]:
+        raise SystemExit("a library gave up")
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=2, batch_wait_ms=50))
+
+    async def scenario() -> list:
+        requests = [runner.run(FakeJob(name)) for name in "ab"]
+        return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 5)
+
+    for result in asyncio.run(scenario()):
+        assert isinstance(result, ServerNotReady), result
+        assert "SystemExit: a library gave up" in str(result)
+    assert runner.join(5)
+
+
+def test_a_request_that_ends_after_its_event_loop_logs_no_error(caplog):
+    """After the servers stop, the process waits for the worker's last batch: its requests'
+    end then finds the event loop closed, which is no error."""
+    gate = threading.Event()
+    runner = PipelineRunner("m", FakePipeline(gate), 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(runner.run(FakeJob("a")), 0.2)
+
+    asyncio.run(scenario())
+    gate.set()
+    runner.close()
+    assert runner.join(5)
+    assert "exception calling callback" not in caplog.text
+    assert "Event loop is closed" not in caplog.text

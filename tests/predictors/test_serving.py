@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import io
 import json
 import logging
 import os
@@ -35,9 +36,11 @@ from tests.servers import PROJECT_ROOT, RunningPredictor, run_predictor, wait_fo
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 6}
 
 
-def run_to_exit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_to_exit(
+    *args: str, env: dict[str, str], module: str = "predictors.generation"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "predictors.generation", *args],
+        [sys.executable, "-m", module, *args],
         cwd=PROJECT_ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -91,6 +94,12 @@ def test_an_unreachable_hub_repo_is_a_clear_error(tmp_path):
         ),
         ("--max_steps=30", "qwen-image's default steps (50) is outside 2 .. --max_steps 30"),
         (
+            "--max_size=1024 --default_size=1280x720",
+            "qwen-image's default size, 1280x720, is outside --min_size 256 .. --max_size 1024",
+        ),
+        ("--default_size=1024", "invalid sizes '1024': use auto, none or WxH"),
+        ("--default_size=512x512,256x256", "invalid size '512x512,256x256': use auto or WxH"),
+        (
             "--lora=lightning.safetensors --lora_steps=120",
             "--lora_steps (120) is outside 2 .. --max_steps 100",
         ),
@@ -101,6 +110,25 @@ def test_an_unusable_setting_is_a_clear_error(tiny_cache_env, flags, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_edit_predictor_has_no_default_size_to_set(tiny_cache_env):
+    result = run_to_exit("--default_size=1024x1024", env=tiny_cache_env, module="predictors.edit")
+    assert result.returncode == 2
+    assert "--default_size is for text-to-image" in result.stderr
+
+
+def test_a_deployment_sets_the_size_of_requests_that_name_none(tiny_cache_env, log_dir):
+    """--default_size lets a deployment cap sizes below the original service's default."""
+    flags = ("--max_size=512", "--default_size=384x256")
+    with run_predictor(
+        "predictors.generation", "qwen-image", log_dir, *flags, env=tiny_cache_env
+    ) as predictor:
+        body = contract.build_rest_body("a red cube", num_inference_steps=2)
+        response = httpx.post(predictor.infer_url, json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        (result,) = contract.parse_rest_response(response.json())
+        assert Image.open(io.BytesIO(result.data)).size == (384, 256)
 
 
 def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):

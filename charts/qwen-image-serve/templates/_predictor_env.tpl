@@ -55,6 +55,10 @@ or on predictor.compileCache's claim, which outlives the pod. */}}
   value: {{ $drainSeconds | int | quote }}
 - name: QWEN_MAX_SIZE
   value: {{ int $p.settings.maxSize | quote }}
+{{- if and (eq $component "generation") $p.settings.defaultSize }}
+- name: QWEN_DEFAULT_SIZE
+  value: {{ $p.settings.defaultSize | quote }}
+{{- end }}
 {{- if and (eq $component "edit") $p.settings.maxInputImages }}
 - name: QWEN_MAX_INPUT_IMAGES
   value: {{ int $p.settings.maxInputImages | quote }}
