@@ -67,55 +67,55 @@ class BatchPolicy:
             )
 
 
-class ServerBusy(ServerNotReady):
-    """The queue is full. KServe answers it with 503 (gRPC UNAVAILABLE); clients retry later."""
+class Unavailable(ServerNotReady):
+    """A request this model cannot take or finish now. KServe answers it with 503 (gRPC
+    UNAVAILABLE, from ``reason``); ``message`` says why and what the client may do."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.error_msg = message
+        self.reason = message  # KServe's gRPC error handler aborts with `.reason`
+
+
+class ServerBusy(Unavailable):
+    """The queue is full; clients retry later."""
 
     def __init__(self, model_name: str, in_flight: int, capacity: int):
-        super().__init__()
-        self.error_msg = (
+        super().__init__(
             f"Server is busy: model {model_name} has {in_flight} requests running or waiting, "
             f"the most it accepts ({capacity}). Retry later."
         )
-        self.reason = self.error_msg  # KServe's gRPC error handler aborts with `.reason`
 
 
-class ServerStopping(ServerNotReady):
-    """The server is shutting down and takes no new work. KServe answers it with 503 (gRPC
-    UNAVAILABLE); a retry reaches another replica."""
+class ServerStopping(Unavailable):
+    """The server is shutting down and takes no new work; a retry reaches another replica."""
 
     def __init__(self, model_name: str):
-        super().__init__()
-        self.error_msg = (
+        super().__init__(
             f"Server is shutting down: model {model_name} takes no new requests. Retry later."
         )
-        self.reason = self.error_msg
 
 
-class ShutdownTimeout(ServerNotReady):
+class ShutdownTimeout(Unavailable):
     """A request accepted before the shutdown had not finished when the time the shutdown
-    leaves requests ran out. KServe answers it with 503 (gRPC UNAVAILABLE); a retry reaches
-    another replica."""
+    leaves requests ran out; a retry reaches another replica."""
 
     def __init__(self, model_name: str, grace_seconds: float):
-        super().__init__()
-        self.error_msg = (
+        super().__init__(
             f"Server is shutting down: model {model_name} did not finish this request in the "
             f"{grace_seconds:g} s a shutdown leaves requests. Retry later."
         )
-        self.reason = self.error_msg
 
 
-class WorkerFailed(ServerNotReady):
-    """The worker thread stopped on an unexpected error: the model serves nothing more. KServe
-    answers it with 503 (gRPC UNAVAILABLE); the predictor needs a restart."""
+class WorkerFailed(Unavailable):
+    """The worker thread stopped on an unexpected error: the model serves nothing more, and
+    the predictor needs a restart."""
 
     def __init__(self, model_name: str, cause: BaseException):
-        super().__init__()
-        self.error_msg = (
+        super().__init__(
             f"Model {model_name} cannot serve: its pipeline worker stopped on an unexpected "
             f"error ({type(cause).__name__}: {cause}). Restart the predictor."
         )
-        self.reason = self.error_msg
 
 
 class BatchAbandoned(Exception):
