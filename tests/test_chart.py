@@ -1369,6 +1369,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         {"predictor": {"performance": {"batchWaitMs": 20000}}},
         "/predictor/performance/batchWaitMs",
     ),
+    "more LoRA steps than the predictor takes": (
+        {"generation": {"lora": {"source": "lightx2v/Qwen-Image-Lightning", "steps": 120}}},
+        "/generation/lora/steps",
+    ),
     "a default size that is not WxH": (
         {"predictor": {"settings": {"defaultSize": "1024"}}},
         "/predictor/settings/defaultSize",
