@@ -18,9 +18,10 @@ from openai_adapter.middleware import (
     REQUEST_ID_HEADER,
     AccessMiddleware,
     BodySizeLimitMiddleware,
+    UploadBudgetMiddleware,
 )
 from openai_adapter.predictor_client import PredictorClient
-from openai_adapter.routes import GENERATIONS_PATH, body_schemas, health, metrics, v1
+from openai_adapter.routes import EDITS_PATH, GENERATIONS_PATH, body_schemas, health, metrics, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
 from predictors.disconnect import CancelOnDisconnect
@@ -77,8 +78,15 @@ def create_app(
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
     # the request id (with its access log line and metrics) wraps the rest, and CORS headers
-    # reach every answer, the size check's 413 included, except an unexpected 500 (Starlette
-    # answers those outside every middleware).
+    # reach every answer, the size checks' 413 and 503 included, except an unexpected 500
+    # (Starlette answers those outside every middleware).
+    app.add_middleware(
+        UploadBudgetMiddleware,
+        paths=[EDITS_PATH],
+        budget_bytes=settings.max_upload_bytes_in_flight,
+        unknown_length_bytes=max_body_bytes(settings.max_upload_bytes),
+        retry_after_seconds=settings.retry_after_seconds,
+    )
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=max_body_bytes(settings.max_upload_bytes),

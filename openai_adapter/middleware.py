@@ -1,4 +1,5 @@
-"""Request ids, access logs and metrics for every request, and a cap on request bodies."""
+"""Request ids, access logs and metrics for every request, and caps on request bodies: each
+body's size, and the upload bytes held at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -20,6 +21,8 @@ from openai_adapter.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger("openai_adapter.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+# The code of the 503 that ``UploadBudgetMiddleware`` answers.
+SERVER_BUSY = "server_busy"
 # The access log's status of a request whose client left before its answer (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
@@ -140,3 +143,54 @@ class BodySizeLimitMiddleware:
             await self.app(scope, counting_receive, send_unless_exceeded)
         if exceeded:
             await self.too_large(max_bytes)(scope, receive, send)
+
+
+class UploadBudgetMiddleware:
+    """Hold at most ``budget_bytes`` of request bodies to ``paths`` at once (their
+    ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one): a request
+    that would pass it, while others hold some, gets a retryable 503 before its body is read.
+    A burst of large uploads then cannot exhaust the process's memory, and with it every
+    request it holds. A request alone always fits, whatever its size."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: Sequence[str],
+        budget_bytes: int,
+        unknown_length_bytes: int,
+        retry_after_seconds: int,
+    ):
+        self.app = app
+        self.paths = frozenset(paths)
+        self.budget_bytes = budget_bytes
+        self.unknown_length_bytes = unknown_length_bytes
+        self.retry_after = str(retry_after_seconds)
+        self.held_bytes = 0  # on the event loop only
+
+    def busy(self) -> JSONResponse:
+        info = ErrorInfo(
+            message=f"The server is busy receiving other uploads ({self.held_bytes} bytes at "
+            "once, the most it holds); try again later",
+            type="server_error",
+            param=None,
+            code=SERVER_BUSY,
+        )
+        headers = {"retry-after": self.retry_after}
+        return JSONResponse(
+            ErrorResponse(error=info).model_dump(), status_code=503, headers=headers
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        length = Request(scope).headers.get("content-length", "")
+        cost = int(length) if length.isdigit() else self.unknown_length_bytes
+        if self.held_bytes and self.held_bytes + cost > self.budget_bytes:
+            await self.busy()(scope, receive, send)
+            return
+        self.held_bytes += cost
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.held_bytes -= cost

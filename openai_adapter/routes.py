@@ -94,8 +94,11 @@ def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) ->
 
 _V1 = "/v1"
 _GENERATIONS = "/images/generations"
-# The generation route's full path, which has a body size limit of its own.
+_EDITS = "/images/edits"
+# The image routes' full paths: generations have a body size limit of their own, and edits'
+# bodies count against the upload bytes held at once.
 GENERATIONS_PATH = _V1 + _GENERATIONS
+EDITS_PATH = _V1 + _EDITS
 v1 = APIRouter(prefix=_V1, dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -232,7 +235,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
 
 
 @v1.post(
-    "/images/edits",
+    _EDITS,
     response_model=ImagesResponse,
     tags=["images"],
     openapi_extra=_documented_body(_EDIT_BODIES),

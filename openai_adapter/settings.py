@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest accepted edit upload: its images together."
     )
+    max_upload_bytes_in_flight: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="Most bytes of edit bodies held at once (their Content-Length); an edit "
+        "that would pass it, while others are held, gets a retryable 503 before it is read.",
+    )
     image_url_hosts: list[str] = Field(
         [],
         description="Hosts (a name or IPv4 address, or '*.example.com' for the subdomains of "

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, get_args
 
 import httpx
@@ -1123,6 +1123,57 @@ def test_a_generation_body_has_a_limit_of_its_own(client, predictor):
     )
     assert response.status_code == 200, response.text
     assert len(predictor.requests) == 2
+
+
+def test_edits_hold_at_most_the_upload_budget_at_once():
+    """While edits wait for the predictor, another one that would take the bodies held past
+    ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT`` gets a retryable 503 before it is read; one
+    that fits goes on, and the room comes back as edits finish."""
+    arrived: asyncio.Queue[None] = asyncio.Queue()
+    release = asyncio.Event()
+
+    async def slow_predictor(request: httpx.Request) -> httpx.Response:
+        arrived.put_nowait(None)
+        await release.wait()
+        return v2_answer(request)
+
+    app = create_app(
+        Settings(max_upload_bytes_in_flight=300_000, retry_after_seconds=7),
+        transport=httpx.MockTransport(slow_predictor),
+    )
+    large = b"\x89PNG\r\n\x1a\n" + bytes(200_000)
+
+    def edit(http: httpx.AsyncClient, image: bytes) -> Awaitable[httpx.Response]:
+        files = {"image": ("a.png", image, "image/png")}
+        return http.post("/v1/images/edits", data={"prompt": "x"}, files=files)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://adapter") as http,
+        ):
+            first = asyncio.create_task(edit(http, large))
+            await asyncio.wait_for(arrived.get(), 5)
+            refused = await asyncio.wait_for(edit(http, large), 5)
+            error = assert_error(refused, 503, "server_busy", None)
+            assert "busy receiving other uploads" in error["message"]
+            assert refused.headers["retry-after"] == "7"
+            small = asyncio.create_task(edit(http, encode()))
+            await asyncio.wait_for(arrived.get(), 5)  # fits beside the first
+            release.set()
+            assert (await first).status_code == 200 and (await small).status_code == 200
+            assert (await edit(http, large)).status_code == 200  # the room came back
+
+    asyncio.run(scenario())
+
+
+def test_an_edit_alone_fits_whatever_the_upload_budget(make_client, predictor):
+    client = make_client(max_upload_bytes_in_flight=1000)
+    image = b"\x89PNG\r\n\x1a\n" + bytes(200_000)
+    files = {"image": ("a.png", image, "image/png")}
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=files)
+    assert response.status_code == 200, response.text
 
 
 APP_ORIGIN = "https://app.example.com"
