@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -37,6 +37,7 @@ from openai_adapter.protocol import (
 from openai_adapter.serving import ImageService, completed_events
 
 _Body = TypeVar("_Body", bound=BaseModel)
+_Route = TypeVar("_Route", bound=Callable[..., Any])
 _bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -135,6 +136,16 @@ def _documented_body(bodies: dict[str, type[BaseModel]]) -> dict[str, Any]:
     }
 
 
+def _image_route(path: str, bodies: dict[str, type[BaseModel]]) -> Callable[[_Route], _Route]:
+    """The decorator of an image route at ``path`` that reads ``bodies`` itself."""
+    return v1.post(
+        path,
+        response_model=ImagesResponse,
+        tags=["images"],
+        openapi_extra=_documented_body(bodies),
+    )
+
+
 def _media_type(request: Request) -> str:
     """The request's media type, in lower case and without its parameters."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -192,12 +203,7 @@ async def generation_request(request: Request) -> ImageGenerationRequest:
     return _json_body(ImageGenerationRequest, body)
 
 
-@v1.post(
-    _GENERATIONS,
-    response_model=ImagesResponse,
-    tags=["images"],
-    openapi_extra=_documented_body(_GENERATION_BODIES),
-)
+@_image_route(_GENERATIONS, _GENERATION_BODIES)
 async def create_image(
     body: Annotated[ImageGenerationRequest, Depends(generation_request)],
     request: Request,
@@ -234,12 +240,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
         await form.close()
 
 
-@v1.post(
-    _EDITS,
-    response_model=ImagesResponse,
-    tags=["images"],
-    openapi_extra=_documented_body(_EDIT_BODIES),
-)
+@_image_route(_EDITS, _EDIT_BODIES)
 async def create_image_edit(
     edit: Annotated[ImageEditRequest | ImageEditJsonRequest, Depends(edit_request)],
     request: Request,

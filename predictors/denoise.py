@@ -408,8 +408,10 @@ def _prompt_overflow(pipeline: DiffusionPipeline, prompt: str) -> int:
     tokens, where the edit pipelines keep them all, after the image's tokens. The text encoder
     is causal, so the tokens before the cut come out as if the text ended there. Special
     tokens surround the prompt in the template, so it is tokenized as it is alone."""
-    closing = pipeline.prompt_template_encode.split("{}", 1)[1]
-    tokens = len(pipeline.processor.tokenizer(prompt + closing)["input_ids"])
+    text = prompt + pipeline.prompt_template_encode.split("{}", 1)[1]
+    if len(text.encode()) <= MAX_SEQUENCE_LENGTH:  # a byte-level token is a byte or more
+        return 0
+    tokens = len(pipeline.processor.tokenizer(text)["input_ids"])
     return max(0, tokens - MAX_SEQUENCE_LENGTH)
 
 

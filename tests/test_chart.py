@@ -747,6 +747,13 @@ def test_the_edit_predictor_takes_its_input_image_limit() -> None:
 def test_a_smaller_default_size_lets_the_generation_predictor_cap_sizes() -> None:
     """settings.maxSize below the generation default (1664x928) is refused at install, as
     the predictor would refuse to start; settings.defaultSize, for generation only, allows it."""
+    # The chart's copy of the default size is the predictor's own.
+    from predictors.contract import GENERATION_DEFAULTS
+
+    widest = max(GENERATION_DEFAULTS.width, GENERATION_DEFAULTS.height)
+    render_values({"predictor": {"settings": {"maxSize": widest}}})
+    with pytest.raises(helm_python.HelmError, match=r"is smaller than the gen"):
+        render_values({"predictor": {"settings": {"maxSize": widest - 16}}})
     capped = {"predictor": {"settings": {"maxSize": 1024}}}
     with pytest.raises(helm_python.HelmError, match=r"maxSize \(1024\) is smaller than the gen"):
         chart().render(capped, name=RELEASE, namespace=NAMESPACE)
