@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
-from openai_adapter.errors import install_error_handlers
+from openai_adapter.errors import UnexpectedErrorMiddleware, install_error_handlers
 from openai_adapter.image_urls import ImageUrlReader
 from openai_adapter.middleware import (
     REQUEST_ID_HEADER,
@@ -78,8 +78,7 @@ def create_app(
     install_error_handlers(app)
     # Middleware added last runs first: a client's disconnect cancels everything inside,
     # the request id (with its access log line and metrics) wraps the rest, and CORS headers
-    # reach every answer, the size checks' 413 and 503 included, except an unexpected 500
-    # (Starlette answers those outside every middleware).
+    # reach every answer: the size checks' 413 and 503, and the 500 of an unexpected error.
     app.add_middleware(
         UploadBudgetMiddleware,
         paths=[EDITS_PATH],
@@ -92,6 +91,7 @@ def create_app(
         max_bytes=max_body_bytes(settings.max_upload_bytes),
         path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
     )
+    app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openai_adapter.middleware import REQUEST_ID_HEADER, request_id_of
 from openai_adapter.protocol import ErrorInfo, ErrorResponse
@@ -119,7 +120,8 @@ def _validation_info(exc: RequestValidationError) -> ErrorInfo:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error, including FastAPI's own, with an OpenAI error body."""
+    """Answer the routes' errors, FastAPI's own included, with an OpenAI error body
+    (unexpected exceptions: ``UnexpectedErrorMiddleware``)."""
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -141,8 +143,38 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(request, exc.status_code, info, exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request_id=%s unexpected error", request_id_of(request))
-        info = ErrorInfo(message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR)
-        return error_response(request, 500, info)
+
+class UnexpectedErrorMiddleware:
+    """Answer an unexpected exception with a 500 in OpenAI's shape, and log it once.
+
+    Starlette answers those in its outermost layer, outside every middleware, so the answer
+    would miss the headers that middleware adds (CORS: a browser would see a network error
+    instead of the 500). Placed inside the CORS middleware, this one answers first. An
+    exception raised once the answer has started is raised on: the status is already sent.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def noting_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception:
+            if started:
+                raise
+            request = Request(scope)
+            logger.exception("request_id=%s unexpected error", request_id_of(request))
+            info = ErrorInfo(
+                message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR
+            )
+            await error_response(request, 500, info)(scope, receive, send)

@@ -1277,19 +1277,28 @@ def test_http_errors_have_openai_shape(client: TestClient):
     assert_error(client.get("/v1/images/generations"), 405, "method_not_allowed", None)
 
 
-def test_unexpected_exception_is_a_500(make_client, predictor):
+def test_unexpected_exception_is_a_500(make_client, predictor, caplog):
+    """An unexpected error is a 500 in OpenAI's shape, logged once with its traceback, and
+    it carries the CORS headers, so a browser page sees the 500 and not a network error."""
+
     def explode(request: httpx.Request) -> httpx.Response:
         raise RuntimeError("bug")
 
     predictor.handler = explode
-    app = create_app(Settings(), transport=httpx.MockTransport(predictor))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    client = make_client(cors_origins=[APP_ORIGIN])  # raises what escapes the app
+    with caplog.at_level(logging.ERROR):
         response = client.post(
-            "/v1/images/generations", json={"prompt": "x"}, headers={"x-request-id": "r1"}
+            "/v1/images/generations",
+            json={"prompt": "x"},
+            headers={"x-request-id": "r1", "Origin": APP_ORIGIN},
         )
     assert_error(response, 500, "internal_error", None)
     assert response.headers["x-request-id"] == "r1"
+    assert response.headers["access-control-allow-origin"] == APP_ORIGIN
     assert "x-should-retry" not in response.headers  # the SDK may retry it
+    logged = [record for record in caplog.records if record.exc_info]
+    assert [record.getMessage() for record in logged] == ["request_id=r1 unexpected error"]
+    assert logged[0].exc_info[0] is RuntimeError
 
 
 def test_health(client: TestClient, predictor: FakePredictor):
