@@ -11,8 +11,11 @@ LABELS = ["route", "method"]
 # label set.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The route of requests answered without reaching one: unknown paths (so that they cannot
-# grow the label set) and bodies refused by their Content-Length (413).
+# grow the label set), bodies refused by their Content-Length (413) and CORS preflights.
 UNROUTED = "unrouted"
+# The scope key where a middleware that answers a route's requests before routing (the
+# upload budget's 503) names that route's path, so that its answers count under the route.
+ANSWERED_ROUTE = "qwen_image_answered_route"
 
 REQUESTS = Counter(
     "qwen_image_adapter_requests_total",
@@ -30,9 +33,10 @@ IN_PROGRESS = Gauge("qwen_image_adapter_requests_in_progress", "Requests not ans
 
 def record(scope: Scope, status: int, seconds: float) -> None:
     """Count an answered request under the template of the route it reached (such as
-    ``/v1/models/{model_id:path}``), or ``unrouted``."""
-    route = scope.get("route")
+    ``/v1/models/{model_id:path}``) or was answered for (``ANSWERED_ROUTE``), or
+    ``unrouted``."""
+    route = getattr(scope.get("route"), "path", None) or scope.get(ANSWERED_ROUTE, UNROUTED)
     method = scope["method"] if scope["method"] in METHODS else "other"
-    labels = {"route": getattr(route, "path", UNROUTED), "method": method}
+    labels = {"route": route, "method": method}
     REQUESTS.labels(**labels, status=str(status)).inc()
     REQUEST_LATENCY.labels(**labels).observe(seconds)

@@ -187,6 +187,7 @@ class UploadBudgetMiddleware:
         length = Request(scope).headers.get("content-length", "")
         cost = int(length) if length.isdigit() else self.unknown_length_bytes
         if self.held_bytes and self.held_bytes + cost > self.budget_bytes:
+            scope[metrics.ANSWERED_ROUTE] = scope["path"]  # one of ``paths``: a route's
             await self.busy()(scope, receive, send)
             return
         self.held_bytes += cost

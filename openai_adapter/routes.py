@@ -151,7 +151,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _json_body(model: type[_Body], body: bytes) -> _Body:
+def _json_body(model: type[_Body], body: bytes | bytearray) -> _Body:
     """A JSON body as ``model``; answered as FastAPI answers its own bodies when it does
     not fit (``_as_request_error``)."""
     if not body:
@@ -182,6 +182,16 @@ def _as_request_error(invalid: ValidationError) -> RequestValidationError:
     ``errors.install_error_handlers`` answers in OpenAI's shape."""
     errors = invalid.errors(include_url=False)
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
+
+
+async def _uncached_body(request: Request) -> bytearray:
+    """The request's body, which, unlike ``request.body()``, the request does not keep: an
+    edit's JSON body (its images' data URLs) is then not held beside what it is parsed into
+    while the predictor works."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
 
 
 def _is_blank(value: str | StarletteUploadFile) -> bool:
@@ -219,7 +229,7 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
     the openai SDK sends it, or a JSON object with the images by URL."""
     media_type = _media_type(request)
     if media_type == _JSON:
-        yield _json_body(ImageEditJsonRequest, await request.body())
+        yield _json_body(ImageEditJsonRequest, await _uncached_body(request))
         return
     if media_type not in _FORMS:
         raise OpenAIError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pybase64
 from starlette.datastructures import UploadFile
@@ -48,12 +49,23 @@ from predictors.contract import (
     NUM_INFERENCE_STEPS,
     WIDTH,
     ImageResult,
-    build_rest_body,
+    rest_body_parts,
 )
 
 OWNER = "qwen-image-serve"
 # OpenAI's own limit on the images of one edit; the predictor applies the model's.
 MAX_EDIT_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class PredictorCall:
+    """A v2 infer call: its model, request id, JSON body in parts
+    (``contract.rest_body_parts``), and the client's names of the contract's fields."""
+
+    model: str
+    request_id: str
+    body: list[bytes]
+    param_names: dict[str, str]
 
 
 class ImageService:
@@ -88,7 +100,7 @@ class ImageService:
         """``POST /v1/images/generations``."""
         model = self._resolve_model(request.model, self._settings.generation_model)
         _reject_unsupported(request)
-        return await self._run(model, request, request_id)
+        return await self._run(self._predictor_call(model, request, request_id), request)
 
     async def edit(
         self, request: ImageEditRequest | ImageEditJsonRequest, request_id: str
@@ -97,7 +109,11 @@ class ImageService:
         model = self._resolve_model(request.model, self._settings.edit_model)
         _reject_unsupported(request)  # before any image URL is fetched
         images, mask = await self._read_edit_inputs(request)
-        return await self._run(model, request, request_id, images, mask, request.IMAGES_PARAM)
+        call = self._predictor_call(model, request, request_id, images, mask, request.IMAGES_PARAM)
+        # The call holds the files as base64; dropped here, they are not also held while the
+        # predictor works (UploadBudgetMiddleware's budget assumes so).
+        del images, mask
+        return await self._run(call, request)
 
     def _served_as(self, name: str) -> str | None:
         """The enabled model that ``name`` is the id or an alias of; None if none."""
@@ -205,7 +221,7 @@ class ImageService:
         except ImageUrlUnreadable as unreadable:
             raise bad_request(f"{name}'s image_url {unreadable}", param, INVALID_VALUE) from None
 
-    async def _run(
+    def _predictor_call(
         self,
         model: str,
         request: ImageRequest,
@@ -213,9 +229,9 @@ class ImageService:
         images: Sequence[bytes] = (),
         mask: bytes | None = None,
         images_param: str = IMAGE,
-    ) -> ImagesResponse:
-        """Call the predictor with the request's fields and answer in OpenAI's shape;
-        ``images_param`` is the client's field that carried the images."""
+    ) -> PredictorCall:
+        """The v2 infer call to ``model`` for the request's fields; ``images_param`` is the
+        client's field that carried the images."""
         size = request.size_pixels or (None, None)
         quality_steps = self._settings.quality_table(model).get(request.quality or "auto")
         width = _first(request.width, size[0])
@@ -231,7 +247,7 @@ class ImageService:
             if request.num_inference_steps is None and quality_steps is not None
             else NUM_INFERENCE_STEPS,
         }
-        body = build_rest_body(
+        body = rest_body_parts(
             request.prompt,
             negative_prompt=request.negative_prompt,
             images=images,
@@ -247,7 +263,11 @@ class ImageService:
             output_format=request.output_format,
             output_compression=request.output_compression,
         )
-        results = await self._client.infer(model, body, request_id, param_names)
+        return PredictorCall(model, request_id, body, param_names)
+
+    async def _run(self, call: PredictorCall, request: ImageRequest) -> ImagesResponse:
+        """Make the predictor call and answer in OpenAI's shape."""
+        results = await self._client.infer(call.model, call.body, call.request_id, call.param_names)
         return _images_response(results, request.quality or "auto")
 
 

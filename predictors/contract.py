@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import pybase64
+import pydantic_core
 
 GENERATION_MODEL_NAME = "qwen-image"
 EDIT_MODEL_NAME = "qwen-image-edit"
@@ -377,22 +378,50 @@ def build_rest_body(
     inputs: list[dict[str, Any]] = [_text_input(PROMPT, prompt)]
     if negative_prompt is not None:
         inputs.append(_text_input(NEGATIVE_PROMPT, negative_prompt))
-    for name, files in ((IMAGE, images), (MASK, [mask] if mask is not None else [])):
-        if files:
-            inputs.append(
-                {
-                    "name": name,
-                    "shape": [len(files)],
-                    "datatype": "BYTES",
-                    "data": [encode_bytes_for_rest(data) for data in files],
-                }
-            )
+    for name, files in _file_inputs(images, mask):
+        inputs.append(
+            {
+                **_file_input_header(name, files),
+                "data": [encode_bytes_for_rest(data) for data in files],
+            }
+        )
     body: dict[str, Any] = {"inputs": inputs, "parameters": build_parameters(**parameters)}
     if binary_output:
         body["parameters"][BINARY_DATA_OUTPUT] = True
     if request_id:
         body["id"] = request_id
     return body
+
+
+def rest_body_parts(
+    prompt: str, *, images: Sequence[bytes] = (), mask: bytes | None = None, **fields: Any
+) -> list[bytes]:
+    """The JSON of ``build_rest_body(prompt, images=images, mask=mask, **fields)``, in parts
+    that join into it. Each file's base64 is a part of its own, encoded from the file's bytes:
+    a large upload is then not copied again into one JSON document, and the caller may drop
+    the files once this returns and send the parts as they are."""
+    body = build_rest_body(prompt, **fields)
+    parts = [b'{"inputs":', pydantic_core.to_json(body.pop("inputs"))[:-1]]  # without "]"
+    for name, files in _file_inputs(images, mask):
+        header = pydantic_core.to_json(_file_input_header(name, files))
+        parts += [b",", header[:-1], b',"data":["']  # the header without its "}"
+        for index, data in enumerate(files):
+            if index:
+                parts.append(b'","')
+            parts.append(pybase64.b64encode(data))  # base64 needs no escaping in JSON
+        parts.append(b'"]}')
+    parts += [b"],", pydantic_core.to_json(body)[1:]]  # "parameters" and "id", without "{"
+    return parts
+
+
+def _file_inputs(images: Sequence[bytes], mask: bytes | None) -> list[tuple[str, list[bytes]]]:
+    """The request's file tensors that have files: the images, then the mask."""
+    tensors = [(IMAGE, list(images)), (MASK, [mask] if mask is not None else [])]
+    return [(name, files) for name, files in tensors if files]
+
+
+def _file_input_header(name: str, files: Sequence[bytes]) -> dict[str, Any]:
+    return {"name": name, "shape": [len(files)], "datatype": "BYTES"}
 
 
 def _text_input(name: str, text: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_adapter.app import GENERATION_MAX_BODY_BYTES, create_app
@@ -1155,8 +1156,12 @@ def test_edits_hold_at_most_the_upload_budget_at_once():
         ):
             first = asyncio.create_task(edit(http, large))
             await asyncio.wait_for(arrived.get(), 5)
+            busy_labels = {"route": "/v1/images/edits", "method": "POST", "status": "503"}
+            busy_before = REGISTRY.get_sample_value(COUNTED, busy_labels) or 0
             refused = await asyncio.wait_for(edit(http, large), 5)
             error = assert_error(refused, 503, "server_busy", None)
+            # Counted under the edit route, as the dashboard's panels select it.
+            assert REGISTRY.get_sample_value(COUNTED, busy_labels) == busy_before + 1
             assert "busy receiving other uploads" in error["message"]
             assert refused.headers["retry-after"] == "7"
             small = asyncio.create_task(edit(http, encode()))
@@ -1658,3 +1663,27 @@ def test_adapter_does_not_import_torch():
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_memory_benchmark_shows_the_files_dropped_while_the_predictor_works():
+    """``bench/adapter_memory.py`` end to end, at a small upload. While the predictor works,
+    a multipart edit holds its image's base64 only (1.33x the body), not the file beside it
+    or a second copy of the JSON sent on (3.67x before)."""
+    completed = subprocess.run(
+        [sys.executable, "bench/adapter_memory.py", "--upload-mib", "4", "--repeats", "1"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = {
+        words[0]: [float(word) for word in words[1:]]
+        for words in map(str.split, completed.stdout.splitlines())
+        if words and words[0] in ("multipart", "json")
+    }
+    assert set(rows) == {"multipart", "json"}, completed.stdout
+    for _, peak_mib, _, held_mib, _ in rows.values():
+        assert 0 < held_mib <= peak_mib, completed.stdout
+    held_per_body_byte = rows["multipart"][4]
+    assert held_per_body_byte < 1.6, completed.stdout

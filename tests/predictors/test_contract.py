@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
+
 import pytest
 from kserve import InferOutput, InferResponse
 
@@ -102,6 +106,28 @@ def test_rest_body_round_trips_through_parameters_and_base64():
     assert inputs["mask"]["shape"] == [1]
     assert contract.decode_bytes_from_rest("mask", inputs["mask"]["data"][0]) == b"\x89PNG mask"
     assert body["parameters"] == {"seed": 3, "width": 512, "height": 256}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"negative_prompt": 'blurry, \u00e9\u2603 "quoted"', "request_id": "r-1", "seed": 3},
+        {"images": [b"\x89PNG one"], "binary_output": True, "true_cfg_scale": 2.5},
+        {"images": [b"\x89PNG one", b"", b"\xff\xd8 three"], "mask": b"\x89PNG mask"},
+        {"mask": b"\x89PNG mask only", "width": 512, "height": 256},
+    ],
+)
+def test_rest_body_parts_join_into_the_rest_body(fields):
+    """The adapter sends ``rest_body_parts`` as they are: joined, they are the JSON of the
+    same ``build_rest_body`` call, each file's base64 a part of its own."""
+    parts = contract.rest_body_parts('a "cat"\n\u732b', **fields)
+    assert json.loads(b"".join(parts)) == contract.build_rest_body('a "cat"\n\u732b', **fields)
+    files = [*fields.get("images", ()), *([fields["mask"]] if "mask" in fields else [])]
+    file_parts = [
+        part for before, part in itertools.pairwise(parts) if before.endswith((b'["', b'","'))
+    ]
+    assert [base64.b64decode(part) for part in file_parts] == files
 
 
 def test_grpc_parameters_carry_floats_as_strings():

@@ -1,0 +1,215 @@
+"""Memory the adapter spends on one edit at the upload limit: its peak while the edit is read,
+checked and sent on, and what it still holds while the predictor works, against the size of
+the edit's body (the unit of ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT``).
+
+The adapter runs under uvicorn in a process of its own with ``tracemalloc`` on; a stand-in
+predictor in another process reads each infer body, holds it for ``--hold`` seconds and
+answers with a small image. Edits are sent as the openai SDK sends them (multipart, the image
+as a file) and as a JSON edit with the image as a base64 data URL.
+
+    python bench/adapter_memory.py [--upload-mib 20] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import multiprocessing
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+import uvicorn
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from openai_adapter.app import create_app
+from openai_adapter.settings import Settings
+from predictors import contract
+from tests.servers import free_port
+
+MIB = 1024 * 1024
+MEMORY_PATH = "/_memory"
+
+
+def small_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def run_predictor(port: int, hold_seconds: float) -> None:
+    """A stand-in predictor: reads the whole infer body, waits, answers one image."""
+    image = small_png()
+    header = json.dumps(
+        {
+            "outputs": [
+                {
+                    "name": contract.IMAGES,
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 4 + len(image)},
+                },
+                {"name": contract.SEEDS, "shape": [1], "datatype": "INT64", "data": [42]},
+            ]
+        }
+    ).encode()
+    answer = header + len(image).to_bytes(4, "little") + image
+
+    async def infer(request: Request) -> Response:
+        async for _ in request.stream():
+            pass
+        await asyncio.sleep(hold_seconds)
+        headers = {contract.BINARY_HEADER_LENGTH: str(len(header))}
+        return Response(answer, headers=headers, media_type="application/octet-stream")
+
+    async def ready(request: Request) -> Response:
+        return Response()
+
+    app = Starlette(
+        routes=[
+            Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+            Route("/v2/models/{model}/ready", ready),
+        ]
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def run_adapter(port: int, predictor_url: str, max_upload_bytes: int) -> None:
+    """The adapter, with ``GET /_memory`` answering tracemalloc's figures (``?reset=1``:
+    and starting a new peak)."""
+    settings = Settings(
+        generation_url=predictor_url, edit_url=predictor_url, max_upload_bytes=max_upload_bytes
+    )
+    adapter = create_app(settings)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == MEMORY_PATH:
+            current, peak = tracemalloc.get_traced_memory()
+            if scope["query_string"] == b"reset=1":
+                tracemalloc.reset_peak()
+            await JSONResponse({"current": current, "peak": peak})(scope, receive, send)
+            return
+        await adapter(scope, receive, send)
+
+    tracemalloc.start()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def wait_ready(url: str, process: multiprocessing.Process) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.is_alive():
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def edit_bodies(upload_bytes: int) -> dict[str, tuple[bytes, str]]:
+    """The two shapes of an edit whose image file is ``upload_bytes`` long: body and type."""
+    image = b"\x89PNG\r\n\x1a\n" + bytes(upload_bytes - 8)
+    multipart = httpx.Request(
+        "POST",
+        "http://adapter/v1/images/edits",
+        data={"prompt": "add a hat"},
+        files={"image": ("photo.png", image, "image/png")},
+    )
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    as_json = json.dumps({"prompt": "add a hat", "images": [{"image_url": data_url}]}).encode()
+    return {
+        "multipart": (multipart.read(), multipart.headers["content-type"]),
+        "json": (as_json, "application/json"),
+    }
+
+
+def measure(
+    adapter_url: str, body: bytes, content_type: str, hold_seconds: float
+) -> dict[str, int]:
+    """One edit: the adapter's traced memory before it, its peak during it, and what it held
+    halfway through the predictor's hold (the body is sent by then)."""
+    with httpx.Client(timeout=120) as http:
+        before = http.get(adapter_url + MEMORY_PATH + "?reset=1").json()["current"]
+        answer: dict[str, Any] = {}
+
+        def send() -> None:
+            answer["response"] = http.post(
+                adapter_url + "/v1/images/edits",
+                content=body,
+                headers={"content-type": content_type},
+            )
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(hold_seconds / 2 + 0.5)
+        with httpx.Client(timeout=10) as probe:
+            held = probe.get(adapter_url + MEMORY_PATH).json()["current"]
+        sender.join()
+        response = answer["response"]
+        if response.status_code != 200:
+            raise RuntimeError(f"edit failed: {response.status_code} {response.text[:300]}")
+        peak = http.get(adapter_url + MEMORY_PATH).json()["peak"]
+    return {"peak": peak - before, "held": held - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--upload-mib", type=float, default=20, help="the image file's size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hold", type=float, default=2.0, help="seconds the predictor holds")
+    args = parser.parse_args()
+    upload_bytes = int(args.upload_mib * MIB)
+
+    context = multiprocessing.get_context("spawn")
+    predictor_port, adapter_port = free_port(), free_port()
+    predictor_url = f"http://127.0.0.1:{predictor_port}"
+    adapter_url = f"http://127.0.0.1:{adapter_port}"
+    processes = [
+        context.Process(target=run_predictor, args=(predictor_port, args.hold), daemon=True),
+        context.Process(
+            target=run_adapter, args=(adapter_port, predictor_url, upload_bytes), daemon=True
+        ),
+    ]
+    for process in processes:
+        process.start()
+    try:
+        wait_ready(predictor_url + "/v2/models/m/ready", processes[0])
+        wait_ready(adapter_url + "/health/live", processes[1])
+        print(f"image file {upload_bytes / MIB:.1f} MiB, median of {args.repeats} edits each")
+        print(
+            f"{'edit body':>10} {'body MiB':>9} {'peak MiB':>9} {'x body':>7} {'held MiB':>9}"
+            f" {'x body':>7}"
+        )
+        for name, (body, content_type) in edit_bodies(upload_bytes).items():
+            runs = [
+                measure(adapter_url, body, content_type, args.hold) for _ in range(args.repeats)
+            ]
+            peak = statistics.median(run["peak"] for run in runs)
+            held = statistics.median(run["held"] for run in runs)
+            print(
+                f"{name:>10} {len(body) / MIB:>9.1f} {peak / MIB:>9.1f} {peak / len(body):>7.2f}"
+                f" {held / MIB:>9.1f} {held / len(body):>7.2f}"
+            )
+    finally:
+        for process in processes:
+            process.terminate()
+            process.join()
+
+
+if __name__ == "__main__":
+    main()
