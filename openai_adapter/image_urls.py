@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from openai_adapter import metrics
 from openai_adapter.media import decode_data_url
 from openai_adapter.settings import Settings
 
@@ -18,9 +19,19 @@ DATA_URL_HINT = "send the image itself as a base64 data URL ('data:image/png;bas
 class ImageUrlRefused(ValueError):
     """A URL of a kind or host that this deployment does not read."""
 
+    outcome = "refused"  # of an http(s) URL, in ``metrics.IMAGE_URLS``
+
 
 class ImageUrlUnreadable(ValueError):
     """A URL that does not give an image's bytes: a malformed data URL, a failed fetch."""
+
+    outcome = "failed"
+
+
+class ImageUrlTimedOut(ImageUrlUnreadable):
+    """A fetch that the request's time for its image URLs ran out on."""
+
+    outcome = "timed_out"
 
 
 def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
@@ -72,6 +83,19 @@ class ImageUrlReader:
                 return decode_data_url(url)
             except ValueError as problem:
                 raise ImageUrlUnreadable(f"{problem}: {DATA_URL_HINT}") from None
+        started = asyncio.get_running_loop().time()
+        try:
+            data = await self._fetch_listed(url, scheme, max_bytes, deadline)
+        except (ImageUrlRefused, ImageUrlUnreadable) as problem:
+            metrics.IMAGE_URLS.labels(outcome=problem.outcome).inc()
+            raise
+        metrics.IMAGE_URLS.labels(outcome="fetched").inc()
+        metrics.IMAGE_URL_FETCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        return data
+
+    async def _fetch_listed(self, url: str, scheme: str, max_bytes: int, deadline: float) -> bytes:
+        """``read`` for a URL that is not a data URL: fetched if its scheme is http(s) and its
+        host is listed."""
         if scheme not in ("http", "https"):
             raise ImageUrlRefused(f"is neither a data URL nor an http(s) URL: {DATA_URL_HINT}")
         if not self._hosts:
@@ -91,7 +115,7 @@ class ImageUrlReader:
         try:
             return await asyncio.wait_for(self._fetch(url, max_bytes), remaining)
         except asyncio.TimeoutError:
-            raise ImageUrlUnreadable(
+            raise ImageUrlTimedOut(
                 f"could not be fetched within {self._timeout:g} s, the time for all of a "
                 "request's image URLs"
             ) from None

@@ -29,6 +29,17 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
 )
 IN_PROGRESS = Gauge("qwen_image_adapter_requests_in_progress", "Requests not answered yet.")
+IMAGE_URLS = Counter(
+    "qwen_image_adapter_image_urls_total",
+    "Edit images given by a URL other than a data URL, by outcome: fetched, refused (scheme or "
+    "host not allowed), failed (invalid, unreachable, not a 200, encoded), timed_out.",
+    ["outcome"],
+)
+IMAGE_URL_FETCH_SECONDS = Histogram(
+    "qwen_image_adapter_image_url_fetch_duration_seconds",
+    "Time to fetch an image URL, of those fetched.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 def record(scope: Scope, status: int, seconds: float) -> None:

@@ -934,9 +934,19 @@ def image_host() -> Iterator[str]:
         yield url
 
 
+URL_READS = "qwen_image_adapter_image_urls_total"
+URL_FETCH_TIMES = "qwen_image_adapter_image_url_fetch_duration_seconds_count"
+
+
+def url_reads(outcome: str) -> float:
+    """How many image URLs were read with ``outcome`` so far, in the adapter's metrics."""
+    return REGISTRY.get_sample_value(URL_READS, {"outcome": outcome}) or 0
+
+
 def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_host):
     client = make_client(image_url_hosts=["127.0.0.1"])
     mask = encode((96, 64))
+    fetched, timed = url_reads("fetched"), REGISTRY.get_sample_value(URL_FETCH_TIMES) or 0
     response = client.post(
         "/v1/images/edits",
         json={
@@ -948,32 +958,55 @@ def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_ho
     assert response.status_code == 200, response.text
     png = ImageHost.PNG
     assert sent_images(predictor) == {contract.IMAGE: [png, mask], contract.MASK: [png]}
+    # Two fetches, timed; the data URL is no fetch.
+    assert url_reads("fetched") == fetched + 2
+    assert REGISTRY.get_sample_value(URL_FETCH_TIMES) == timed + 2
 
 
 FOR_ALL = ", the time for all of a request's image URLs"
 
 
 @pytest.mark.parametrize(
-    ("path", "code", "message"),
+    ("path", "code", "message", "outcome"),
     [
-        ("/missing.png", "invalid_value", "could not be fetched: HTTP 404"),
-        ("/moved", "invalid_value", "could not be fetched: HTTP 302 (redirects are not followed)"),
-        ("/big.png", "image_too_large", "The image is larger than 50000 bytes"),
-        ("/late.png", "invalid_value", f"could not be fetched within 0.5 s{FOR_ALL}"),
-        ("/trickle.png", "invalid_value", f"could not be fetched within 0.5 s{FOR_ALL}"),
-        ("/gzip.png", "invalid_value", "could not be fetched: the answer is gzip-encoded"),
+        ("/missing.png", "invalid_value", "could not be fetched: HTTP 404", "failed"),
+        (
+            "/moved",
+            "invalid_value",
+            "could not be fetched: HTTP 302 (redirects are not followed)",
+            "failed",
+        ),
+        # Fetched up to the limit: the edit, not the fetch, is refused.
+        ("/big.png", "image_too_large", "The image is larger than 50000 bytes", "fetched"),
+        ("/late.png", "invalid_value", f"could not be fetched within 0.5 s{FOR_ALL}", "timed_out"),
+        (
+            "/trickle.png",
+            "invalid_value",
+            f"could not be fetched within 0.5 s{FOR_ALL}",
+            "timed_out",
+        ),
+        (
+            "/gzip.png",
+            "invalid_value",
+            "could not be fetched: the answer is gzip-encoded",
+            "failed",
+        ),
     ],
 )
-def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, message):
+def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, message, outcome):
     client = make_client(
         image_url_hosts=["127.0.0.1"], max_upload_bytes=50_000, image_url_timeout_seconds=0.5
     )
     body = {"prompt": "x", "images": [{"image_url": image_host + path}]}
+    outcomes = ("fetched", "refused", "failed", "timed_out")
+    before = {name: url_reads(name) for name in outcomes}
     started = time.monotonic()
     error = assert_error(client.post("/v1/images/edits", json=body), 400, code, "images")
     assert error["message"].endswith(message)
     assert time.monotonic() - started < 1.5, "the timeout bounds the whole fetch"
     assert not predictor.requests
+    counted = {name: url_reads(name) - before[name] for name in outcomes}
+    assert counted == {name: int(name == outcome) for name in outcomes}
 
 
 def test_one_time_limit_bounds_all_image_url_fetches(make_client, predictor, image_host):
@@ -1003,7 +1036,7 @@ def test_image_urls_on_other_hosts_are_not_fetched(
     make_client, predictor, image_host, url, message
 ):
     client = make_client(image_url_hosts=["images.example.com", "*.example.com"])
-    asked = len(ImageHost.asked)
+    asked, refused = len(ImageHost.asked), url_reads("refused")
     url = url.format(port=image_host.rsplit(":", 1)[1])
     body = {"prompt": "x", "images": [{"image_url": url}]}
     error = assert_error(
@@ -1011,6 +1044,7 @@ def test_image_urls_on_other_hosts_are_not_fetched(
     )
     assert message in error["message"]
     assert len(ImageHost.asked) == asked and not predictor.requests
+    assert url_reads("refused") == refused + 1
 
 
 def test_an_unsupported_value_is_refused_before_any_fetch(make_client, predictor, image_host):
