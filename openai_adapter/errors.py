@@ -42,6 +42,7 @@ NOT_READY = "not_ready"
 NOT_A_JSON_OBJECT = "The request body must be a JSON object, sent as 'application/json'"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_INTERNAL_ERROR = ErrorInfo(message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR)
 _VALIDATION_CODES = {
     "missing": MISSING_PARAMETER,
     "extra_forbidden": UNKNOWN_PARAMETER,
@@ -121,7 +122,7 @@ def _validation_info(exc: RequestValidationError) -> ErrorInfo:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer the routes' errors, FastAPI's own included, with an OpenAI error body
-    (unexpected exceptions: ``UnexpectedErrorMiddleware``)."""
+    (unexpected exceptions: ``UnexpectedErrorMiddleware``, and the last resort here)."""
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -142,6 +143,12 @@ def install_error_handlers(app: FastAPI) -> None:
             code=_HTTP_CODES.get(exc.status_code),
         )
         return error_response(request, exc.status_code, info, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _last_resort(request: Request, exc: Exception) -> JSONResponse:
+        # A fault in a middleware outside UnexpectedErrorMiddleware: Starlette answers it
+        # outside every middleware, then raises it on to the server, which logs it.
+        return error_response(request, 500, _INTERNAL_ERROR)
 
 
 class UnexpectedErrorMiddleware:
@@ -174,7 +181,4 @@ class UnexpectedErrorMiddleware:
                 raise
             request = Request(scope)
             logger.exception("request_id=%s unexpected error", request_id_of(request))
-            info = ErrorInfo(
-                message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR
-            )
-            await error_response(request, 500, info)(scope, receive, send)
+            await error_response(request, 500, _INTERNAL_ERROR)(scope, receive, send)

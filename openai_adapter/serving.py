@@ -206,7 +206,11 @@ class ImageService:
         an uploaded file's, or those of a JSON edit's ``image_url``, fetched by ``deadline``
         (``ImageUrlReader.deadline``)."""
         if not isinstance(source, ImageReference):
-            return await source.read(max_bytes)
+            data = await source.read(max_bytes)
+            # A file of up to 1 MiB is spooled in memory: closed, it is not held beside its
+            # base64 until the form is closed after the answer.
+            await source.close()
+            return data
         if source.image_url is None:
             raise bad_request(
                 f"{name} is given by file_id, and this server has no Files API: "
