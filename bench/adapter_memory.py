@@ -9,6 +9,10 @@ as a file, and as 16 files of up to 1 MiB, which Starlette keeps in memory where
 larger ones to disk) and as a JSON edit with the image as a base64 data URL.
 
     python bench/adapter_memory.py [--upload-mib 20] [--repeats 5]
+
+With ``--burst N`` it sends N such JSON edits at once instead, against the default
+``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT``, and reports their answers and the adapter
+process's peak resident memory (Linux's ``VmHWM``) before and after.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +185,41 @@ def measure(
     return {"peak": peak - before, "held": held - before}
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (Linux's ``VmHWM``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
+
+
+def burst(adapter_url: str, body: bytes, content_type: str, clients: int) -> Counter[int]:
+    """The statuses of ``clients`` edits sent at once."""
+    statuses: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(timeout=300) as http:
+            response = http.post(
+                adapter_url + "/v1/images/edits",
+                content=body,
+                headers={"content-type": content_type},
+            )
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Counter(statuses)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upload-mib", type=float, default=20, help="the image file's size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hold", type=float, default=2.0, help="seconds the predictor holds")
+    parser.add_argument("--burst", type=int, default=0, help="JSON edits to send at once")
     args = parser.parse_args()
     upload_bytes = int(args.upload_mib * MIB)
 
@@ -203,6 +238,18 @@ def main() -> None:
     try:
         wait_ready(predictor_url + "/v2/models/m/ready", processes[0])
         wait_ready(adapter_url + "/health/live", processes[1])
+        bodies = edit_bodies(upload_bytes)
+        if args.burst:
+            before = peak_rss_mib(processes[1].pid)
+            answers = burst(adapter_url, *bodies["json"], args.burst)
+            budget = Settings().max_upload_bytes_in_flight
+            print(
+                f"{args.burst} JSON edits of {len(bodies['json'][0]) / MIB:.1f} MiB at once, "
+                f"{budget / MIB:.0f} MiB of bodies allowed at once: answers "
+                f"{dict(sorted(answers.items()))}; adapter peak RSS {before:.0f} MiB before, "
+                f"{peak_rss_mib(processes[1].pid):.0f} MiB after"
+            )
+            return
         print(
             f"image files {upload_bytes / MIB:.1f} MiB in all; median of {args.repeats} edits "
             "of each shape, after one more"
@@ -211,7 +258,7 @@ def main() -> None:
             f"{'edit body':>11} {'body MiB':>9} {'peak MiB':>9} {'x body':>7} {'held MiB':>9}"
             f" {'x body':>7}"
         )
-        for name, (body, content_type) in edit_bodies(upload_bytes).items():
+        for name, (body, content_type) in bodies.items():
             measure(adapter_url, body, content_type, args.hold)  # one-time allocations
             runs = [
                 measure(adapter_url, body, content_type, args.hold) for _ in range(args.repeats)

@@ -1716,13 +1716,10 @@ def test_adapter_does_not_import_torch():
     assert done.stdout.strip() == "[]"
 
 
-def test_memory_benchmark_shows_the_files_dropped_while_the_predictor_works():
-    """``bench/adapter_memory.py`` end to end, at a small upload. While the predictor works,
-    a multipart edit holds its images' base64 only (1.33x the body), not the files beside it
-    (those Starlette spooled to disk, or, up to 1 MiB each, kept in memory) or a second copy
-    of the JSON sent on (3.67x before)."""
+def run_memory_benchmark(*args: str) -> str:
+    """The output of ``bench/adapter_memory.py`` with ``args``; it must succeed."""
     bench = subprocess.Popen(
-        [sys.executable, "bench/adapter_memory.py", "--upload-mib", "4", "--repeats", "1"],
+        [sys.executable, "bench/adapter_memory.py", *args],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1735,6 +1732,15 @@ def test_memory_benchmark_shows_the_files_dropped_while_the_predictor_works():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(bench.pid, signal.SIGKILL)
     assert bench.returncode == 0, stderr
+    return stdout
+
+
+def test_memory_benchmark_shows_the_files_dropped_while_the_predictor_works():
+    """``bench/adapter_memory.py`` end to end, at a small upload. While the predictor works,
+    a multipart edit holds its images' base64 only (1.33x the body), not the files beside it
+    (those Starlette spooled to disk, or, up to 1 MiB each, kept in memory) or a second copy
+    of the JSON sent on (3.67x before)."""
+    stdout = run_memory_benchmark("--upload-mib", "4", "--repeats", "1")
     rows = {
         words[0]: [float(word) for word in words[1:]]
         for words in map(str.split, stdout.splitlines())
@@ -1746,3 +1752,12 @@ def test_memory_benchmark_shows_the_files_dropped_while_the_predictor_works():
     for shape in ("multipart", "multipart16"):
         held_per_body_byte = rows[shape][4]
         assert held_per_body_byte < 1.5, stdout
+
+
+def test_memory_benchmark_burst_reports_answers_and_peak_memory():
+    stdout = run_memory_benchmark("--upload-mib", "1", "--burst", "3", "--hold", "0.5")
+    match = re.search(
+        r"answers \{200: 3\}; adapter peak RSS (\d+) MiB before, (\d+) MiB after", stdout
+    )
+    assert match, stdout
+    assert 0 < int(match[1]) <= int(match[2]), stdout
