@@ -9,7 +9,6 @@ Dockerfile or the Helm chart runs is declared in pyproject.toml.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import os
 import re
@@ -132,8 +131,57 @@ def test_targets_run_as_a_fixed_non_root_uid() -> None:
     assert list(found)[-1] == "adapter", "a plain `docker build` gives the adapter"
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it (Go's ``filepath.Match`` plus ``**``): ``*``
+    and ``?`` stop at ``/``, ``**`` spans directories."""
+    regex, index = "", 0
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            regex, index = regex + "(?:.*/)?", index + 3
+        elif pattern.startswith("**", index):
+            regex, index = regex + ".*", index + 2
+        elif pattern[index] in "*?":
+            regex, index = regex + ("[^/]*" if pattern[index] == "*" else "[^/]"), index + 1
+        elif pattern[index] == "[":
+            end = pattern.index("]", index + 1)
+            members = pattern[index + 1 : end]
+            if members[:1] in ("!", "^"):
+                members = "^" + members[1:]
+            regex, index = regex + f"[{members}]", end + 1
+        else:
+            regex, index = regex + re.escape(pattern[index]), index + 1
+    return re.compile(regex)
+
+
+def docker_ignores(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves ``path`` (relative to the build context) out of the context:
+    the last pattern that matches the path or one of its parent directories decides, and a
+    leading ``!`` takes the path back in."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:count]) for count in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        regex = glob_regex(pattern.removeprefix("!").strip("/"))
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            ignored = not pattern.startswith("!")
+    return ignored
+
+
+def test_docker_ignores_reads_patterns_as_docker_does() -> None:
+    assert docker_ignores("requirements/predictor.txt", ["requirements"])
+    assert docker_ignores("predictors/model.py", ["predictors/*.py"])
+    assert docker_ignores("openai_adapter/app.py", ["openai_adapter/**"])
+    assert docker_ignores("predictors/__pycache__/a.pyc", ["**/__pycache__"])
+    assert not docker_ignores("predictors/bench/x.py", ["bench"])  # the context's root only
+    assert not docker_ignores("a/b.egg-info", ["*.egg-info"])  # '*' stops at '/'
+    assert not docker_ignores("docs/keep.md", ["docs", "!docs/keep.md"])
+    assert docker_ignores("docs/keep.md", ["!docs/keep.md", "docs"])  # the last match decides
+
+
 def test_copy_sources_exist_and_are_not_docker_ignored() -> None:
-    ignored = [
+    """Every file a COPY takes from the build context is in the context: none is left out by
+    .dockerignore, through its own path or a parent directory's (bytecode caches aside)."""
+    patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
@@ -146,10 +194,19 @@ def test_copy_sources_exist_and_are_not_docker_ignored() -> None:
     ]
     assert sources
     for source in sources:
-        assert list(ROOT.glob(source)), f"COPY source {source} does not exist"
-        for pattern in ignored:
-            assert not fnmatch.fnmatch(source.rstrip("/"), pattern.rstrip("/")), (
-                f"COPY source {source} is excluded by .dockerignore ({pattern})"
+        matches = list(ROOT.glob(source.rstrip("/")))
+        assert matches, f"COPY source {source} does not exist"
+        files = [
+            path
+            for match in matches
+            for path in ([match] if match.is_file() else match.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts
+        ]
+        assert files, f"COPY source {source} has no files"
+        for path in files:
+            relative = path.relative_to(ROOT).as_posix()
+            assert not docker_ignores(relative, patterns), (
+                f"COPY {source}: .dockerignore leaves {relative} out of the build context"
             )
 
 

@@ -203,15 +203,17 @@ def test_kserve_grpc_client_can_call_it_with_raw_bytes(generation_predictor):
 
 
 def test_metrics_count_images_and_rejections(generation_predictor):
-    def sample(name: str) -> float:
+    def sample(name: str, exported: bool = True) -> float:
+        """A sample's value; 0 for one not exported yet, unless it must be."""
         metrics = httpx.get(f"{generation_predictor.url}/metrics").text
         match = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.MULTILINE)
+        assert match or not exported, f"{name} is not exported"
         return float(match.group(1)) if match else 0.0
 
     images = 'qwen_image_images_generated_total{model_name="qwen-image"}'
     rejected = 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="invalid"}'
     requests = 'qwen_image_request_duration_seconds_count{model_name="qwen-image",outcome="ok"}'
-    before = {name: sample(name) for name in (images, rejected, requests)}
+    before = {name: sample(name, exported=False) for name in (images, rejected, requests)}
     generate(generation_predictor, width=64, height=64, num_images=2, **FAST)
     infer(generation_predictor, "")
     assert sample(images) == before[images] + 2

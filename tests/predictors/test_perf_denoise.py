@@ -7,12 +7,15 @@ padding mask, and with the padding-free attention of ``predictors.attention``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DiffusionPipeline,
     QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
@@ -414,6 +417,34 @@ def test_pad_text_rounds_up_to_a_multiple():
     assert pad_text([torch.ones(8, 4)] * 2, multiple=4)[1] is None  # already a multiple
 
 
+@contextlib.contextmanager
+def text_lengths_seen(pipeline: DiffusionPipeline) -> Iterator[list[int]]:
+    """The text lengths that the pipeline's transformer is called with, as they come."""
+    seen: list[int] = []
+    hook = pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]),
+        with_kwargs=True,
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def generate_with_and_without_buckets(
+    pipeline: DiffusionPipeline, jobs: list[Job]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The images of ``jobs`` as they are and with texts padded to multiples of 64 tokens;
+    checks that the padding reached the transformer."""
+    with text_lengths_seen(pipeline) as exact_lengths:
+        exact = generate(pipeline, jobs, output_type="np")
+    with text_lengths_seen(pipeline) as bucketed_lengths:
+        bucketed = generate(pipeline, jobs, output_type="np", text_bucket=64)
+    assert all(length % 64 for length in exact_lengths), exact_lengths  # a real check below
+    assert bucketed_lengths and all(length % 64 == 0 for length in bucketed_lengths)
+    return exact, bucketed
+
+
 def test_text_buckets_keep_the_images(generation):
     """CUDA graphs pad every text to a multiple of 64 tokens (``text_bucket``): with the
     padding masked out, or skipped by split attention, the images stay the same."""
@@ -421,8 +452,7 @@ def test_text_buckets_keep_the_images(generation):
         Job("a lighthouse on a cliff at dusk, oil painting", " ", (5,), 64, 64, 2, 4.0),
         Job("a cat", " ", (9, 10), 64, 64, 2, 4.0),
     ]
-    exact = generate(generation, jobs, output_type="np")
-    bucketed = generate(generation, jobs, output_type="np", text_bucket=64)
+    exact, bucketed = generate_with_and_without_buckets(generation, jobs)
     for expected, actual in zip(exact, bucketed, strict=True):
         assert np.abs(actual - expected).max() < TOLERANCE
     (no_cfg,) = generate(generation, [Job("a cat", None, (3,), 64, 64, 2, 4.0)], text_bucket=64)
@@ -432,8 +462,7 @@ def test_text_buckets_keep_the_images(generation):
 def test_text_buckets_keep_the_edited_images(edit):
     """The edit's texts carry the input image's vision tokens: padded the same way."""
     job = Job("make it blue", " ", (3,), 64, 48, 2, 4.0, images=pictures((64, 48), seed=1))
-    (exact,) = generate(edit, [job], output_type="np")
-    (bucketed,) = generate(edit, [job], output_type="np", text_bucket=64)
+    (exact,), (bucketed,) = generate_with_and_without_buckets(edit, [job])
     assert np.abs(bucketed - exact).max() < TOLERANCE
 
 

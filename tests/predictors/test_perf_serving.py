@@ -264,4 +264,3 @@ def test_a_filled_compiler_cache_serves_a_new_process():
     assert empty["fxgraph_cache_miss"] > 0 and empty["fxgraph_cache_hit"] == 0
     assert filled["fxgraph_cache_hit"] == empty["fxgraph_cache_miss"]
     assert filled["fxgraph_cache_miss"] == 0
-    assert "faster" in completed.stdout

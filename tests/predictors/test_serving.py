@@ -307,14 +307,17 @@ def test_a_worker_that_stops_fails_requests_and_the_model_is_no_longer_ready(mon
 
 
 @contextlib.contextmanager
-def slow_request_running(predictor: RunningPredictor) -> Iterator[None]:
-    """A slow request runs during the block (nothing else queued); it succeeds afterwards."""
+def slow_request_running(predictor: RunningPredictor) -> Iterator[concurrent.futures.Future]:
+    """A slow request runs during the block (nothing else queued), as the future of its
+    answer; it succeeds afterwards, and no batch was stopped meanwhile."""
     slow = contract.build_rest_body("running", **SLOW)
+    stopped_before = predictor.log().count("Stopped a batch")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, predictor.infer_url, json=slow, timeout=120)
         wait_for_queue_depth(predictor, 1, timeout=10)
-        yield
+        yield running
         assert running.result().status_code == 200
+    assert predictor.log().count("Stopped a batch") == stopped_before, "a batch was stopped"
 
 
 def send_without_reading(client: socket.socket, body: dict) -> None:
@@ -328,6 +331,8 @@ def send_without_reading(client: socket.socket, body: dict) -> None:
 
 
 def assert_cancelled_before_running(predictor: RunningPredictor, request_id: str) -> None:
+    """The request was cancelled and never ran: it left the queue while the one slow request
+    ran (``slow_request_running`` checks that none of its batches was stopped)."""
     log = predictor.log()
     assert f"request_id={request_id} model=qwen-image outcome=cancelled" in log, log[-2000:]
     assert f"request_id={request_id} model=qwen-image size=" not in log, f"{request_id} ran"
@@ -339,11 +344,12 @@ def test_a_request_whose_client_leaves_while_queued_never_runs(generation_predic
     never runs, and the running one finishes."""
     predictor = generation_predictor
     left = contract.build_rest_body("given up", request_id="given-up", width=64, height=64)
-    with slow_request_running(predictor):
+    with slow_request_running(predictor) as running:
         with socket.create_connection(("127.0.0.1", predictor.http_port)) as client:
             send_without_reading(client, left)
             wait_for_queue_depth(predictor, 2, timeout=10)
         wait_for_queue_depth(predictor, 1, timeout=5)
+        assert not running.done(), "the queue shrank while the slow request still ran"
     assert_cancelled_before_running(predictor, "given-up")
 
 
@@ -351,13 +357,14 @@ def test_a_grpc_call_past_its_deadline_leaves_the_queue(generation_predictor):
     """gRPC cancels the handler of a call whose deadline passed (or whose client cancelled
     it): a waiting request leaves the queue as with REST."""
     predictor = generation_predictor
-    with slow_request_running(predictor):
+    with slow_request_running(predictor) as running:
         with pytest.raises(grpc.aio.AioRpcError) as late:
             asyncio.run(
                 grpc_infer(predictor.grpc_port, "given up", timeout=1, request_id="grpc-late")
             )
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for_queue_depth(predictor, 1, timeout=5)
+        assert not running.done(), "the queue shrank while the slow request still ran"
     assert_cancelled_before_running(predictor, "grpc-late")
 
 
