@@ -1309,6 +1309,26 @@ def test_per_predictor_overrides() -> None:
 # ----------------------------------------------------------------------------------------
 # values.schema.json rejects bad values.
 
+
+def test_image_pull_secrets_reach_every_pod() -> None:
+    """A private registry: the GPU predictors need the secret as much as the adapter."""
+    secrets = [{"name": "regcred"}]
+    specs = dict(pod_specs(render_values({"imagePullSecrets": secrets})))
+    assert len(specs) == 4, sorted(specs)  # adapter, test pod, two InferenceServices
+    for where, spec in specs.items():
+        assert spec.get("imagePullSecrets") == secrets, where
+
+
+def test_common_labels_reach_every_object_and_pod() -> None:
+    objs = render_values({"commonLabels": {"team": "ml"}})
+    assert objs
+    for obj in objs:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"]["labels"].get("team") == "ml", where
+    adapter = one(objs, "Deployment", f"{FULLNAME}-adapter")
+    assert adapter["spec"]["template"]["metadata"]["labels"].get("team") == "ml"
+
+
 BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "string GPU count": ({"predictor": {"gpu": {"count": "2"}}}, "/predictor/gpu/count"),
     "string GPU count in an override": (
@@ -1383,6 +1403,14 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "a default size that is not WxH": (
         {"predictor": {"settings": {"defaultSize": "1024"}}},
         "/predictor/settings/defaultSize",
+    ),
+    "a max size below the predictor's least size": (
+        {"predictor": {"settings": {"maxSize": 128}}},
+        "/predictor/settings/maxSize': minimum",
+    ),
+    "a step cache threshold that never skips": (
+        {"predictor": {"performance": {"cache": "first_block", "cacheThreshold": 0}}},
+        "/predictor/performance/cacheThreshold",
     ),
     "unknown readiness path": (
         {"adapter": {"readinessPath": "/healthz"}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import signal
+import socket
 import threading
 import time
 
@@ -120,3 +121,23 @@ def test_requests_unfinished_when_the_grace_period_ends_get_a_clear_503(tiny_cac
             assert message in queued.result()
         assert predictor.process.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 5  # the grace period, and the last step
+
+
+def test_a_connection_still_uploading_does_not_outlast_the_grace_period(tiny_cache_env, log_dir):
+    """A client still sending its body at SIGTERM has no request in the queue: the server's
+    own grace period (uvicorn's) must bound the wait for it, so that the pod exits within
+    its grace period instead of being killed."""
+    env = {**tiny_cache_env, "QWEN_SHUTDOWN_GRACE_SECONDS": "2"}
+    with (
+        run_predictor("predictors.generation", "qwen-image", log_dir, env=env) as predictor,
+        socket.create_connection(("127.0.0.1", predictor.http_port)) as client,
+    ):
+        client.sendall(
+            b"POST /v2/models/qwen-image/infer HTTP/1.1\r\nhost: predictor\r\n"
+            b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n{"
+        )
+        time.sleep(0.5)  # the server holds the connection, waiting for the rest
+        predictor.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        predictor.process.wait(timeout=60)
+        assert time.monotonic() - signalled < 10
