@@ -9,10 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from openai_adapter.middleware import REQUEST_ID_HEADER, request_id_of
-from openai_adapter.protocol import ErrorInfo, ErrorResponse
+from openai_adapter.middleware import REQUEST_ID_HEADER, HttpMiddleware, error_json, request_id_of
+from openai_adapter.protocol import ErrorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ def error_response(
     request: Request, status: int, info: ErrorInfo, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The JSON answer for an error; it carries the request id even outside the middleware."""
-    all_headers = {REQUEST_ID_HEADER: request_id_of(request), **(headers or {})}
-    body = ErrorResponse(error=info).model_dump()
-    return JSONResponse(body, status_code=status, headers=all_headers)
+    return error_json(status, info, {REQUEST_ID_HEADER: request_id_of(request), **(headers or {})})
 
 
 def _validation_info(exc: RequestValidationError) -> ErrorInfo:
@@ -151,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, 500, _INTERNAL_ERROR)
 
 
-class UnexpectedErrorMiddleware:
+class UnexpectedErrorMiddleware(HttpMiddleware):
     """Answer an unexpected exception with a 500 in OpenAI's shape, and log it once.
 
     Starlette answers those in its outermost layer, outside every middleware, so the answer
@@ -160,13 +158,7 @@ class UnexpectedErrorMiddleware:
     exception raised once the answer has started is raised on: the status is already sent.
     """
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def noting_send(message: Message) -> None:

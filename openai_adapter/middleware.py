@@ -43,10 +43,16 @@ def request_id_of(request: Request) -> str:
     return request.scope.get("state", {}).get(_STATE_KEY, "")
 
 
-class AccessMiddleware:
-    """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
-    response, log one access line with it and count it in ``openai_adapter.metrics``
-    (status 499 when the client left first)."""
+def error_json(
+    status: int, info: ErrorInfo, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An answer with OpenAI's error body."""
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+
+
+class HttpMiddleware:
+    """A pure ASGI middleware of HTTP requests: ``handle`` gets those, and any other scope
+    (the lifespan) passes through to the app untouched."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -55,6 +61,19 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request, calling ``self.app`` as the middleware sees fit."""
+        raise NotImplementedError
+
+
+class AccessMiddleware(HttpMiddleware):
+    """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
+    response, log one access line with it and count it in ``openai_adapter.metrics``
+    (status 499 when the client left first)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
         request_id = sent if _VALID_ID.match(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})[_STATE_KEY] = request_id
@@ -94,13 +113,13 @@ class RequestTooLarge(Exception):
     """A request body grew past the limit while it was being received."""
 
 
-class BodySizeLimitMiddleware:
+class BodySizeLimitMiddleware(HttpMiddleware):
     """Refuse bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed
     there, with 413 before they are received: at once when ``Content-Length`` says so, else
     (chunked uploads) as soon as the bytes pass the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, path_limits: Mapping[str, int]):
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.path_limits = dict(path_limits)
 
@@ -112,12 +131,9 @@ class BodySizeLimitMiddleware:
             param=None,
             code="request_too_large",
         )
-        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=413)
+        return error_json(413, info)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
@@ -145,7 +161,7 @@ class BodySizeLimitMiddleware:
             await self.too_large(max_bytes)(scope, receive, send)
 
 
-class UploadBudgetMiddleware:
+class UploadBudgetMiddleware(HttpMiddleware):
     """Hold at most ``budget_bytes`` of request bodies to ``paths`` at once (their
     ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one): a request
     that would pass it, while others hold some, gets a retryable 503 before its body is read.
@@ -160,7 +176,7 @@ class UploadBudgetMiddleware:
         unknown_length_bytes: int,
         retry_after_seconds: int,
     ):
-        self.app = app
+        super().__init__(app)
         self.paths = frozenset(paths)
         self.budget_bytes = budget_bytes
         self.unknown_length_bytes = unknown_length_bytes
@@ -175,13 +191,10 @@ class UploadBudgetMiddleware:
             param=None,
             code=SERVER_BUSY,
         )
-        headers = {"retry-after": self.retry_after}
-        return JSONResponse(
-            ErrorResponse(error=info).model_dump(), status_code=503, headers=headers
-        )
+        return error_json(503, info, {"retry-after": self.retry_after})
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         length = Request(scope).headers.get("content-length", "")
