@@ -8,7 +8,7 @@ sends through ``extra_body``. Unknown fields are rejected, so a typo is a 400, n
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from predictors.contract import MAX_PROMPT_CHARACTERS, MAX_SEED, SIZE_MULTIPLE
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# What a request may ask for: OpenAI's formats, of which this service makes the first three.
+RequestedOutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
 # What an answer says of its images' background: this service makes no transparent ones.
 Background = Literal["opaque"]
@@ -29,6 +31,9 @@ _MASK_DESCRIPTION = (
 )
 _QUALITY_DESCRIPTION = "The request's quality ('auto' when not sent)."
 _BACKGROUND_DESCRIPTION = "The images' background: always opaque."
+_SAFETY_IDENTIFIER_DESCRIPTION = (
+    "The request's safety_identifier, or else its user; left out when it sent neither."
+)
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
@@ -58,7 +63,9 @@ class ImageRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="Only 'b64_json' is supported."
     )
-    output_format: OutputFormat | None = Field(None, description="Encoding of the images.")
+    output_format: RequestedOutputFormat | None = Field(
+        None, description="Encoding of the images; 'gif' and 'svg' are not supported."
+    )
     output_compression: int | None = Field(
         None, ge=0, le=100, description="Quality (0-100) of jpeg and webp images."
     )
@@ -77,9 +84,20 @@ class ImageRequest(BaseModel):
         description="Partial images a stream may send before each image (0-3). None are sent: "
         "OpenAI lets the final image come first, and this service sends only the final ones.",
     )
-    user: str | None = Field(None, description="End-user id; accepted and ignored.")
+    complexity: Literal["low", "medium", "high"] | None = Field(
+        None,
+        description="Planning effort of OpenAI's models; accepted and ignored (Qwen-Image "
+        "does not plan: 'quality' sets the denoising steps).",
+    )
+    frame_count: int | None = Field(None, description="GIF output's; not supported.")
+    frame_duration_ms: int | None = Field(None, description="GIF output's; not supported.")
+    svg: dict[str, Any] | None = Field(None, description="SVG output's; not supported.")
+    user: str | None = Field(
+        None,
+        description="Deprecated end-user id; echoed as 'safety_identifier' when that is not sent.",
+    )
     safety_identifier: str | None = Field(
-        None, description="End-user id for abuse monitoring; accepted and ignored."
+        None, description="End-user id for abuse monitoring; echoed in the answer."
     )
     # The original Qwen-Image service's fields (``extra_body`` in the openai SDK).
     width: int | None = Field(None, description="Image width in pixels (multiple of 16).")
@@ -110,6 +128,12 @@ class ImageRequest(BaseModel):
                 f"{SIZE_MULTIPLE}, got {size!r}"
             )
         return size
+
+    @property
+    def effective_safety_identifier(self) -> str | None:
+        """The answer's ``safety_identifier``: the request's, or else its deprecated
+        ``user``, as OpenAI echoes them (an empty one counts as not sent)."""
+        return self.safety_identifier or self.user or None
 
     @property
     def size_pixels(self) -> tuple[int, int] | None:
@@ -144,6 +168,9 @@ class ImageEditRequest(ImageRequest):
         None, alias="image[]", description="The same, as the openai SDK sends a list."
     )
     mask: UploadFile | None = Field(None, description=_MASK_DESCRIPTION)
+    markup: UploadFile | None = Field(
+        None, description="OpenAI's annotation overlay; not supported (send a mask)."
+    )
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted and ignored.")
 
     @property
@@ -204,6 +231,7 @@ class ImagesResponse(BaseModel):
     size: str = Field(description="'WIDTHxHEIGHT' of the images.", examples=["1664x928"])
     quality: Quality = Field(description=_QUALITY_DESCRIPTION)
     background: Background = Field(description=_BACKGROUND_DESCRIPTION)
+    safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 
 class ImageCompletedEvent(BaseModel):
@@ -220,6 +248,7 @@ class ImageCompletedEvent(BaseModel):
     background: Background = Field(description=_BACKGROUND_DESCRIPTION)
     output_format: OutputFormat
     seed: int = Field(description="The seed this image was made with (an extension).")
+    safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 
 class ModelCard(BaseModel):

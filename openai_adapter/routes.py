@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -85,9 +86,9 @@ def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) ->
     """The images as one JSON body (serialized in one pass: it is large, base64-laden), or,
     for ``stream: true``, as server-sent ``event_type`` events, one per image."""
     if not request.stream:
-        return Response(response.model_dump_json(), media_type="application/json")
+        return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
     events = "".join(
-        f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
         for event in completed_events(response, event_type)
     )
     return Response(events, media_type="text/event-stream")
@@ -102,6 +103,9 @@ GENERATIONS_PATH = _V1 + _GENERATIONS
 EDITS_PATH = _V1 + _EDITS
 v1 = APIRouter(prefix=_V1, dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
+# A form field's name with keys in brackets: ``svg[model]``, ``svg[reasoning][effort]``.
+_NESTED_FORM_FIELD = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]+\])+)$")
+_FORM_KEY = re.compile(r"\[([^\[\]]+)\]")
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 _JSON = "application/json"
 _COMPONENT = "#/components/schemas/{model}"
@@ -170,11 +174,24 @@ def _form_body(model: type[_Body], form: FormData, list_fields: tuple[str, ...])
     for name in form:
         values = [value for value in form.getlist(name) if not _is_blank(value)]
         if values:
-            fields[name] = values if name in list_fields else values[-1]
+            _set_form_field(fields, name, values if name in list_fields else values[-1])
     try:
         return model.model_validate(fields)
     except ValidationError as invalid:
         raise _as_request_error(invalid) from None
+
+
+def _set_form_field(fields: dict[str, Any], name: str, value: Any) -> None:
+    """Set a form field in ``fields``; a name with keys in brackets (``svg[reasoning][effort]``,
+    as the openai SDK sends an object's fields in a form) sets a value in nested objects."""
+    match = _NESTED_FORM_FIELD.match(name)
+    keys = [match[1], *_FORM_KEY.findall(match[2])] if match else [name]
+    target = fields
+    for key in keys[:-1]:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[keys[-1]] = value
 
 
 def _as_request_error(invalid: ValidationError) -> RequestValidationError:

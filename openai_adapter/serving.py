@@ -272,23 +272,44 @@ class ImageService:
     async def _run(self, call: PredictorCall, request: ImageRequest) -> ImagesResponse:
         """Make the predictor call and answer in OpenAI's shape."""
         results = await self._client.infer(call.model, call.body, call.request_id, call.param_names)
-        return _images_response(results, request.quality or "auto")
+        return _images_response(
+            results, request.quality or "auto", request.effective_safety_identifier
+        )
 
 
 def _reject_unsupported(request: ImageRequest) -> None:
     """Clear 400s for the OpenAI features that this service does not offer yet."""
+    unsupported = _unsupported(request)
+    if unsupported is not None:
+        message, param = unsupported
+        raise bad_request(message, param, UNSUPPORTED_VALUE)
+
+
+def _unsupported(request: ImageRequest) -> tuple[str, str] | None:
+    """The message and field of the first OpenAI feature that ``request`` asks for and this
+    service does not offer, or None."""
     if request.response_format == "url":
-        raise bad_request(
-            "response_format 'url' is not supported yet; use 'b64_json'",
-            "response_format",
-            UNSUPPORTED_VALUE,
-        )
+        return "response_format 'url' is not supported yet; use 'b64_json'", "response_format"
     if request.background == "transparent":
-        raise bad_request(
-            "background 'transparent' is not supported; use 'opaque' or 'auto'",
-            "background",
-            UNSUPPORTED_VALUE,
+        return "background 'transparent' is not supported; use 'opaque' or 'auto'", "background"
+    if request.output_format in ("gif", "svg"):
+        return (
+            f"output_format '{request.output_format}' is not supported; use 'png', 'jpeg' or "
+            "'webp'",
+            "output_format",
         )
+    for field in ("frame_count", "frame_duration_ms"):
+        if getattr(request, field) is not None:
+            return f"{field} is for GIF output, which this server does not make", field
+    if request.svg is not None:
+        return "svg is for SVG output, which this server does not make", "svg"
+    if isinstance(request, ImageEditRequest) and request.markup is not None:
+        return (
+            "markup is not supported; to repaint part of the first image, send a mask whose "
+            "fully transparent pixels mark the area",
+            "markup",
+        )
+    return None
 
 
 def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCompletedEvent]:
@@ -303,6 +324,7 @@ def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCom
             background=response.background,
             output_format=response.output_format,
             seed=image.seed,
+            safety_identifier=response.safety_identifier,
         )
         for image in response.data
     ]
@@ -312,7 +334,9 @@ def _first(*values: int | None) -> int | None:
     return next((value for value in values if value is not None), None)
 
 
-def _images_response(results: list[ImageResult], quality: Quality) -> ImagesResponse:
+def _images_response(
+    results: list[ImageResult], quality: Quality, safety_identifier: str | None
+) -> ImagesResponse:
     described = describe_image(results[0].data) if results else None
     if described is None:
         raise OpenAIError(502, "The predictor returned no usable image", code=PREDICTOR_ERROR)
@@ -326,4 +350,5 @@ def _images_response(results: list[ImageResult], quality: Quality) -> ImagesResp
         size=f"{width}x{height}",
         quality=quality,
         background="opaque",
+        safety_identifier=safety_identifier,
     )

@@ -254,8 +254,9 @@ def test_edit_from_several_images(edit_plus_client: OpenAI, client: OpenAI):
 
 
 def test_ignored_openai_fields_are_accepted(client: OpenAI):
-    """The SDK's fields that mean nothing to Qwen-Image pass, as docs/adapter.md says."""
-    ignored = {"user": "user-1", "safety_identifier": "hashed-user-1"}
+    """The SDK's fields that mean nothing to Qwen-Image pass, as docs/adapter.md says, and
+    the end-user id comes back as OpenAI echoes it: ``safety_identifier``, else ``user``."""
+    ignored = {"user": "user-1", "safety_identifier": "hashed-user-1", "complexity": "high"}
     generated = small(client, moderation="low", style="vivid", partial_images=0, **ignored)
     edited = client.images.edit(
         image=encode_image((64, 64)),
@@ -266,6 +267,13 @@ def test_ignored_openai_fields_are_accepted(client: OpenAI):
         **ignored,
     )
     assert generated.size == edited.size == "64x64"
+    assert generated.safety_identifier == edited.safety_identifier == "hashed-user-1"
+    assert small(client, user="user-1").safety_identifier == "user-1"
+    assert small(client, user="user-1", safety_identifier="").safety_identifier == "user-1"
+    (event,) = small(client, stream=True, safety_identifier="hashed-user-1")
+    assert event.safety_identifier == "hashed-user-1"
+    anonymous = small(client).model_dump(exclude_unset=True)
+    assert "safety_identifier" not in anonymous
 
 
 def test_models(client: OpenAI):
@@ -298,7 +306,13 @@ def assert_api_error(caught: pytest.ExceptionInfo, cls: type, status: int, code:
         ({"extra": {"true_cfg_scale": 50}}, 400, "invalid_value", "true_cfg_scale"),
         ({"prompt": "   "}, 400, "invalid_value", "prompt"),
         ({"prompt": ""}, 400, "invalid_value", "prompt"),
-        ({"output_format": "gif"}, 400, "invalid_value", "output_format"),
+        ({"output_format": "bmp"}, 400, "invalid_value", "output_format"),
+        ({"output_format": "gif"}, 400, "unsupported_value", "output_format"),
+        ({"output_format": "svg"}, 400, "unsupported_value", "output_format"),
+        ({"frame_count": 4}, 400, "unsupported_value", "frame_count"),
+        ({"frame_duration_ms": 100}, 400, "unsupported_value", "frame_duration_ms"),
+        ({"svg": {"model": "an-svg-author"}}, 400, "unsupported_value", "svg"),
+        ({"complexity": "extreme"}, 400, "invalid_value", "complexity"),
         ({"response_format": "url"}, 400, "unsupported_value", "response_format"),
         ({"background": "transparent"}, 400, "unsupported_value", "background"),
         ({"stream": True, "extra": {"width": 32}}, 400, "invalid_value", "width"),
@@ -324,6 +338,15 @@ def test_generation_errors(client: OpenAI, kwargs, status, code, param):
         ({"model": "qwen-image"}, "invalid_value", "model"),
         ({"size": "64x48"}, "invalid_value", "size"),
         ({"extra_body": {"height": 64}}, "invalid_value", "width"),
+        ({"markup": "png"}, "unsupported_value", "markup"),
+        ({"output_format": "gif", "frame_count": 4}, "unsupported_value", "output_format"),
+        ({"frame_duration_ms": 100}, "unsupported_value", "frame_duration_ms"),
+        # sent in the form as svg[model] and svg[reasoning][effort]
+        (
+            {"svg": {"model": "an-svg-author", "reasoning": {"effort": "low"}}},
+            "unsupported_value",
+            "svg",
+        ),
     ],
 )
 def test_edit_errors(client: OpenAI, kwargs, code, param):
@@ -331,8 +354,9 @@ def test_edit_errors(client: OpenAI, kwargs, code, param):
     image = kwargs.pop("image", png)
     if image == "two":
         image = [png, png]
-    if kwargs.get("mask") == "png":
-        kwargs["mask"] = png
+    for field in ("mask", "markup"):
+        if kwargs.get(field) == "png":
+            kwargs[field] = png
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(image=image, prompt="a hat", **kwargs)
     assert_api_error(caught, openai.BadRequestError, 400, code, param)

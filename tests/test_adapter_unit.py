@@ -7,6 +7,7 @@ import base64
 import contextlib
 import gzip
 import http.server
+import inspect
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ from openai_adapter.image_urls import host_allowed
 from openai_adapter.local_stack import adapter_url
 from openai_adapter.media import detect_image_format
 from openai_adapter.middleware import loggable_path
-from openai_adapter.protocol import OutputFormat
+from openai_adapter.protocol import ImageEditRequest, ImageGenerationRequest, OutputFormat
 from openai_adapter.settings import Settings
 from predictors import contract
 from tests.servers import PROJECT_ROOT, free_port
@@ -278,7 +279,12 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"n": "many"}, "n", "invalid_value"),
         ({"size": "100x100"}, "size", "invalid_value"),
         ({"size": "big"}, "size", "invalid_value"),
-        ({"output_format": "gif"}, "output_format", "invalid_value"),
+        ({"output_format": "bmp"}, "output_format", "invalid_value"),
+        ({"output_format": "gif"}, "output_format", "unsupported_value"),
+        ({"frame_count": 4}, "frame_count", "unsupported_value"),
+        ({"svg": {"model": "x"}}, "svg", "unsupported_value"),
+        ({"svg": "x"}, "svg", "invalid_value"),
+        ({"complexity": "extreme"}, "complexity", "invalid_value"),
         ({"output_compression": 101}, "output_compression", "invalid_value"),
         ({"quality": "ultra"}, "quality", "invalid_value"),
         ({"prompt": ""}, "prompt", "invalid_value"),
@@ -321,6 +327,42 @@ def test_a_cfg_scale_that_is_not_a_finite_number(client, predictor, literal):
         files={"image": ("a.png", encode(), "image/png")},
     )
     assert_error(response, 400, "invalid_value", "true_cfg_scale")
+    assert not predictor.requests
+
+
+@pytest.mark.parametrize(
+    ("method", "request_model"),
+    [("generate", ImageGenerationRequest), ("edit", ImageEditRequest)],
+)
+def test_the_installed_sdk_sends_no_field_the_adapter_does_not_know(method, request_model):
+    """Every parameter of the installed ``openai`` SDK's ``images.generate`` and
+    ``images.edit`` is a field of the adapter's request: each is served, ignored or refused
+    as docs/adapter.md says, never an ``unknown_parameter``. A newer SDK that adds one fails
+    here, naming it."""
+    transport_options = {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
+    sdk_params = set(inspect.signature(getattr(openai.resources.images.Images, method)).parameters)
+    fields = {field.alias or name for name, field in request_model.model_fields.items()}
+    assert sdk_params - transport_options - fields == set(), openai.__version__
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"svg[model]": "x"}, "svg", "unsupported_value"),
+        ({"svg[reasoning][effort]": "low", "svg[model]": "x"}, "svg", "unsupported_value"),
+        ({"complexity": "low", "style[name]": "x"}, "style", "unknown_parameter"),
+        ({"prompt[0]": "x"}, "prompt", "invalid_value"),
+    ],
+)
+def test_form_fields_with_keys_in_brackets(client, predictor, fields, param, code):
+    """The openai SDK sends an object's fields in a form as ``name[key]``; they are read as
+    that object, so ``svg`` gets the answer it gets in JSON rather than an unknown field."""
+    response = client.post(
+        "/v1/images/edits",
+        data={"prompt": "x", **fields},
+        files={"image": ("a.png", encode(), "image/png")},
+    )
+    assert_error(response, 400, code, param)
     assert not predictor.requests
 
 
