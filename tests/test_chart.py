@@ -42,6 +42,8 @@ GENERATION = f"{FULLNAME}-generation"
 EDIT = f"{FULLNAME}-edit"
 ADAPTER = f"{FULLNAME}-adapter"
 
+# The kinds the chart renders that belong to no namespace.
+CLUSTER_SCOPED = frozenset({"LocalModelCache"})
 # The chart's defaults ("defaults") and every values file; a new file is tested automatically.
 CASES = ["defaults", *sorted(path.stem for path in VALUES_DIR.glob("*.yaml"))]
 
@@ -186,7 +188,10 @@ def test_custom_objects_are_valid(case: str) -> None:
 def test_objects_are_namespaced_and_labelled(case: str) -> None:
     for obj in objects(case):
         meta = obj["metadata"]
-        assert meta["namespace"] == NAMESPACE, obj["kind"]
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in meta, obj["kind"]
+        else:
+            assert meta["namespace"] == NAMESPACE, obj["kind"]
         labels = meta["labels"]
         assert labels["app.kubernetes.io/name"] == "qwen-image-serve"
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -937,6 +942,30 @@ def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
         assert predictor(isvc)["serviceAccountName"] == "qwen-image-storage"
 
 
+def test_a_local_model_cache_keeps_the_weights_on_the_nodes() -> None:
+    """KServe matches an InferenceService to a LocalModelCache by its STORAGE_URI, so the
+    cache must name exactly that URI; it is rendered only where asked for."""
+    objs = objects("storage-uri")
+    (cache,) = by_kind(objs, "LocalModelCache").values()
+    generation_uri = env_values(container(one(objs, "InferenceService", GENERATION)))
+    assert cache["spec"] == {
+        "sourceModelUri": generation_uri["STORAGE_URI"],
+        "modelSize": "60Gi",
+        "nodeGroups": ["gpu-nvme"],
+    }
+    name = cache["metadata"]["name"]
+    assert name.startswith("qis-qwen-image-serve-gen") and len(name) <= 33, name
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+
+    # sourceModelUri is immutable: another URI is another cache, not an update.
+    values = case_values("storage-uri")
+    values["generation"]["storage"]["storageUri"]["uri"] = "hf://Qwen/Qwen-Image"
+    (moved,) = by_kind(render_values(values), "LocalModelCache").values()
+    assert moved["spec"]["sourceModelUri"] == "hf://Qwen/Qwen-Image"
+    assert moved["metadata"]["name"] != name
+    assert not by_kind(objects("defaults"), "LocalModelCache")
+
+
 def test_host_path_storage() -> None:
     objs = objects("hostpath")
     for name, path, mount_path in (
@@ -1343,6 +1372,31 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "storageUri without a scheme": (
         {"generation": {"storage": {"kind": "storageUri", "storageUri": {"uri": "models/qwen"}}}},
         "uri",
+    ),
+    "a local model cache of weights that are not a storage URI": (
+        {
+            "edit": {
+                "storage": {
+                    "kind": "huggingFace",
+                    "storageUri": {"localModelCache": {"enabled": True, "nodeGroups": ["a"]}},
+                }
+            }
+        },
+        "/edit/storage/kind",
+    ),
+    "a local model cache on no node group": (
+        {
+            "generation": {
+                "storage": {
+                    "kind": "storageUri",
+                    "storageUri": {
+                        "uri": "hf://Qwen/Qwen-Image",
+                        "localModelCache": {"enabled": True},
+                    },
+                }
+            }
+        },
+        "/generation/storage/storageUri/localModelCache/nodeGroups",
     ),
     "unknown deployment mode": ({"deploymentMode": "Serverful"}, "/deploymentMode"),
     "misspelt top-level key": ({"predictors": {}}, "predictors"),

@@ -200,3 +200,15 @@ KServe creates for the InferenceService (<name>-predictor, port 80, in both mode
 {{- printf "http://%s-predictor.%s.svc.%s" (include "qwen-image-serve.isvcName" .) .root.Release.Namespace .root.Values.clusterDomain }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the LocalModelCache of a component's storage URI; call with (dict "root" $ "component"
+"edit"). Cluster-scoped and immutable in its URI, so the name carries a hash of the URI: a new
+URI makes a new cache. At most 33 characters: KServe names each node's download Job
+<cache>-<node>.
+*/}}
+{{- define "qwen-image-serve.localModelCacheName" -}}
+{{- $uri := (index .root.Values .component).storage.storageUri.uri }}
+{{- $prefix := printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component | trunc 24 | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix (sha256sum $uri | trunc 8) }}
+{{- end }}
