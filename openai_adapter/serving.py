@@ -218,8 +218,12 @@ class ImageService:
                 param,
                 UNSUPPORTED_VALUE,
             )
+        url = source.image_url
+        # The request lives until the answer; taken out of it, a data URL (the image itself,
+        # in base64) is not held beside the base64 sent on while the predictor works.
+        source.image_url = ""
         try:
-            return await self._image_urls.read(source.image_url, max_bytes, deadline)
+            return await self._image_urls.read(url, max_bytes, deadline)
         except ImageUrlRefused as refused:
             raise bad_request(f"{name}'s image_url {refused}", param, UNSUPPORTED_VALUE) from None
         except ImageUrlUnreadable as unreadable:

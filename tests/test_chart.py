@@ -956,6 +956,9 @@ def test_a_local_model_cache_keeps_the_weights_on_the_nodes() -> None:
     name = cache["metadata"]["name"]
     assert name.startswith("qis-qwen-image-serve-gen") and len(name) <= 33, name
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+    notes = render_text("storage-uri")["qwen-image-serve/templates/NOTES.txt"]
+    assert f"weights cached on node groups gpu-nvme: kubectl get localmodelcache {name}" in notes
+    assert notes.count("weights cached on node groups") == 1  # the edit weights are not
 
     # sourceModelUri is immutable: another URI is another cache, not an update.
     values = case_values("storage-uri")
