@@ -31,12 +31,15 @@ class EpilogueGELU(torch.nn.Module):
         self.epilogue = True  # False: diffusers' two steps, as the original service runs them
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
-        # FP8 weights are a torchao tensor subclass: cuBLASLt's epilogue does not take them.
-        plain_weights = type(weight) is torch.nn.Parameter and bias is not None
-        if self.epilogue and hidden_states.is_cuda and plain_weights:
-            return linear_gelu(hidden_states, weight, bias)
+        if self.epilogue and hidden_states.is_cuda and takes_epilogue(self.proj):
+            return linear_gelu(hidden_states, self.proj.weight, self.proj.bias)
         return F.gelu(self.proj(hidden_states), approximate="tanh")
+
+
+def takes_epilogue(proj: torch.nn.Linear) -> bool:
+    """Whether cuBLASLt's epilogue can run ``proj``: plain weights and a bias. FP8 weights
+    are a torchao tensor subclass, which it does not take."""
+    return type(proj.weight) is torch.nn.Parameter and proj.bias is not None
 
 
 def linear_gelu(

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 TinyKind = Literal["generation", "edit", "edit-plus"]
 
 # Bump when the recipe changes, so cached pipelines of an older recipe are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "qwen-image-serve"
 
 SPECIAL_TOKENS = (
@@ -250,8 +250,10 @@ def build_vae() -> AutoencoderKLQwenImage:
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * LATENT_CHANNELS,
-        latents_std=[1.0] * LATENT_CHANNELS,
+        # The real VAE's statistics of its first channels (diffusers' defaults), not 0 and 1:
+        # the engine's normalising of latents must show in the tiny pipelines' images.
+        latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
+        latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
     )
 
 

@@ -157,6 +157,21 @@ def check_long_prompt(pipeline: QwenImageEditPipeline | QwenImageEditPlusPipelin
     assert np.abs(longer_alone - alone).max() < TOLERANCE
 
 
+def test_an_edit_prompt_is_cut_after_exactly_512_tokens(edit):
+    """Where the cut falls, as diffusers cuts a generation's prompt (the first 512 tokens of
+    the prompt and the template's closing tokens): prompts that differ from their 513th
+    token on give the same image, and prompts that differ at their 512th do not."""
+    tokenizer = edit.processor.tokenizer
+    prompt = "a" * 600
+    assert len(tokenizer(prompt)["input_ids"]) == 600  # the tiny tokenizer: a token a byte
+    job = Job(prompt, " ", (3,), 64, 48, 2, 4.0, images=pictures((96, 64)))
+    (image,) = generate(edit, [job], output_type="np")
+    for differs_at, same in ((512, True), (511, False)):
+        other = replace(job, prompt=prompt[:differs_at] + "b" + prompt[differs_at + 1 :])
+        (other_image,) = generate(edit, [other], output_type="np")
+        assert (np.abs(other_image - image).max() < TOLERANCE) == same, differs_at
+
+
 def test_a_long_edit_prompt_keeps_its_first_512_tokens_alone_and_batched(edit):
     check_long_prompt(edit)
 
@@ -372,13 +387,45 @@ def test_modulation_install_keeps_names_and_skips_other_modulations():
     assert not modulation.installed(with_condition_timestep)
 
 
-def test_pil_output_and_mixed_batches_refused(generation):
+def test_pil_output(generation):
     (images,) = generate(generation, [Job("a cat", "", (1, 2), 64, 32, 2, 4.0)])
     assert [image.size for image in images] == [(64, 32), (64, 32)]
+
+
+BATCHED_JOB = Job("a", "", (1,), 64, 64, 2, 4.0)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        replace(BATCHED_JOB, height=32),
+        replace(BATCHED_JOB, num_inference_steps=3),
+        replace(BATCHED_JOB, true_cfg_scale=2.5),
+        replace(BATCHED_JOB, negative_prompt=None),  # no CFG: one pass a step
+    ],
+    ids=["size", "steps", "cfg-scale", "no-cfg"],
+)
+def test_jobs_that_differ_in_their_schedule_are_not_batched(generation, other):
+    """One batch runs one schedule: requests that differ in size, steps or CFG get keys
+    apart, which the engine never batches, and ``generate`` refuses them together."""
+    assert replace(BATCHED_JOB, prompt="b", negative_prompt="c", seeds=(2, 3)).batch_key == (
+        BATCHED_JOB.batch_key
+    )
+    assert other.batch_key != BATCHED_JOB.batch_key
     with pytest.raises(ValueError, match="must share size, steps, CFG"):
-        generate(
-            generation, [Job("a", "", (1,), 64, 64, 2, 4.0), Job("b", "", (1,), 64, 32, 2, 4.0)]
-        )
+        generate(generation, [BATCHED_JOB, other])
+
+
+def test_edits_batch_only_with_edits_of_alike_inputs():
+    """An edit's input images set its condition tokens, and a mask its schedule."""
+    edit = Job("a", " ", (1,), 64, 48, 2, 4.0, images=pictures((96, 64)))
+    assert replace(edit, prompt="b", images=pictures((96, 64), seed=1)).batch_key == (
+        edit.batch_key
+    )
+    assert replace(edit, images=pictures((48, 80))).batch_key != edit.batch_key
+    assert replace(edit, images=pictures((96, 64), (96, 64))).batch_key != edit.batch_key
+    masked = replace(edit, mask=Image.new("L", (96, 64)))
+    assert masked.batch_key != edit.batch_key
 
 
 def test_pil_output_equals_diffusers_postprocessing(generation):

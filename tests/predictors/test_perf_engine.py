@@ -111,6 +111,56 @@ def test_a_failing_batch_is_retried_one_by_one():
     assert pipeline.batches == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
 
 
+@pytest.mark.parametrize(
+    ("max_batch_size", "names"), [(1, ["a"]), (2, ["a", "b"])], ids=["one", "two"]
+)
+def test_a_full_batch_runs_without_waiting_out_the_batch_window(max_batch_size, names):
+    """The window is for gathering more requests: a batch already full starts at once (with
+    batching off, every request would otherwise wait the window)."""
+    pipeline = FakePipeline()
+    policy = BatchPolicy(max_batch_size=max_batch_size, batch_wait_ms=5000)
+    runner = PipelineRunner("m", pipeline, 4, policy)
+
+    async def scenario() -> list:
+        return await asyncio.wait_for(run_all(runner, [FakeJob(name) for name in names]), 2)
+
+    assert asyncio.run(scenario()) == [f"done {name}" for name in names]
+    runner.close()
+    assert pipeline.batches == [names]
+
+
+def test_a_request_whose_caller_left_is_not_retried_after_its_batch_failed():
+    """The one-by-one retries of a failed batch skip a request whose caller has gone."""
+    calls: list[list[str]] = []
+    retrying = threading.Event()
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        calls.append([job.name for job in jobs])
+        if len(jobs) > 1:
+            raise RuntimeError("the batch failed")
+        if jobs[0].name == "a":
+            retrying.set()
+            time.sleep(0.3)
+        return [f"done {job.name}" for job in jobs]
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=3, batch_wait_ms=100))
+
+    async def scenario() -> list:
+        requests = [asyncio.create_task(runner.run(FakeJob(name))) for name in "abc"]
+        await asyncio.to_thread(retrying.wait, 5)
+        requests[2].cancel()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        while runner.pending:
+            await asyncio.sleep(0.01)
+        return results
+
+    first, second, third = asyncio.run(scenario())
+    runner.close()
+    assert (first, second) == ("done a", "done b")
+    assert isinstance(third, asyncio.CancelledError)
+    assert calls == [["a", "b", "c"], ["a"], ["b"]]
+
+
 def test_a_request_cancelled_while_waiting_never_runs():
     gate = threading.Event()
     pipeline = FakePipeline(gate)

@@ -18,13 +18,20 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.hooks import HookRegistry
 from diffusers.models.activations import GELU
 from PIL import Image
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 from predictors import acceleration, attention, feedforward, modulation
 from predictors import model as model_module
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.denoise import Job, generate, pad_text, takes_several_images
+from predictors.denoise import (
+    AttentionBackends,
+    Job,
+    generate,
+    pad_text,
+    takes_several_images,
+)
 from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import QwenImageModel
@@ -107,6 +114,22 @@ def test_feedforwards_take_the_gelu_epilogue_and_step_aside_for_the_baseline(tin
     assert "torch.ops.aten._addmm_activation.default(" in "\n".join(code)
 
 
+class Float8Weights(torch.Tensor):
+    """Stands for torchao's FP8 weights: a tensor subclass, kept so as a parameter."""
+
+
+def test_only_plain_weights_with_a_bias_take_the_gelu_epilogue():
+    """cuBLASLt's epilogue takes plain weights and a bias: FP8 weights (a tensor subclass,
+    which ``torch.nn.Parameter`` keeps as it is) and bias-free layers run as diffusers does."""
+    plain = torch.nn.Linear(8, 32)
+    assert feedforward.takes_epilogue(plain)
+    assert not feedforward.takes_epilogue(torch.nn.Linear(8, 32, bias=False))
+    quantized = torch.nn.Linear(8, 32)
+    quantized.weight = torch.nn.Parameter(plain.weight.detach().as_subclass(Float8Weights))
+    assert type(quantized.weight) is Float8Weights
+    assert not feedforward.takes_epilogue(quantized)
+
+
 def test_text_padding_mask_keeps_diffusers_processor(tiny_cache_env):
     model = load_model(tiny_cache_env, "--text_padding", "mask")
     assert not attention.installed(model.pipeline.transformer)
@@ -124,7 +147,11 @@ def test_lora_flag_fuses_the_weights_and_sets_lightning(tiny_cache_env, tiny_lor
     base_q = base.pipeline.transformer.transformer_blocks[0].attn.to_q
     fast_q = fast.pipeline.transformer.transformer_blocks[0].attn.to_q
     assert type(fast_q) is torch.nn.Linear, "the adapter layers are gone once fused"
-    assert not torch.allclose(base_q.weight, fast_q.weight)
+    # Fused at full strength: W + B @ A (the file gives no alpha, so alpha is the rank).
+    lora = load_file(tiny_lora)
+    prefix = "transformer.transformer_blocks.0.attn.to_q"
+    delta = lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+    assert torch.allclose(fast_q.weight, base_q.weight + delta, atol=1e-5)
     assert torch.equal(  # the LoRA only touches the attention projections
         base.pipeline.transformer.transformer_blocks[0].img_mlp.net[2].weight,
         fast.pipeline.transformer.transformer_blocks[0].img_mlp.net[2].weight,
@@ -147,12 +174,16 @@ def test_a_missing_lora_is_a_clear_error(tiny_cache_env, tmp_path):
 
 
 def test_cache_and_compile_flags_reach_the_transformer(tiny_cache_env):
+    """The step cache's hooks decide on the host, between compiled blocks: they compile with
+    graph breaks (compiled whole, the load-time warm-up fails)."""
     model = load_model(
-        tiny_cache_env, "--cache", "first_block", "--compile", "on", "--warmup_sizes", "none"
+        tiny_cache_env, "--cache", "first_block", "--compile", "on", "--warmup_sizes", "64x64"
     )
     blocks = model.pipeline.transformer.transformer_blocks
     assert "fbc_leader_block_hook" in HookRegistry.check_if_exists_or_initialize(blocks[0]).hooks
     assert all(block._compiled_call_impl is not None for block in blocks)
+    (image,) = generate(model.pipeline, [Job("a cat", " ", (1,), 64, 64, 3, 4.0)], output_type="np")
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_compiled_blocks_take_any_mix_of_prompts_without_recompiling(tiny_cache_env):
@@ -449,6 +480,62 @@ def test_fp8_refuses_images_too_small_for_its_kernels(quantization, min_size, re
             acceleration.check_fp8_image_size(modes, min_size)
     else:
         acceleration.check_fp8_image_size(modes, min_size)
+
+
+@pytest.mark.parametrize(
+    ("capability", "refused"),
+    [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False), ((10, 0), False)],
+)
+def test_fp8_needs_a_gpu_of_compute_capability_8_9(monkeypatch, capability, refused):
+    """Ada (8.9), Hopper (9.0) and Blackwell have FP8 tensor cores; Ampere (8.0, 8.6) not.
+    Without torchao (as here), a capable GPU gets the torchao error instead."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with pytest.raises(AccelerationError) as refusal:
+        acceleration.check_fp8(torch.device("cuda"))
+    needs_capability = "compute capability 8.9" in str(refusal.value)
+    assert needs_capability == refused, refusal.value
+    if not refused:
+        assert "needs torchao" in str(refusal.value)
+
+
+def test_fp8_takes_the_blocks_attention_and_mlp_projections_only(tiny_cache_env):
+    """FP8 quantizes the blocks' projections, not the modulation layers (a row per image)
+    nor the layers outside the blocks."""
+    transformer = load_model(tiny_cache_env).pipeline.transformer
+    chosen = {
+        name
+        for name, module in transformer.named_modules()
+        if acceleration.is_block_projection(module, name)
+    }
+    layers = {name.split(".", 2)[2] for name in chosen}
+    assert layers == {
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    }  # fmt: skip
+    assert {name.split(".")[1] for name in chosen} == {"0", "1"}  # every block
+    assert not any("_mod" in name for name in chosen)
+
+
+@pytest.mark.parametrize(("max_batch_size", "refused"), [(1, False), (2, True)])
+def test_the_step_cache_takes_no_batch_of_two(max_batch_size, refused):
+    modes = Acceleration(cache="first_block")
+    if refused:
+        with pytest.raises(AccelerationError, match="decides once per batch"):
+            acceleration.check_cache_batching(modes, max_batch_size)
+    else:
+        acceleration.check_cache_batching(modes, max_batch_size)
+
+
+def test_a_masked_backend_that_split_padding_never_uses_is_let_through(caplog):
+    """With split padding no batch takes the mask, so a mask-refusing masked backend only
+    gets a warning that it does nothing."""
+    modes = Acceleration(attention=AttentionBackends(masked="flash"))
+    with caplog.at_level(logging.WARNING, logger=acceleration.logger.name):
+        acceleration.check(modes, torch.device("cpu"))
+    assert "--masked_attention_backend flash has no effect with --text_padding split" in (
+        caplog.text
+    )
 
 
 def test_compile_blocks_with_cuda_graphs_marks_each_forward_as_a_step(tiny_cache_env, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
@@ -26,6 +28,21 @@ def test_decoding_a_frame_in_2d_equals_diffusers_decode(vae, batch, height, widt
     assert actual.shape == expected.shape == (batch, 3, 1, 8 * height, 8 * width)
     assert (actual - expected).abs().max() < 1e-5
     assert expected.abs().max() > 0.01  # not an all-zero image
+
+
+def test_decoding_a_frame_in_2d_clamps_as_diffusers_decode(vae):
+    """Pixels past [-1, 1] are clamped as ``vae.decode`` clamps them: a decoder made 10
+    times louder than the tiny one (whose pixels stay within 0.8) passes the range."""
+    loud = copy.deepcopy(vae)
+    with torch.no_grad():
+        loud.decoder.conv_out.weight.mul_(10)
+        loud.decoder.conv_out.bias.mul_(10)
+    latents = torch.randn(1, tiny.LATENT_CHANNELS, 1, 8, 8)
+    with torch.inference_mode():
+        expected = loud.decode(latents, return_dict=False)[0]
+        actual = decode_single_frame(loud, latents)
+    assert expected.abs().max() == 1.0
+    assert (actual - expected).abs().max() < 1e-4  # ten times the rounding above
 
 
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (2, 48, 80)])
