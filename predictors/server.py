@@ -17,6 +17,8 @@ from types import FrameType
 
 from kserve import ModelServer
 from kserve import model_server as kserve_server
+from kserve.errors import InvalidInput, ServerNotReady
+from kserve.logging import KSERVE_LOGGER_NAME
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
@@ -318,6 +320,19 @@ def options_from_args(args: argparse.Namespace) -> PredictorOptions:
     )
 
 
+class QuietRefusals(logging.Filter):
+    """Drops KServe's error record, traceback included, of a request refused as expected:
+    invalid input (400), or a busy or stopping server (503). The model logs one line for
+    each (``QwenImageModel.log_refusal``); under a load that sheds requests, tracebacks
+    would flood the log and the alerts on its errors. Real failures keep theirs."""
+
+    REFUSALS = (InvalidInput, ServerNotReady)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, self.REFUSALS)
+
+
 class PredictorServer(ModelServer):
     """KServe's ModelServer, whose shutdown starts for both protocols at SIGTERM or SIGINT.
 
@@ -385,6 +400,7 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
+    logging.getLogger(KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
     PredictorServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,

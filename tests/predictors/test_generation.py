@@ -231,4 +231,7 @@ def test_each_request_is_logged_with_its_id(generation_predictor):
 
     body = contract.build_rest_body("", request_id="req-bad-456", width=64, height=64, **FAST)
     assert httpx.post(generation_predictor.infer_url, json=body, timeout=60).status_code == 400
-    assert "request_id=req-bad-456 model=qwen-image outcome=invalid" in generation_predictor.log()
+    log = generation_predictor.log()
+    assert "request_id=req-bad-456 model=qwen-image outcome=invalid" in log
+    # A client's mistake is that one line: no error record or traceback besides it.
+    assert "kserve.errors.InvalidInput" not in log and "Traceback" not in log

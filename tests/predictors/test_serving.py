@@ -171,7 +171,9 @@ def test_health_is_fast_and_a_full_queue_says_busy(tiny_cache_env, log_dir):
         assert grpc_busy.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "Server is busy" in grpc_busy.value.details()
         assert worker.is_alive(), "the slow request should still be running"
-        assert "model=qwen-image outcome=busy" in predictor.log()
+        log = predictor.log()
+        assert "model=qwen-image outcome=busy" in log
+        assert "ServerBusy" not in log, "a shed request logged a traceback"
 
         worker.join()
         assert slow_result["response"].status_code == 200
