@@ -202,6 +202,16 @@ KServe creates for the InferenceService (<name>-predictor, port 80, in both mode
 {{- end }}
 
 {{/*
+"true" when a component asks for a LocalModelCache of its storage URI, else empty; call with
+(dict "root" $ "component" "edit").
+*/}}
+{{- define "qwen-image-serve.localModelCache" -}}
+{{- $storage := (index .root.Values .component).storage }}
+{{- $cache := $storage.storageUri.localModelCache }}
+{{- if and (eq $storage.kind "storageUri") $cache $cache.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
 Name of the LocalModelCache of a component's storage URI; call with (dict "root" $ "component"
 "edit"). Cluster-scoped and immutable in its URI, so the name carries a hash of the URI: a new
 URI makes a new cache. At most 33 characters: KServe names each node's download Job
