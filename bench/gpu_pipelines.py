@@ -215,6 +215,7 @@ class Mode:
     fp8: bool = False
     exact: bool = True  # same outputs as the baseline up to bf16 noise
     batching: bool = False  # also measure 8 requests batched against 8 in turn
+    previews: int = 0  # partial images per image, as a stream's ``partial_images`` asks
 
 
 MODES = (
@@ -223,6 +224,7 @@ MODES = (
     Mode("engine+first_block_cache", cache=True, exact=False),
     Mode("lightning", lightning=True, exact=False, batching=True),
     Mode("engine+compile", compile=True, batching=True),
+    Mode("engine+compile+previews", compile=True, previews=3),
     Mode("engine+compile+graphs", compile=True, graphs=True),
     Mode("engine+compile+autotune", compile=True, autotune=True),
     Mode("lightning+compile", compile=True, lightning=True, exact=False),
@@ -772,6 +774,9 @@ class Bench:
             true_cfg_scale=cfg,
             images=images,
             mask=mask,
+            partial_images=mode.previews,
+            # The predictor encodes previews off the worker thread; here they are dropped.
+            on_partial=(lambda number, index, image: None) if mode.previews else None,
         )
 
     def skip_reason(self, mode: Mode) -> str | None:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from openai_adapter.middleware import REQUEST_ID_HEADER, HttpMiddleware, error_json, request_id_of
-from openai_adapter.protocol import ErrorInfo
+from openai_adapter.protocol import ErrorInfo, StreamErrorEvent
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,15 @@ def install_error_handlers(app: FastAPI) -> None:
         # A fault in a middleware outside UnexpectedErrorMiddleware: Starlette answers it
         # outside every middleware, then raises it on to the server, which logs it.
         return error_response(request, 500, _INTERNAL_ERROR)
+
+
+def stream_error(exc: Exception, request_id: str) -> StreamErrorEvent:
+    """The ``error`` event that ends a stream failing after its first event: an
+    ``OpenAIError``'s body, or for anything else (logged) an internal error's."""
+    if isinstance(exc, OpenAIError):
+        return StreamErrorEvent(error=exc.info)
+    logger.error("request_id=%s unexpected error in a stream", request_id, exc_info=exc)
+    return StreamErrorEvent(error=_INTERNAL_ERROR)
 
 
 class UnexpectedErrorMiddleware(HttpMiddleware):

@@ -6,9 +6,10 @@ predictors are reached directly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import httpx
 import pydantic_core
@@ -26,8 +27,13 @@ from openai_adapter.middleware import REQUEST_ID_HEADER
 from openai_adapter.settings import Settings
 from predictors.contract import (
     BINARY_HEADER_LENGTH,
+    COMPLETED_EVENT,
+    ERROR_EVENT,
+    PARTIAL_IMAGE_EVENT,
     ImageResult,
+    PartialImage,
     error_param,
+    parse_partial_image,
     parse_rest_binary_response,
     parse_rest_response,
 )
@@ -41,7 +47,8 @@ _SEND_CHUNK_BYTES = 1024 * 1024
 
 
 class PredictorClient:
-    """Calls ``/v2/models/{model}/infer`` and ``/ready`` on the predictor serving a model."""
+    """Calls ``/v2/models/{model}/infer`` (or ``infer_stream``) and ``/ready`` on the
+    predictor serving a model."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
@@ -83,15 +90,65 @@ class PredictorClient:
         predictor's 400 points at the client's own field.
         """
         start = time.perf_counter()
-        headers = {
-            "content-type": "application/json",
-            "content-length": str(sum(len(part) for part in body)),
-            REQUEST_ID_HEADER: request_id,
-        }
-        try:
+        with self._transport_errors(model):
             response = await self._inference[model].post(
-                f"{self._model_url(model)}/infer", content=_in_chunks(body), headers=headers
+                f"{self._model_url(model)}/infer",
+                content=_in_chunks(body),
+                headers=_headers(body, request_id),
             )
+        _log_status(request_id, model, response, start)
+        if response.status_code != 200:
+            message = _error_message(response)
+            raise self._status_error(model, response.status_code, message, param_names)
+        with _invalid_answer(model):
+            return _parse_results(response)
+
+    async def infer_stream(
+        self,
+        model: str,
+        body: Sequence[bytes],
+        request_id: str,
+        param_names: Mapping[str, str],
+    ) -> AsyncIterator[PartialImage | list[ImageResult]]:
+        """``infer``'s call made to the predictor's ``infer_stream``: the previews of its
+        images as they come, then its images. Failures, before the first or after it,
+        become ``OpenAIError`` as ``infer``'s do."""
+        start = time.perf_counter()
+        with self._transport_errors(model):
+            async with self._inference[model].stream(
+                "POST",
+                f"{self._model_url(model)}/infer_stream",
+                content=_in_chunks(body),
+                headers=_headers(body, request_id),
+            ) as response:
+                _log_status(request_id, model, response, start)
+                if response.status_code != 200:
+                    await response.aread()
+                    message = _error_message(response)
+                    raise self._status_error(model, response.status_code, message, param_names)
+                async for event, data in _server_sent_events(response):
+                    with _invalid_answer(model):
+                        answer = pydantic_core.from_json(data)
+                        if event == PARTIAL_IMAGE_EVENT:
+                            yield parse_partial_image(answer)
+                        elif event == COMPLETED_EVENT:
+                            yield parse_rest_response(answer)
+                            return
+                        elif event == ERROR_EVENT:
+                            raise self._status_error(
+                                model, int(answer["status"]), str(answer["error"]), param_names
+                            )
+                        else:
+                            raise ValueError(f"unknown event '{event}'")
+        raise OpenAIError(
+            502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
+        )
+
+    @contextlib.contextmanager
+    def _transport_errors(self, model: str) -> Iterator[None]:
+        """A call to ``model``'s predictor whose transport failures become ``OpenAIError``."""
+        try:
+            yield
         except httpx.PoolTimeout as exc:
             raise self._unavailable(model, "has no free connection") from exc
         except httpx.TimeoutException as exc:
@@ -106,20 +163,6 @@ class PredictorClient:
             ) from exc
         except httpx.TransportError as exc:
             raise self._unavailable(model, f"is unreachable ({type(exc).__name__})") from exc
-        logger.info(
-            "request_id=%s predictor=%s status=%d %.1fms",
-            request_id,
-            model,
-            response.status_code,
-            (time.perf_counter() - start) * 1000,
-        )
-        if response.status_code == 200:
-            try:
-                return _parse_results(response)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                message = f"The '{model}' predictor sent an invalid answer: {exc}"
-                raise OpenAIError(502, message, code=PREDICTOR_ERROR) from exc
-        raise self._status_error(model, response, param_names)
 
     def _unavailable(self, model: str, why: str) -> OpenAIError:
         return OpenAIError(
@@ -130,11 +173,9 @@ class PredictorClient:
         )
 
     def _status_error(
-        self, model: str, response: httpx.Response, param_names: Mapping[str, str]
+        self, model: str, status: int, message: str, param_names: Mapping[str, str]
     ) -> OpenAIError:
-        """The OpenAI error for a predictor's error answer."""
-        message = _error_message(response)
-        status = response.status_code
+        """The OpenAI error for a predictor's error answer (status and message)."""
         if status == 400:
             field = error_param(message)
             param = param_names.get(field, field) if field else None
@@ -201,6 +242,49 @@ async def _in_chunks(parts: Sequence[bytes]) -> AsyncIterator[bytes]:
     for part in parts:
         for start in range(0, len(part), _SEND_CHUNK_BYTES):
             yield part[start : start + _SEND_CHUNK_BYTES]
+
+
+def _headers(body: Sequence[bytes], request_id: str) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "content-length": str(sum(len(part) for part in body)),
+        REQUEST_ID_HEADER: request_id,
+    }
+
+
+def _log_status(request_id: str, model: str, response: httpx.Response, start: float) -> None:
+    logger.info(
+        "request_id=%s predictor=%s status=%d %.1fms",
+        request_id,
+        model,
+        response.status_code,
+        (time.perf_counter() - start) * 1000,
+    )
+
+
+@contextlib.contextmanager
+def _invalid_answer(model: str) -> Iterator[None]:
+    """Reading an answer of ``model``'s predictor, whose flaws become a 502."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        message = f"The '{model}' predictor sent an invalid answer: {exc}"
+        raise OpenAIError(502, message, code=PREDICTOR_ERROR) from exc
+
+
+async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """The (event, data) pairs of a server-sent event stream (one data line each, as the
+    predictors send them)."""
+    event, data = "message", ""
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, data
+            event, data = "message", ""
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data = line[5:].lstrip()
 
 
 def _parse_results(response: httpx.Response) -> list[ImageResult]:

@@ -74,15 +74,15 @@ class ImageRequest(BaseModel):
     )
     stream: bool | None = Field(
         None,
-        description="Answer as server-sent events: one 'completed' event per image, sent "
-        "once the images are done.",
+        description="Answer as server-sent events: 'partial_image' events while the images "
+        "are made (see partial_images), then one 'completed' event per image.",
     )
     partial_images: int | None = Field(
         None,
         ge=0,
         le=3,
-        description="Partial images a stream may send before each image (0-3). None are sent: "
-        "OpenAI lets the final image come first, and this service sends only the final ones.",
+        description="Previews of each image a stream sends while it is made (0-3), spread "
+        "over its denoising steps; fewer when the steps are few.",
     )
     complexity: Literal["low", "medium", "high"] | None = Field(
         None,
@@ -234,11 +234,27 @@ class ImagesResponse(BaseModel):
     safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 
+class ImagePartialEvent(BaseModel):
+    """A preview of an image of a streamed answer (``stream: true`` with
+    ``partial_images``): OpenAI's ``image_generation.partial_image`` or
+    ``image_edit.partial_image`` server-sent event."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    b64_json: str = Field(description="The encoded preview, base64.")
+    created_at: int = Field(description="Unix time of the event.")
+    size: str = Field(description="'WIDTHxHEIGHT' of the preview.")
+    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
+    background: Background = Field(description=_BACKGROUND_DESCRIPTION)
+    output_format: OutputFormat
+    partial_image_index: int = Field(description="0, 1, ... for each image's previews.")
+    seed: int = Field(description="The seed of the image this previews (an extension).")
+
+
 class ImageCompletedEvent(BaseModel):
     """One image of a streamed answer (``stream: true``): OpenAI's
-    ``image_generation.completed`` or ``image_edit.completed`` server-sent event. Partial
-    images are not sent, so each image is one event. OpenAI's token ``usage`` has no
-    counterpart here and is left out."""
+    ``image_generation.completed`` or ``image_edit.completed`` server-sent event, after the
+    image's previews, if any. OpenAI's token ``usage`` has no counterpart here and is left
+    out."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
     b64_json: str = Field(description="The encoded image, base64.")
@@ -279,4 +295,11 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     """Every error body: ``{"error": {...}}``."""
 
+    error: ErrorInfo
+
+
+class StreamErrorEvent(BaseModel):
+    """The ``error`` server-sent event that ends a stream that fails after its first event."""
+
+    type: Literal["error"] = "error"
     error: ErrorInfo

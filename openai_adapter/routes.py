@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -23,6 +24,7 @@ from openai_adapter.errors import (
     NOT_MULTIPART,
     NOT_READY,
     OpenAIError,
+    stream_error,
 )
 from openai_adapter.middleware import request_id_of
 from openai_adapter.protocol import (
@@ -30,12 +32,11 @@ from openai_adapter.protocol import (
     ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
-    ImageRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
 )
-from openai_adapter.serving import ImageService, completed_events
+from openai_adapter.serving import Answer, ImageEvent, ImageService
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
@@ -82,16 +83,38 @@ def get_service(request: Request) -> ImageService:
 Service = Annotated[ImageService, Depends(get_service)]
 
 
-def _answer(response: ImagesResponse, request: ImageRequest, event_type: str) -> Response:
-    """The images as one JSON body (serialized in one pass: it is large, base64-laden), or,
-    for ``stream: true``, as server-sent ``event_type`` events, one per image."""
-    if not request.stream:
-        return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
-    events = "".join(
-        f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
-        for event in completed_events(response, event_type)
+async def _answer(answer: Answer, request_id: str) -> Response:
+    """One JSON body (serialized in one pass: it is large, base64-laden), or for ``stream:
+    true`` server-sent events. A stream's first event is awaited here, so that a request
+    that fails before it gets its error status and body rather than a stream."""
+    if isinstance(answer, ImagesResponse):
+        return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+    first = await anext(answer)
+    return StreamingResponse(
+        _server_sent(first, answer, request_id),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
-    return Response(events, media_type="text/event-stream")
+
+
+async def _server_sent(
+    first: ImageEvent, events: AsyncIterator[ImageEvent], request_id: str
+) -> AsyncIterator[str]:
+    """Each event as ``event: <type>`` and ``data: <JSON>``; a failure after the first as an
+    ``error`` event (the status is sent already), which the openai SDK raises as an error."""
+    try:
+        yield _server_sent_event(first.type, first)
+        async for event in events:
+            yield _server_sent_event(event.type, event)
+    except Exception as exc:
+        error = stream_error(exc, request_id)
+        yield _server_sent_event(error.type, error)
+    finally:
+        await events.aclose()
+
+
+def _server_sent_event(event_type: str, data: BaseModel) -> str:
+    return f"event: {event_type}\ndata: {data.model_dump_json(exclude_none=True)}\n\n"
 
 
 _V1 = "/v1"
@@ -237,8 +260,8 @@ async def create_image(
     service: Service,
 ) -> Response:
     """Create images from a prompt (OpenAI ``images.generate``)."""
-    response = await service.generate(body, request_id_of(request))
-    return _answer(response, body, "image_generation.completed")
+    request_id = request_id_of(request)
+    return await _answer(await service.generate(body, request_id), request_id)
 
 
 async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | ImageEditJsonRequest]:
@@ -275,8 +298,8 @@ async def create_image_edit(
 ) -> Response:
     """Edit images following a prompt (OpenAI ``images.edit``): a multipart form, or a JSON
     object whose images are given by URL."""
-    response = await service.edit(edit, request_id_of(request))
-    return _answer(response, edit, "image_edit.completed")
+    request_id = request_id_of(request)
+    return await _answer(await service.edit(edit, request_id), request_id)
 
 
 @v1.get("/models", tags=["models"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import pybase64
@@ -34,6 +35,7 @@ from openai_adapter.protocol import (
     ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImagePartialEvent,
     ImageReference,
     ImageRequest,
     ImagesResponse,
@@ -49,12 +51,20 @@ from predictors.contract import (
     NUM_INFERENCE_STEPS,
     WIDTH,
     ImageResult,
+    PartialImage,
     rest_body_parts,
 )
 
 OWNER = "qwen-image-serve"
 # OpenAI's own limit on the images of one edit; the predictor applies the model's.
 MAX_EDIT_IMAGES = 16
+# The prefixes of the two endpoints' server-sent event types.
+GENERATION_EVENTS = "image_generation"
+EDIT_EVENTS = "image_edit"
+
+ImageEvent = ImagePartialEvent | ImageCompletedEvent
+# A request's answer: one body, or (``stream: true``) its events, not started.
+Answer = ImagesResponse | AsyncIterator[ImageEvent]
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class PredictorCall:
     request_id: str
     body: list[bytes]
     param_names: dict[str, str]
+    previews: bool  # made through the predictor's ``infer_stream``
 
 
 class ImageService:
@@ -96,15 +107,16 @@ class ImageService:
             raise model_not_found(model)
         return ModelCard(id=model, created=self._created, owned_by=OWNER)
 
-    async def generate(self, request: ImageGenerationRequest, request_id: str) -> ImagesResponse:
+    async def generate(self, request: ImageGenerationRequest, request_id: str) -> Answer:
         """``POST /v1/images/generations``."""
         model = self._resolve_model(request.model, self._settings.generation_model)
         _reject_unsupported(request)
-        return await self._run(self._predictor_call(model, request, request_id), request)
+        call = self._predictor_call(model, request, request_id)
+        return await self._run(call, request, GENERATION_EVENTS)
 
     async def edit(
         self, request: ImageEditRequest | ImageEditJsonRequest, request_id: str
-    ) -> ImagesResponse:
+    ) -> Answer:
         """``POST /v1/images/edits``: a multipart form or a JSON object."""
         model = self._resolve_model(request.model, self._settings.edit_model)
         _reject_unsupported(request)  # before any image URL is fetched
@@ -113,7 +125,7 @@ class ImageService:
         # The call holds the files as base64; dropped here, they are not also held while the
         # predictor works (UploadBudgetMiddleware's budget assumes so).
         del images, mask
-        return await self._run(call, request)
+        return await self._run(call, request, EDIT_EVENTS)
 
     def _served_as(self, name: str) -> str | None:
         """The enabled model that ``name`` is the id or an alias of; None if none."""
@@ -255,13 +267,15 @@ class ImageService:
             if request.num_inference_steps is None and quality_steps is not None
             else NUM_INFERENCE_STEPS,
         }
+        # Previews come as server-sent events, whose lines carry JSON, not binary outputs.
+        previews = bool(request.stream and request.partial_images)
         body = rest_body_parts(
             request.prompt,
             negative_prompt=request.negative_prompt,
             images=images,
             mask=mask,
             request_id=request_id,
-            binary_output=True,
+            binary_output=not previews,
             width=width,
             height=height,
             num_inference_steps=steps,
@@ -270,15 +284,40 @@ class ImageService:
             num_images=request.n,
             output_format=request.output_format,
             output_compression=request.output_compression,
+            partial_images=request.partial_images if previews else None,
         )
-        return PredictorCall(model, request_id, body, param_names)
+        return PredictorCall(model, request_id, body, param_names, previews)
 
-    async def _run(self, call: PredictorCall, request: ImageRequest) -> ImagesResponse:
-        """Make the predictor call and answer in OpenAI's shape."""
+    async def _run(self, call: PredictorCall, request: ImageRequest, events: str) -> Answer:
+        """Make the predictor call and answer in OpenAI's shape: one body, or for ``stream:
+        true`` server-sent events of the ``events`` endpoint's types."""
+        if request.stream:
+            return self._events(call, request, events)
         results = await self._client.infer(call.model, call.body, call.request_id, call.param_names)
         return _images_response(
             results, request.quality or "auto", request.effective_safety_identifier
         )
+
+    async def _events(
+        self, call: PredictorCall, request: ImageRequest, events: str
+    ) -> AsyncIterator[ImageEvent]:
+        """A streamed answer: the previews that ``partial_images`` asks for as the predictor
+        makes them, then one completed event per image."""
+        quality = request.quality or "auto"
+        args = (call.model, call.body, call.request_id, call.param_names)
+        if call.previews:
+            answers = self._client.infer_stream(*args)
+        else:
+            answers = _once(self._client.infer(*args))
+        # Closed at once when the client leaves: that closes the call to the predictor.
+        async with contextlib.aclosing(answers):
+            async for answer in answers:
+                if isinstance(answer, PartialImage):
+                    yield _partial_event(answer, f"{events}.partial_image", quality)
+                    continue
+                response = _images_response(answer, quality, request.effective_safety_identifier)
+                for event in _completed_events(response, f"{events}.completed"):
+                    yield event
 
 
 def _reject_unsupported(request: ImageRequest) -> None:
@@ -316,7 +355,7 @@ def _unsupported(request: ImageRequest) -> tuple[str, str] | None:
     return None
 
 
-def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCompletedEvent]:
+def _completed_events(response: ImagesResponse, event_type: str) -> list[ImageCompletedEvent]:
     """The answer of a streamed request (``stream: true``): one completed event per image."""
     return [
         ImageCompletedEvent(
@@ -332,6 +371,28 @@ def completed_events(response: ImagesResponse, event_type: str) -> list[ImageCom
         )
         for image in response.data
     ]
+
+
+def _partial_event(preview: PartialImage, event_type: str, quality: Quality) -> ImagePartialEvent:
+    described = describe_image(preview.data)
+    if described is None:
+        raise OpenAIError(502, "The predictor returned no usable preview", code=PREDICTOR_ERROR)
+    output_format, width, height = described
+    return ImagePartialEvent(
+        type=event_type,
+        b64_json=pybase64.b64encode_as_string(preview.data),
+        created_at=int(time.time()),
+        size=f"{width}x{height}",
+        quality=quality,
+        background="opaque",
+        output_format=output_format,
+        partial_image_index=preview.partial_image_index,
+        seed=preview.seed,
+    )
+
+
+async def _once(results: Awaitable[list[ImageResult]]) -> AsyncIterator[list[ImageResult]]:
+    yield await results
 
 
 def _first(*values: int | None) -> int | None:

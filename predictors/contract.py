@@ -26,12 +26,24 @@ Request (``POST /v2/models/{model}/infer``)::
       num_images           int     default 1
       output_format        string  png (default), jpeg or webp
       output_compression   int     0-100, quality for jpeg/webp (default 90)
+      partial_images       int     0-3 (default 0): previews of each image to stream while
+                                   it is made; read by ``infer_stream`` only
 
 Response::
 
     outputs:
       images  BYTES [num_images]  encoded image files in ``output_format``
       seeds   INT64 [num_images]  the seed used for each image
+
+Streaming (``POST /v2/models/{model}/infer_stream``, this project's extension of v2): the
+same request, answered with server-sent events. ``partial_image`` events come first, each
+a v2 response (JSON) whose ``images`` output holds one preview, at most
+``partial_images`` per image, with the parameters ``image_index`` (which image of the
+request), ``partial_image_index`` (0, 1, ... per image) and ``seed``; then one
+``completed`` event, the whole v2 response as ``/infer`` gives it in JSON. A request
+refused before its run starts gets the status and body ``/infer`` would give; a failure
+after the stream has begun ends it with an ``error`` event, ``{"error": message,
+"status": code}``.
 
 Over REST the JSON body cannot carry raw bytes, so BYTES image tensors (``image`` in,
 ``images`` out) hold base64 text; over gRPC they hold the raw file bytes. Text tensors are
@@ -77,8 +89,17 @@ SEED = "seed"
 NUM_IMAGES = "num_images"
 OUTPUT_FORMAT = "output_format"
 OUTPUT_COMPRESSION = "output_compression"
+PARTIAL_IMAGES = "partial_images"
 BINARY_DATA_OUTPUT = "binary_data_output"  # KServe's REST binary extension
 BINARY_HEADER_LENGTH = "inference-header-content-length"
+
+# Response parameters of a streamed preview, and the stream's event names.
+IMAGE_INDEX = "image_index"
+PARTIAL_IMAGE_INDEX = "partial_image_index"
+PARTIAL_IMAGE_EVENT = "partial_image"
+COMPLETED_EVENT = "completed"
+ERROR_EVENT = "error"
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 SIZE_MULTIPLE = 16
@@ -159,6 +180,7 @@ class ImageRequest:
     num_images: int
     output_format: str
     output_compression: int
+    partial_images: int = 0
     images: tuple[bytes, ...] = field(default=(), repr=False)
     mask: bytes | None = field(default=None, repr=False)
 
@@ -300,6 +322,8 @@ def validate_request(
         )
     compression = get_int(OUTPUT_COMPRESSION, defaults.output_compression)
     _check_range(OUTPUT_COMPRESSION, compression, 0, 100)
+    partial_images = get_int(PARTIAL_IMAGES, 0)
+    _check_range(PARTIAL_IMAGES, partial_images, 0, MAX_PARTIAL_IMAGES)
 
     return ImageRequest(
         prompt=prompt,
@@ -312,6 +336,7 @@ def validate_request(
         num_images=num_images,
         output_format=output_format,
         output_compression=compression,
+        partial_images=partial_images,
         images=tuple(images),
         mask=mask,
     )
@@ -345,6 +370,7 @@ def build_parameters(
     num_images: int | None = None,
     output_format: str | None = None,
     output_compression: int | None = None,
+    partial_images: int | None = None,
     for_grpc: bool = False,
 ) -> dict[str, Any]:
     """Request parameters for the fields that are set (gRPC carries floats as strings)."""
@@ -357,6 +383,7 @@ def build_parameters(
         NUM_IMAGES: num_images,
         OUTPUT_FORMAT: output_format,
         OUTPUT_COMPRESSION: output_compression,
+        PARTIAL_IMAGES: partial_images,
     }
     return {key: value for key, value in params.items() if value is not None}
 
@@ -485,3 +512,28 @@ def _results(images: list[bytes], seeds: list[Any]) -> list[ImageResult]:
     return [
         ImageResult(data=image, seed=int(seed)) for image, seed in zip(images, seeds, strict=True)
     ]
+
+
+@dataclass
+class PartialImage:
+    """A preview of one image of a streamed request (an ``infer_stream`` event)."""
+
+    data: bytes
+    image_index: int
+    partial_image_index: int
+    seed: int
+
+
+def parse_partial_image(body: dict[str, Any]) -> PartialImage:
+    """The preview carried by a ``partial_image`` event's v2 response."""
+    outputs = {output["name"]: output for output in body.get("outputs", [])}
+    if IMAGES not in outputs:
+        raise ValueError(f"partial image lacks the '{IMAGES}' output")
+    (image,) = outputs[IMAGES]["data"]
+    parameters = body.get("parameters") or {}
+    return PartialImage(
+        data=decode_bytes_from_rest(IMAGES, image),
+        image_index=int(parameters[IMAGE_INDEX]),
+        partial_image_index=int(parameters[PARTIAL_IMAGE_INDEX]),
+        seed=int(parameters[SEED]),
+    )

@@ -25,7 +25,10 @@ masks when prompts differ in length. ``generate`` runs the same arithmetic diffe
   ``QwenImageEditInpaintPipeline`` does at full strength: after each step, the latents
   outside the area are the image's, noised to the next step's level;
 - the VAE encodes edit images and decodes outputs with its convolutions as 2D ones
-  (``predictors.vae``).
+  (``predictors.vae``);
+- a job may ask for previews of its images while they are made (``Job.partial_images``):
+  after a few steps spread over the run, the VAE decodes the clean image that the step's
+  prediction points to, and ``Job.on_partial`` receives it. The final images do not change.
 
 It imports neither kserve nor the server, so the benchmark harness runs it on a bare GPU host.
 """
@@ -96,6 +99,10 @@ def prompt_image_size(pipeline: DiffusionPipeline, image: Image.Image) -> tuple[
     return width, height
 
 
+# Called on the worker thread with (image number within the job, preview number, image).
+PartialCallback = Callable[[int, int, Image.Image], None]
+
+
 @dataclass(frozen=True)
 class Job:
     """One request's share of a batch: its prompts, seeds, size and schedule.
@@ -104,7 +111,8 @@ class Job:
     images (none for text-to-image). ``mask`` is the area of ``images[0]`` to repaint, as
     diffusers' inpaint pipelines take it: white is repainted, black kept; a masked job's
     output has ``images[0]``'s condition size. True CFG runs when ``true_cfg_scale > 1`` and
-    a negative prompt is given, as in diffusers.
+    a negative prompt is given, as in diffusers. ``partial_images`` previews of each image
+    go to ``on_partial`` (``preview_steps``); jobs that differ in them still share a batch.
     """
 
     prompt: str
@@ -116,6 +124,8 @@ class Job:
     true_cfg_scale: float
     images: tuple[Image.Image, ...] = field(default=(), repr=False)
     mask: Image.Image | None = field(default=None, repr=False)
+    partial_images: int = 0
+    on_partial: PartialCallback | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_images(self) -> int:
@@ -239,6 +249,9 @@ def generate(
         model_timesteps = timesteps.to(dtype) / 1000
         attention = attention or AttentionBackends()
         backend = attention.unmasked if text_mask is None else attention.masked
+        previews = _previews(jobs, first.num_inference_steps)
+        if previews:
+            preview_sigmas = pipeline.scheduler.sigmas.to(device, torch.float32)
 
         pipeline.scheduler.set_begin_index(0)
         try:
@@ -266,12 +279,19 @@ def generate(
                     prediction = prediction[:, : latents.shape[1]]
                     if copies == 2:
                         prediction = guide(*prediction.chunk(2), first.true_cfg_scale)
+                    noisy = latents
                     latents = pipeline.scheduler.step(prediction, t, latents, return_dict=False)[0]
                     if canvas is not None:
                         # Outside the edit area: the canvas at the next step's noise level
                         # (the canvas itself after the last step, whose next sigma is 0).
                         kept = _noised(canvas, noise, sigmas[i + 1])
                         latents = kept_area * kept + edit_area * latents
+                    for row, job, number, index in previews.get(i, ()):
+                        # The flow's clean end: x0 = x_t - sigma_t * v.
+                        clean = noisy[row] - preview_sigmas[i] * prediction[row]
+                        if canvas is not None:
+                            clean = kept_area[row] * canvas[row] + edit_area[row] * clean
+                        job.on_partial(number, index, decode(pipeline, clean[None], first, "pil"))
                     if on_step_end is not None:
                         on_step_end(i)
         finally:
@@ -281,6 +301,32 @@ def generate(
             decode(pipeline, latents[i : i + 1], first, output_type) for i in range(len(seeds))
         ]
     return _split(images, jobs, output_type)
+
+
+def preview_steps(num_inference_steps: int, count: int) -> list[int]:
+    """The steps after which a job's ``count`` previews are made: spread evenly over the run
+    and before its last step, whose image is the final one (fewer when steps are few)."""
+    if num_inference_steps < 2:
+        return []
+    last = num_inference_steps - 2
+    spread = num_inference_steps / (count + 1)
+    return sorted({min(last, max(0, round((n + 1) * spread) - 1)) for n in range(count)})
+
+
+def _previews(
+    jobs: Sequence[Job], num_inference_steps: int
+) -> dict[int, list[tuple[int, Job, int, int]]]:
+    """By step: the batch rows to preview then, each with its job, its image number within
+    the job and the preview's number."""
+    by_step: dict[int, list[tuple[int, Job, int, int]]] = {}
+    row = 0
+    for job in jobs:
+        steps = preview_steps(num_inference_steps, job.partial_images) if job.on_partial else []
+        for number in range(job.num_images):
+            for index, step in enumerate(steps):
+                by_step.setdefault(step, []).append((row + number, job, number, index))
+        row += job.num_images
+    return by_step
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

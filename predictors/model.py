@@ -9,11 +9,13 @@ same for both and live here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -188,6 +190,7 @@ class QwenImageModel(Model):
             true_cfg_scale=request.true_cfg_scale,
             images=images,
             mask=mask,
+            partial_images=request.partial_images,
         )
 
     async def predict(
@@ -197,16 +200,67 @@ class QwenImageModel(Model):
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse:
         """Validate, wait for the GPU, generate, encode and answer one infer request."""
+        request_id = _request_id(payload, headers)
+        request, encoded = await self.make_images(payload, request_id)
+        return self.respond(payload, request_id, request, encoded)
+
+    async def predict_stream(
+        self, payload: InferRequest, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[tuple[str, InferResponse]]:
+        """``infer_stream``: each image's previews as they are made (``partial_images``),
+        then the answer ``predict`` gives; as (event name, response) pairs. What ``predict``
+        would raise before its answer is raised here; leaving the iteration early gives the
+        request up, as a client that leaves ``predict`` does."""
+        request_id = _request_id(payload, headers)
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue[_Preview] = asyncio.Queue()
+
+        def on_partial(preview: _Preview) -> None:  # on the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(previews.put_nowait, preview)
+
+        answer = asyncio.ensure_future(self.make_images(payload, request_id, on_partial))
+        waiting: asyncio.Future[_Preview] | None = None
+        sent: set[tuple[int, int]] = set()
+        try:
+            while not (answer.done() and previews.empty()):
+                waiting = asyncio.ensure_future(previews.get())
+                await asyncio.wait({answer, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()  # the answer came; previews still queued go first
+                    continue
+                preview = waiting.result()
+                # A failed batch's requests run again one by one, and show their previews again.
+                if (preview.image_index, preview.partial_image_index) in sent:
+                    continue
+                sent.add((preview.image_index, preview.partial_image_index))
+                yield contract.PARTIAL_IMAGE_EVENT, await self.preview_response(preview, request_id)
+            request, encoded = answer.result()
+            yield contract.COMPLETED_EVENT, self.respond(payload, request_id, request, encoded)
+        finally:
+            answer.cancel()
+            if waiting is not None:
+                waiting.cancel()
+
+    async def make_images(
+        self,
+        payload: InferRequest,
+        request_id: str,
+        on_partial: Callable[[_Preview], None] | None = None,
+    ) -> tuple[ImageRequest, list[bytes]]:
+        """The request and its encoded images: validated, queued, generated and encoded, with
+        its metrics and log line. ``on_partial`` receives its previews on the worker thread."""
         if not self.ready:
             raise ModelNotReady(self.name)
         started = time.perf_counter()
-        request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
         try:
             request = self.parse(payload)
             # A place is taken before edit images are decoded, so that concurrent requests
             # beyond the capacity are refused before that work, not after.
             with self.runner.reserve() as slot:
                 job = await asyncio.to_thread(self.prepare, request)
+                if on_partial is not None and request.partial_images:
+                    job = replace(job, on_partial=_previews_to(on_partial, request))
                 images = await slot.run(job)
             encoded = await asyncio.to_thread(
                 lambda: [
@@ -258,7 +312,29 @@ class QwenImageModel(Model):
             "no" if request.mask is None else "yes",
             seconds,
         )
-        return self.respond(payload, request_id, request, encoded)
+        return request, encoded
+
+    async def preview_response(self, preview: _Preview, request_id: str) -> InferResponse:
+        """A ``partial_image`` event's v2 response: one preview, encoded as the request's
+        images are, base64 in JSON (``contract.parse_partial_image``)."""
+        request = preview.request
+        data = await asyncio.to_thread(
+            encode_image, preview.image, request.output_format, request.output_compression
+        )
+        return InferResponse(
+            response_id=request_id,
+            model_name=self.name,
+            infer_outputs=[
+                InferOutput(
+                    contract.IMAGES, [1], "BYTES", data=[contract.encode_bytes_for_rest(data)]
+                )
+            ],
+            parameters={
+                contract.IMAGE_INDEX: preview.image_index,
+                contract.PARTIAL_IMAGE_INDEX: preview.partial_image_index,
+                contract.SEED: request.seeds[preview.image_index],
+            },
+        )
 
     def log_refusal(self, request_id: str, outcome: str, started: float, reason: str) -> None:
         """The log line of a request that ends without images, with its id like the others."""
@@ -346,6 +422,28 @@ class QwenImageModel(Model):
             from_grpc=payload.from_grpc,
             use_binary_outputs=payload.use_binary_outputs,
         )
+
+
+@dataclass(frozen=True)
+class _Preview:
+    """A preview made on the worker thread, on its way to the request's stream."""
+
+    request: ImageRequest
+    image_index: int
+    partial_image_index: int
+    image: Image.Image
+
+
+def _previews_to(
+    on_partial: Callable[[_Preview], None], request: ImageRequest
+) -> denoise.PartialCallback:
+    """A job's ``on_partial`` that hands each preview to ``on_partial`` with its request."""
+    return lambda number, index, image: on_partial(_Preview(request, number, index, image))
+
+
+def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
+    """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one."""
+    return payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
 
 
 def _values(tensor: InferInput) -> list[object]:

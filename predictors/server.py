@@ -28,6 +28,7 @@ from predictors.disconnect import CancelOnDisconnect
 from predictors.engine import BatchPolicy
 from predictors.loading import ModelLocationError, PlacementError
 from predictors.model import PredictorOptions, QwenImageModel
+from predictors.streaming import add_stream_route
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +401,7 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
+    add_stream_route(kserve_server.app, model)
     logging.getLogger(KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
     PredictorServer(
         http_port=args.http_port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -55,8 +56,22 @@ class RunningPredictor:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{self.model_name}/infer"
 
+    @property
+    def stream_url(self) -> str:
+        return f"{self.infer_url}_stream"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def server_sent_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    """The (event, JSON data) pairs of a streamed answer, as they arrive."""
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield event, json.loads(line.removeprefix("data: "))
 
 
 def wait_for_ok(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:

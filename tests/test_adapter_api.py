@@ -165,8 +165,8 @@ def test_edit_one_item_list(client: OpenAI):
 
 
 def test_streams_yield_one_completed_event_per_image(client: OpenAI):
-    """``stream=True``: the SDK's stream of server-sent events, one completed event per
-    image (no partial images, even when asked for), for generations and edits."""
+    """``stream=True`` without ``partial_images``: the SDK's stream of server-sent events,
+    one completed event per image, for generations and edits."""
     events = list(small(client, stream=True, n=2, extra={"seed": 5}))
     assert [event.type for event in events] == ["image_generation.completed"] * 2
     assert [event.seed for event in events] == [5, 6]
@@ -177,16 +177,47 @@ def test_streams_yield_one_completed_event_per_image(client: OpenAI):
     assert image_bytes(events[0]) != image_bytes(events[1])
 
     edits = client.images.edit(
+        image=encode_image((64, 64)), prompt="a hat", size="64x64", stream=True, extra_body=FAST
+    )
+    (edited,) = list(edits)
+    assert edited.type == "image_edit.completed"
+    assert open_image(edited).size == (64, 64)
+
+
+def test_partial_images_stream_previews_before_each_final_image(client: OpenAI):
+    """``partial_images=2`` over 6 steps: both images' previews as they are made (after
+    steps 2 and 4), numbered per image and of the images' size and format, then the final
+    images, which are those of the same request without a stream."""
+    fields = {"n": 2, "size": "96x64", "output_format": "webp"}
+    extra = {"seed": 5, "num_inference_steps": 6}
+    events = list(small(client, stream=True, partial_images=2, extra=extra, **fields))
+    partial, completed = "image_generation.partial_image", "image_generation.completed"
+    assert [
+        (event.type, getattr(event, "partial_image_index", None), event.seed) for event in events
+    ] == [
+        (partial, 0, 5),
+        (partial, 0, 6),
+        (partial, 1, 5),
+        (partial, 1, 6),
+        (completed, None, 5),
+        (completed, None, 6),
+    ]
+    for event in events:
+        assert (event.size, event.output_format) == ("96x64", "webp")
+        assert (open_image(event).format, open_image(event).size) == ("WEBP", (96, 64))
+    plain = small(client, extra=extra, **fields)
+    for final, expected in zip(events[4:], plain.data, strict=True):
+        assert np.array_equal(np.asarray(open_image(final)), np.asarray(open_image(expected)))
+
+    edits = client.images.edit(
         image=encode_image((64, 64)),
         prompt="a hat",
         size="64x64",
         stream=True,
-        partial_images=2,
-        extra_body=FAST,
+        partial_images=1,
+        extra_body={"num_inference_steps": 3},
     )
-    (edited,) = list(edits)  # partial images may be skipped: the final image comes first
-    assert edited.type == "image_edit.completed"
-    assert open_image(edited).size == (64, 64)
+    assert [event.type for event in edits] == ["image_edit.partial_image", "image_edit.completed"]
 
 
 def test_edit_with_a_mask(client: OpenAI):
@@ -405,6 +436,29 @@ def test_a_client_that_gives_up_frees_its_place_in_the_queue(client: OpenAI, sta
         'qwen_image_adapter_requests_total{method="POST",route="/v1/images/generations",'
         'status="499"} 1.0' in adapter_metrics
     )
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(client: OpenAI, stack: Stack):
+    """Leaving a stream after its first preview closes the adapter's call to the predictor,
+    whose batch then stops at its next step instead of denoising for nobody."""
+    steps = 60  # the test stack's most: several seconds at 1024x1024
+    events = small(
+        client,
+        size="1024x1024",
+        stream=True,
+        partial_images=3,
+        extra={"num_inference_steps": steps},
+        extra_headers={"x-request-id": "left-stream"},
+    )
+    first = next(iter(events))
+    assert first.type == "image_generation.partial_image"
+    events.close()
+    stopped = (
+        r"request_id=left-stream .*outcome=cancelled[\s\S]*"
+        rf"every caller of a batch of 1 left; after step (\d+)/{steps}"
+    )
+    assert stack.wait_for(lambda log: re.search(stopped, log) is not None, 20), stack.log()[-3000:]
+    assert int(re.search(stopped, stack.log())[1]) < steps
 
 
 def test_predictor_down_is_503(down_adapter: str):

@@ -391,11 +391,11 @@ def test_a_stream_sends_one_completed_event_per_image(client, predictor):
             "seed": 9,
             "stream": True,
             "quality": "low",
-            "partial_images": 3,
         },
     )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
+    assert predictor.requests[-1].url.path == "/v2/models/qwen-image/infer"
     events = response.text.split("\n\n")
     assert events[-1] == "" and len(events) == 3
     for event, seed in zip(events[:-1], [9, 10], strict=True):
@@ -413,6 +413,183 @@ def test_a_stream_sends_one_completed_event_per_image(client, predictor):
         files={"image": ("upload", encode(), "image/png")},
     )
     assert edited.text.startswith("event: image_edit.completed\ndata: ")
+
+
+def v2_stream(*events: tuple[str, Any]) -> httpx.Response:
+    """A predictor's ``infer_stream`` answer of ``events`` (name, JSON data)."""
+    content = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+    return httpx.Response(200, text=content, headers={"content-type": "text/event-stream"})
+
+
+def v2_preview(image_index: int, partial_image_index: int, seed: int) -> tuple[str, Any]:
+    """A ``partial_image`` event: one 32x24 preview."""
+    output = {"name": contract.IMAGES, "data": [contract.encode_bytes_for_rest(encode((32, 24)))]}
+    parameters = {
+        contract.IMAGE_INDEX: image_index,
+        contract.PARTIAL_IMAGE_INDEX: partial_image_index,
+        contract.SEED: seed,
+    }
+    return contract.PARTIAL_IMAGE_EVENT, {"outputs": [output], "parameters": parameters}
+
+
+def streaming_predictor(*events: tuple[str, Any]) -> Handler:
+    """A predictor answering ``infer_stream`` with ``events`` then, unless the events end
+    otherwise, the request's images."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path.endswith("/infer_stream"), request.url
+        completed = (contract.COMPLETED_EVENT, v2_answer(request).json())
+        return v2_stream(*events, completed)
+
+    return answer
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+def test_partial_images_come_from_the_predictors_stream(client, predictor):
+    """``partial_images`` in a stream: the call goes to the predictor's ``infer_stream``
+    with the count (and no binary outputs, which its events cannot carry), each preview
+    becomes a ``partial_image`` event in OpenAI's shape, then each image a completed one."""
+    predictor.handler = streaming_predictor(v2_preview(0, 0, 9), v2_preview(1, 0, 10))
+    response = client.post(
+        "/v1/images/generations",
+        json={"prompt": "a cat", "n": 2, "seed": 9, "stream": True, "partial_images": 1},
+    )
+    events = sse_events(response)
+    assert [name for name, _ in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+        "image_generation.completed",
+    ]
+    assert response.headers["x-accel-buffering"] == "no"  # ingress-nginx: pass events on
+    parameters = predictor.last_body["parameters"]
+    assert parameters[contract.PARTIAL_IMAGES] == 1
+    assert contract.BINARY_DATA_OUTPUT not in parameters
+    for (name, data), seed in zip(events[:2], [9, 10], strict=True):
+        assert data["type"] == name
+        assert (data["partial_image_index"], data["seed"]) == (0, seed)
+        assert (data["size"], data["output_format"]) == ("32x24", "png")
+        assert (data["quality"], data["background"]) == ("auto", "opaque")
+        assert base64.b64decode(data["b64_json"]) == encode((32, 24))
+        assert data["created_at"] > 0
+    assert [data["seed"] for _, data in events[2:]] == [9, 10]
+    predictor.handler = streaming_predictor(v2_preview(0, 0, 42))
+    edited = client.post(
+        "/v1/images/edits",
+        data={"prompt": "a hat", "stream": "true", "partial_images": "1"},
+        files={"image": ("upload", encode(), "image/png")},
+    )
+    assert [name for name, _ in sse_events(edited)] == [
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    assert predictor.requests[-1].url.path == "/v2/models/qwen-image-edit/infer_stream"
+
+
+def test_partial_images_without_a_stream_are_ignored(client, predictor):
+    response = client.post("/v1/images/generations", json={"prompt": "a", "partial_images": 2})
+    assert response.status_code == 200, response.text
+    assert predictor.requests[-1].url.path.endswith("/infer")
+    assert contract.PARTIAL_IMAGES not in predictor.last_body["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("events", "code", "message"),
+    [
+        (
+            [(contract.ERROR_EVENT, {"error": "shutting down", "status": 503})],
+            "predictor_busy",
+            "busy or not ready (shutting down)",
+        ),
+        (
+            [(contract.ERROR_EVENT, {"error": "CUDA OOM", "status": 500})],
+            "inference_error",
+            "failed: CUDA OOM",
+        ),
+        ([("surprise", {})], "predictor_error", "unknown event 'surprise'"),
+        ([(contract.PARTIAL_IMAGE_EVENT, {"outputs": []})], "predictor_error", "invalid answer"),
+    ],
+    ids=["busy", "failed", "unknown-event", "bad-preview"],
+)
+def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
+    client, predictor, events, code, message
+):
+    """Once the first event is sent, the status is too: a failure becomes an ``error``
+    event with OpenAI's error body, the stream's last."""
+    predictor.handler = lambda request: v2_stream(v2_preview(0, 0, 42), *events)
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "a", "stream": True, "partial_images": 2}
+    )
+    events_sent = sse_events(response)
+    assert [name for name, _ in events_sent] == ["image_generation.partial_image", "error"]
+    error = events_sent[-1][1]
+    assert error["type"] == "error"
+    assert error["error"]["code"] == code
+    assert message in error["error"]["message"]
+
+
+def test_a_stream_that_ends_without_its_images_ends_with_an_error_event(client, predictor):
+    predictor.handler = lambda request: v2_stream(v2_preview(0, 0, 42))
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "a", "stream": True, "partial_images": 2}
+    )
+    (_, (name, data)) = sse_events(response)
+    assert (name, data["error"]["code"]) == ("error", "predictor_error")
+    assert "ended its stream early" in data["error"]["message"]
+
+
+BAD_WIDTH = "'width' must be a multiple of 16, got 8"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "code", "param"),
+    [
+        (httpx.Response(400, json={"error": BAD_WIDTH}), 400, "invalid_value", "width"),
+        (httpx.Response(503, json={"error": "Server is busy"}), 503, "predictor_busy", None),
+        (httpx.ConnectError("refused"), 503, "predictor_unavailable", None),
+        (v2_stream(), 502, "predictor_error", None),
+    ],
+    ids=["invalid", "busy", "unreachable", "empty"],
+)  # fmt: skip
+def test_a_stream_refused_before_its_first_event_gets_an_error_status(
+    client, predictor, answer, status, code, param
+):
+    """Before the first event nothing is sent: the client gets the error's own status and
+    body, as without a stream."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    predictor.handler = refuse
+    response = client.post(
+        "/v1/images/generations",
+        json={"prompt": "a", "stream": True, "partial_images": 1, "width": 8, "height": 64},
+    )
+    assert_error(response, status, code, param)
+
+
+def test_the_sdk_raises_a_streams_error_event(client, predictor):
+    """The openai SDK reads an ``error`` event as an ``APIError`` with its message."""
+    predictor.handler = lambda request: v2_stream(
+        v2_preview(0, 0, 42), (contract.ERROR_EVENT, {"error": "shutting down", "status": 503})
+    )
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    events = sdk.images.generate(prompt="a", stream=True, partial_images=2)
+    first = next(iter(events))
+    assert first.type == "image_generation.partial_image"
+    with pytest.raises(openai.APIError, match="busy or not ready"):
+        list(events)
 
 
 def test_missing_prompt_and_bad_json(client: TestClient):

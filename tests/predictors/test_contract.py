@@ -34,6 +34,13 @@ def test_generation_defaults_are_the_original_services():
     assert request.seed == 42
     assert request.seeds == [42]
     assert request.output_format == "png"
+    assert request.partial_images == 0
+
+
+def test_partial_images_are_zero_to_three():
+    assert validate({"partial_images": 3}).partial_images == 3
+    with pytest.raises(ContractError, match=r"^'partial_images' must be between 0 and 3"):
+        validate({"partial_images": 4})
 
 
 def test_edit_defaults_follow_the_input_and_use_a_space_negative_prompt():
@@ -72,6 +79,7 @@ def test_jpg_is_taken_as_jpeg():
         ({"true_cfg_scale": [4]}, "true_cfg_scale"),
         ({"num_images": 0}, "num_images"),
         ({"output_compression": 101}, "output_compression"),
+        ({"partial_images": -1}, "partial_images"),
     ],
 )
 def test_errors_name_their_field_first(parameters, param):

@@ -28,8 +28,15 @@ from PIL import Image
 from torch._inductor.utils import run_and_get_code
 
 from bench.gpu_pipelines import run_baseline
-from predictors import attention, modulation
-from predictors.denoise import AttentionBackends, Job, _to_pil, generate, pad_text
+from predictors import attention, denoise, modulation
+from predictors.denoise import (
+    AttentionBackends,
+    Job,
+    _to_pil,
+    generate,
+    pad_text,
+    preview_steps,
+)
 from predictors.loading import load_pipeline, resolve_location
 from predictors.tiny import build_transformer
 
@@ -390,6 +397,67 @@ def test_modulation_install_keeps_names_and_skips_other_modulations():
 def test_pil_output(generation):
     (images,) = generate(generation, [Job("a cat", "", (1, 2), 64, 32, 2, 4.0)])
     assert [image.size for image in images] == [(64, 32), (64, 32)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "count", "expected"),
+    [(50, 3, [11, 24, 37]), (50, 1, [24]), (6, 2, [1, 3]), (3, 3, [0, 1]), (2, 3, [0]), (1, 2, [])],
+)
+def test_previews_are_spread_over_the_run_before_its_last_step(steps, count, expected):
+    assert preview_steps(steps, count) == expected
+
+
+def test_previews_come_at_their_steps_and_leave_the_images(generation):
+    """A request asking for two previews batched with one asking for none: the first gets
+    each of its images' previews after steps 2 and 4 of 6, numbered per image; the second
+    gets none; and every final image is the one made without previews."""
+    steps_done: list[int] = []
+    received: list[tuple[int, int, int, tuple[int, int]]] = []
+
+    def on_partial(number: int, index: int, image: Image.Image) -> None:
+        received.append((len(steps_done), number, index, image.size))
+
+    asking = Job(
+        "a lighthouse", "", (5, 6), 64, 32, 6, 4.0, partial_images=2, on_partial=on_partial
+    )
+    silent = Job("a cat", "blurry", (9,), 64, 32, 6, 4.0)
+    with_previews = generate(
+        generation, [asking, silent], output_type="np", on_step_end=steps_done.append
+    )
+    assert received == [
+        (1, 0, 0, (64, 32)),
+        (1, 1, 0, (64, 32)),
+        (3, 0, 1, (64, 32)),
+        (3, 1, 1, (64, 32)),
+    ]
+    without = generate(generation, [replace(asking, on_partial=None), silent], output_type="np")
+    for previewed, plain in zip(with_previews, without, strict=True):
+        assert np.array_equal(previewed, plain)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["generation", "masked-edit"])
+def test_a_preview_after_the_last_step_is_the_final_image(
+    generation, edit_split, masked, monkeypatch
+):
+    """The preview is the clean image the step's prediction points to, x_t - sigma_t * v
+    (outside a mask's area, the image's own latents): after the last step, whose next
+    sigma is 0, that is the final image exactly. Earlier ones differ from it."""
+    if masked:
+        (image,) = pictures((96, 64))
+        mask = transparent_box(image.size, (20, 10, 70, 40))
+        pipeline, job = (
+            edit_split,
+            Job("a hat", " ", (3,), 1248, 832, 3, 4.0, images=(image,), mask=mask),
+        )
+    else:
+        pipeline, job = generation, Job("a lighthouse", "", (5,), 64, 32, 3, 4.0)
+    previews: list[Image.Image] = []
+    job = replace(job, partial_images=2, on_partial=lambda n, i, image: previews.append(image))
+    monkeypatch.setattr(denoise, "preview_steps", lambda steps, count: [0, steps - 1])
+    ((final,),) = generate(pipeline, [job])
+    early, last = (np.asarray(preview) for preview in previews)
+    assert np.array_equal(last, np.asarray(final))
+    assert not np.array_equal(early, np.asarray(final))
 
 
 BATCHED_JOB = Job("a", "", (1,), 64, 64, 2, 4.0)

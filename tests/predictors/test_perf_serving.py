@@ -181,6 +181,9 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
             assert row["after_loop_seconds"] > 0
             assert parts == pytest.approx(row["seconds_per_image"], rel=0.05, abs=0.005), row
         assert rows[(case, "engine+compile")]["max_abs_diff"] < 1e-4  # compiled on the CPU
+        # three previews an image (a stream's partial_images) leave the image as it was
+        previewed = rows[(case, "engine+compile+previews")]
+        assert previewed["max_abs_diff"] == rows[(case, "engine+compile")]["max_abs_diff"]
         # compiled anew with CUDA graphs asked for (on a CPU Inductor declines to capture)
         assert rows[(case, "engine+compile+graphs")]["max_abs_diff"] < 1e-4
         assert rows[(case, "engine+compile+autotune")]["max_abs_diff"] < 1e-4  # compiled anew

@@ -14,7 +14,12 @@ import httpx
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
 from predictors import contract
-from tests.servers import RunningPredictor, run_predictor, wait_for_queue_depth
+from tests.servers import (
+    RunningPredictor,
+    run_predictor,
+    server_sent_events,
+    wait_for_queue_depth,
+)
 
 # A request of several seconds on the tiny CPU pipeline, to be in flight at SIGTERM.
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 8}
@@ -121,6 +126,26 @@ def test_requests_unfinished_when_the_grace_period_ends_get_a_clear_503(tiny_cac
             assert message in queued.result()
         assert predictor.process.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 5  # the grace period, and the last step
+
+
+def test_a_stream_unfinished_when_the_grace_period_ends_ends_with_an_error_event(
+    tiny_cache_env, log_dir
+):
+    """A streamed request that has sent its first preview cannot get a 503 status any more:
+    its stream ends with an ``error`` event carrying the 503 and its message."""
+    env = {**tiny_cache_env, "QWEN_SHUTDOWN_GRACE_SECONDS": "3"}
+    with run_predictor("predictors.generation", "qwen-image", log_dir, env=env) as predictor:
+        body = contract.build_rest_body("streamed at SIGTERM", partial_images=3, **SLOWER)
+        with httpx.stream("POST", predictor.stream_url, json=body, timeout=120) as response:
+            assert response.status_code == 200
+            events = server_sent_events(response)
+            assert next(events)[0] == "partial_image"
+            predictor.process.send_signal(signal.SIGTERM)
+            *_, (name, data) = events
+        assert name == "error"
+        assert data["status"] == 503
+        assert "did not finish this request in the 2 s a shutdown leaves" in data["error"]
+        assert predictor.process.wait(timeout=60) == 0
 
 
 def test_a_connection_still_uploading_does_not_outlast_the_grace_period(tiny_cache_env, log_dir):

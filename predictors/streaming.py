@@ -1,0 +1,101 @@
+"""``POST /v2/models/{model}/infer_stream``: a v2 infer call answered with server-sent events.
+
+KServe's v2 REST protocol answers an infer call once, when the images are done. This route,
+added to KServe's REST app, takes the same request and answers with the model's
+``predict_stream``: a ``partial_image`` event per preview, then a ``completed`` event with
+the v2 response (``predictors.contract`` describes both). A request refused before its run
+starts gets the status and body ``/infer`` would give, from KServe's own error handlers; a
+failure after the first event ends the stream with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from kserve import InferRequest, InferResponse
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+
+from predictors import contract
+from predictors.model import QwenImageModel
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH = "/v2/models/{model}/infer_stream"
+
+Event = tuple[str, InferResponse]
+
+
+def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
+    """Serve ``model``'s ``infer_stream`` on ``app`` (KServe's REST app)."""
+
+    async def infer_stream(request: Request) -> StreamingResponse:
+        """A v2 infer request, answered as server-sent events (``predictors.streaming``)."""
+        payload = _infer_request(await request.body(), model.name)
+        events = model.predict_stream(payload, dict(request.headers))
+        # Awaited here, so that a refusal gets its own status rather than a stream's 200.
+        first = await anext(events)
+        return StreamingResponse(
+            _server_sent(first, events),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    app.add_api_route(
+        STREAM_PATH.format(model=model.name),
+        infer_stream,
+        methods=["POST"],
+        response_class=StreamingResponse,
+        summary="Infer, with previews as server-sent events",
+    )
+
+
+def _infer_request(body: bytes, model_name: str) -> InferRequest:
+    """The v2 request of a JSON body. Its answers are JSON whatever it asks: an event is a
+    line of text, which KServe's binary outputs are not."""
+    try:
+        request = InferenceRequest.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        raise InvalidInput(f"Unrecognized request format: {exc}") from None
+    if request.parameters:
+        request.parameters.pop(contract.BINARY_DATA_OUTPUT, None)
+    return InferRequest.from_inference_request(request, model_name)
+
+
+async def _server_sent(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    """The events as server-sent events; an error after the first one as an ``error``
+    event. Leaving early (the client left) gives the request up."""
+    try:
+        yield _encode(*first)
+        async for event in events:
+            yield _encode(*event)
+    except Exception as exc:
+        status = _status(exc)
+        if status == 500:
+            logger.exception("A streamed request failed after its first event")
+        yield _event(contract.ERROR_EVENT, {"error": str(exc), "status": status})
+    finally:
+        await events.aclose()
+
+
+def _status(error: Exception) -> int:
+    """The HTTP status KServe's handlers give ``error``."""
+    if isinstance(error, InvalidInput):
+        return 400
+    if isinstance(error, ServerNotReady | ModelNotReady):
+        return 503
+    return 500
+
+
+def _encode(name: str, response: InferResponse) -> bytes:
+    body, _ = response.to_rest()
+    return _event(name, body)
+
+
+def _event(name: str, data: object) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

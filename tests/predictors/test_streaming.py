@@ -1,0 +1,164 @@
+"""``infer_stream``: a v2 infer call answered with server-sent events, previews first."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+import httpx
+import numpy as np
+import pytest
+from kserve import InferInput, InferRequest, InferResponse
+from PIL import Image
+
+from predictors import contract
+from predictors.denoise import Job
+from predictors.engine import BatchPolicy
+from predictors.generation import QwenImageGenerationModel
+from predictors.model import PredictorOptions
+from tests.servers import RunningPredictor, server_sent_events, wait_for_queue_depth
+
+
+def stream(predictor: RunningPredictor, prompt: str, **fields) -> httpx.Response:
+    body = contract.build_rest_body(prompt, **fields)
+    return httpx.post(predictor.stream_url, json=body, timeout=120)
+
+
+def events_of(response: httpx.Response) -> list[tuple[str, dict]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return list(server_sent_events(response))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_previews_of_each_image_come_first_then_infers_answer(generation_predictor):
+    """Two images, two previews each, after steps 2 and 4 of 6: numbered per image, with
+    the image's seed, encoded as asked; then the answer ``/infer`` gives the same request,
+    whose images the previews did not change. Binary outputs, which a line of text cannot
+    carry, are not used."""
+    fields = dict(width=96, height=64, num_inference_steps=6, num_images=2, seed=7)
+    fields |= dict(output_format="jpeg", output_compression=95)
+    response = stream(
+        generation_predictor, "a lighthouse", partial_images=2, binary_output=True, **fields
+    )
+    events = events_of(response)
+    assert [name for name, _ in events] == ["partial_image"] * 4 + ["completed"]
+    previews = [contract.parse_partial_image(data) for _, data in events[:-1]]
+    assert [(p.image_index, p.partial_image_index, p.seed) for p in previews] == [
+        (0, 0, 7),
+        (1, 0, 8),
+        (0, 1, 7),
+        (1, 1, 8),
+    ]
+    for preview in previews:
+        image = Image.open(io.BytesIO(preview.data))
+        assert (image.format, image.size) == ("JPEG", (96, 64))
+    streamed = contract.parse_rest_response(events[-1][1])
+    plain = httpx.post(
+        generation_predictor.infer_url,
+        json=contract.build_rest_body("a lighthouse", **fields),
+        timeout=120,
+    )
+    assert plain.status_code == 200, plain.text
+    expected = contract.parse_rest_response(plain.json())
+    assert [r.seed for r in streamed] == [r.seed for r in expected] == [7, 8]
+    for got, want in zip(streamed, expected, strict=True):
+        assert np.array_equal(pixels(got.data), pixels(want.data))
+    assert not np.array_equal(pixels(previews[2].data), pixels(streamed[0].data))
+
+
+def test_no_previews_asked_is_the_answer_alone(generation_predictor):
+    response = stream(generation_predictor, "a cat", width=64, height=64, num_inference_steps=2)
+    ((name, data),) = events_of(response)
+    assert name == "completed"
+    assert len(contract.parse_rest_response(data)) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"width": 8, "height": 64}, "'width' must be a multiple of 16"),
+        ({"partial_images": 4}, "'partial_images' must be between 0 and 3"),
+    ],
+)
+def test_a_refused_stream_gets_infers_status_and_body(generation_predictor, fields, message):
+    """A request refused before its run gets the 400 ``/infer`` gives, not a stream."""
+    response = stream(generation_predictor, "a cat", **fields)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_a_malformed_body_is_a_400(generation_predictor):
+    response = httpx.post(generation_predictor.stream_url, content=b"{not json", timeout=30)
+    assert response.status_code == 400
+    assert "Unrecognized request format" in response.json()["error"]
+
+
+def test_a_stream_whose_client_leaves_stops_its_batch(generation_predictor):
+    """A client that reads its first preview and closes the connection gives the request
+    up: its batch stops at the next step, as when a client of ``/infer`` leaves."""
+    predictor = generation_predictor
+    steps = 100  # over ten seconds on the tiny CPU pipeline
+    body = contract.build_rest_body(
+        "left after a preview",
+        request_id="left-stream",
+        width=1024,
+        height=1024,
+        num_inference_steps=steps,
+        partial_images=3,
+    )
+    with httpx.stream("POST", predictor.stream_url, json=body, timeout=120) as response:
+        name, _ = next(server_sent_events(response))
+        assert name == "partial_image"
+    wait_for_queue_depth(predictor, 0, timeout=10)
+    log = predictor.log()
+    stopped = re.search(rf"every caller of a batch of 1 left; after step (\d+)/{steps}", log)
+    assert stopped and int(stopped[1]) < 50, log[-2000:]
+    assert "request_id=left-stream model=qwen-image outcome=cancelled" in log
+
+
+def test_a_retried_request_does_not_repeat_its_previews():
+    """A batch that fails is run again request by request (``PipelineRunner``), and its
+    previews are made again: the stream sends each once."""
+    policy = BatchPolicy(max_batch_size=2, batch_wait_ms=500)
+    model = QwenImageGenerationModel("retried", PredictorOptions(device="cpu", batching=policy))
+    blank = Image.new("RGB", (256, 256))
+
+    def process(jobs: list[Job]) -> list[list[Image.Image]]:
+        for job in jobs:
+            if job.on_partial:
+                job.on_partial(0, 0, blank)
+        if len(jobs) > 1:
+            raise RuntimeError("a batch too large for the GPU")
+        for job in jobs:
+            if job.on_partial:
+                job.on_partial(0, 1, blank)
+        return [[blank] for _ in jobs]
+
+    model.runner.process = process
+    model.ready = True
+
+    def request(prompt: str, **parameters: int) -> InferRequest:
+        return InferRequest(
+            model_name=model.name,
+            infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
+            parameters={"width": 256, "height": 256, **parameters},
+        )
+
+    async def streamed() -> list[tuple[str, InferResponse]]:
+        return [event async for event in model.predict_stream(request("a", partial_images=2))]
+
+    async def both() -> list[tuple[str, InferResponse]]:
+        events, _ = await asyncio.gather(streamed(), model.predict(request("b")))
+        return events
+
+    try:
+        events = asyncio.run(both())
+    finally:
+        model.stop()
+    assert [name for name, _ in events] == ["partial_image", "partial_image", "completed"]
+    assert [event.parameters[contract.PARTIAL_IMAGE_INDEX] for _, event in events[:2]] == [0, 1]
