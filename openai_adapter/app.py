@@ -21,7 +21,7 @@ from openai_adapter.middleware import (
     UploadBudgetMiddleware,
 )
 from openai_adapter.predictor_client import PredictorClient
-from openai_adapter.routes import EDITS_PATH, GENERATIONS_PATH, body_schemas, health, metrics, v1
+from openai_adapter.routes import EDITS_PATH, GENERATIONS_PATH, health, metrics, route_schemas, v1
 from openai_adapter.serving import ImageService
 from openai_adapter.settings import Settings
 from predictors.disconnect import CancelOnDisconnect
@@ -119,7 +119,7 @@ def create_app(
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            components.update(body_schemas())
+            components.update(route_schemas())
             app.openapi_schema = schema
         return app.openapi_schema
 

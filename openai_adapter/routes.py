@@ -29,12 +29,15 @@ from openai_adapter.errors import (
 from openai_adapter.middleware import request_id_of
 from openai_adapter.protocol import (
     ErrorResponse,
+    ImageCompletedEvent,
     ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImagePartialEvent,
     ImagesResponse,
     ModelCard,
     ModelList,
+    StreamErrorEvent,
 )
 from openai_adapter.serving import Answer, ImageEvent, ImageService
 
@@ -139,11 +142,19 @@ _EDIT_BODIES: dict[str, type[BaseModel]] = {
 }
 
 
-def body_schemas() -> dict[str, Any]:
-    """The OpenAPI component schemas of the image routes' bodies, which FastAPI does not
-    document: the routes read their bodies themselves, once the API key is checked."""
+_STREAM_EVENTS: tuple[type[BaseModel], ...] = (
+    ImagePartialEvent,
+    ImageCompletedEvent,
+    StreamErrorEvent,
+)
+
+
+def route_schemas() -> dict[str, Any]:
+    """The OpenAPI component schemas of the image routes' bodies and stream events, which
+    FastAPI does not document: the routes read their bodies themselves, once the API key is
+    checked, and stream their events."""
     schemas: dict[str, Any] = {}
-    for model in (*_GENERATION_BODIES.values(), *_EDIT_BODIES.values()):
+    for model in (*_GENERATION_BODIES.values(), *_EDIT_BODIES.values(), *_STREAM_EVENTS):
         schema = model.model_json_schema(ref_template=_COMPONENT)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -165,9 +176,16 @@ def _documented_body(bodies: dict[str, type[BaseModel]]) -> dict[str, Any]:
 
 def _image_route(path: str, bodies: dict[str, type[BaseModel]]) -> Callable[[_Route], _Route]:
     """The decorator of an image route at ``path`` that reads ``bodies`` itself."""
+    events = [{"$ref": _COMPONENT.format(model=model.__name__)} for model in _STREAM_EVENTS]
     return v1.post(
         path,
         response_model=ImagesResponse,
+        responses={
+            200: {
+                "description": "The images; with stream: true, server-sent events",
+                "content": {"text/event-stream": {"schema": {"oneOf": events}}},
+            }
+        },
         tags=["images"],
         openapi_extra=_documented_body(bodies),
     )

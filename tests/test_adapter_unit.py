@@ -1606,6 +1606,15 @@ def test_openapi_documents_openai_errors_only(client: TestClient):
     components = schema["components"]["schemas"]
     generation = components[generation_ref.rsplit("/", 1)[1]]
     assert generation["required"] == ["prompt"] and "style" in generation["properties"]
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        answers = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(answers) == {"application/json", "text/event-stream"}
+        events = [ref["$ref"] for ref in answers["text/event-stream"]["schema"]["oneOf"]]
+        assert [ref.rsplit("/", 1)[1] for ref in events] == [
+            "ImagePartialEvent",
+            "ImageCompletedEvent",
+            "StreamErrorEvent",
+        ]
     for refs in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text):
         assert refs in components
     json_edit = components[edit_body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]

@@ -408,31 +408,61 @@ def test_previews_are_spread_over_the_run_before_its_last_step(steps, count, exp
 
 
 def test_previews_come_at_their_steps_and_leave_the_images(generation):
-    """A request asking for two previews batched with one asking for none: the first gets
-    each of its images' previews after steps 2 and 4 of 6, numbered per image; the second
-    gets none; and every final image is the one made without previews."""
+    """A request asking for two previews batched after one asking for none: it gets each of
+    its images' previews after steps 2 and 4 of 6, numbered per image, each the preview it
+    gets alone; the other gets none; and every final image is the one made without
+    previews."""
     steps_done: list[int] = []
-    received: list[tuple[int, int, int, tuple[int, int]]] = []
+    received: list[tuple[int, int, int, Image.Image]] = []
 
     def on_partial(number: int, index: int, image: Image.Image) -> None:
-        received.append((len(steps_done), number, index, image.size))
+        received.append((len(steps_done), number, index, image))
 
     asking = Job(
         "a lighthouse", "", (5, 6), 64, 32, 6, 4.0, partial_images=2, on_partial=on_partial
     )
     silent = Job("a cat", "blurry", (9,), 64, 32, 6, 4.0)
     with_previews = generate(
-        generation, [asking, silent], output_type="np", on_step_end=steps_done.append
+        generation, [silent, asking], output_type="np", on_step_end=steps_done.append
     )
-    assert received == [
-        (1, 0, 0, (64, 32)),
-        (1, 1, 0, (64, 32)),
-        (3, 0, 1, (64, 32)),
-        (3, 1, 1, (64, 32)),
+    batched = list(received)
+    assert [(step, number, index) for step, number, index, _ in batched] == [
+        (1, 0, 0),
+        (1, 1, 0),
+        (3, 0, 1),
+        (3, 1, 1),
     ]
-    without = generate(generation, [replace(asking, on_partial=None), silent], output_type="np")
+    received.clear()
+    generate(generation, [asking], output_type="np", on_step_end=steps_done.append)
+    for (*_, in_batch), (*_, alone) in zip(batched, received, strict=True):
+        difference = np.abs(np.asarray(in_batch, np.int16) - np.asarray(alone, np.int16))
+        assert difference.max() <= 1  # float32 rounding in 8-bit pixels
+    without = generate(generation, [silent, replace(asking, on_partial=None)], output_type="np")
     for previewed, plain in zip(with_previews, without, strict=True):
         assert np.array_equal(previewed, plain)
+
+
+def test_a_preview_is_the_clean_image_its_step_points_to(generation, monkeypatch):
+    """The preview after step 1 decodes x0 = x_t - sigma_t * v, from the step's input
+    latents and the transformer's prediction (no CFG: the prediction is the transformer's)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(module, args, kwargs, output) -> None:
+        seen.append((kwargs["hidden_states"], output[0]))
+
+    previews: list[Image.Image] = []
+    job = Job("a lighthouse", None, (5,), 64, 32, 3, 4.0, partial_images=1)
+    job = replace(job, on_partial=lambda number, index, image: previews.append(image))
+    monkeypatch.setattr(denoise, "preview_steps", lambda steps, count: [0])
+    hook = generation.transformer.register_forward_hook(record, with_kwargs=True)
+    try:
+        generate(generation, [job])
+    finally:
+        hook.remove()
+    noisy, velocity = seen[0]
+    clean = noisy - generation.scheduler.sigmas[0] * velocity
+    expected = denoise.decode(generation, clean, job, "pil")
+    assert np.array_equal(np.asarray(previews[0]), np.asarray(expected))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["generation", "masked-edit"])
