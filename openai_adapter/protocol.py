@@ -234,36 +234,33 @@ class ImagesResponse(BaseModel):
     safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 
-class ImagePartialEvent(BaseModel):
-    """A preview of an image of a streamed answer (``stream: true`` with
-    ``partial_images``): OpenAI's ``image_generation.partial_image`` or
-    ``image_edit.partial_image`` server-sent event."""
+class ImageEvent(BaseModel):
+    """What every image event of a streamed answer (``stream: true``) carries."""
 
-    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
-    b64_json: str = Field(description="The encoded preview, base64.")
-    created_at: int = Field(description="Unix time of the event.")
-    size: str = Field(description="'WIDTHxHEIGHT' of the preview.")
-    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
-    background: Background = Field(description=_BACKGROUND_DESCRIPTION)
-    output_format: OutputFormat
-    partial_image_index: int = Field(description="0, 1, ... for each image's previews.")
-    seed: int = Field(description="The seed of the image this previews (an extension).")
-
-
-class ImageCompletedEvent(BaseModel):
-    """One image of a streamed answer (``stream: true``): OpenAI's
-    ``image_generation.completed`` or ``image_edit.completed`` server-sent event, after the
-    image's previews, if any. OpenAI's token ``usage`` has no counterpart here and is left
-    out."""
-
-    type: Literal["image_generation.completed", "image_edit.completed"]
+    type: str
     b64_json: str = Field(description="The encoded image, base64.")
     created_at: int = Field(description="Unix time of the event.")
     size: str = Field(description="'WIDTHxHEIGHT' of the image.")
     quality: Quality = Field(description=_QUALITY_DESCRIPTION)
     background: Background = Field(description=_BACKGROUND_DESCRIPTION)
     output_format: OutputFormat
-    seed: int = Field(description="The seed this image was made with (an extension).")
+    seed: int = Field(description="The seed the image is made with (an extension).")
+
+
+class ImagePartialEvent(ImageEvent):
+    """A preview of an image (``partial_images``): OpenAI's
+    ``image_generation.partial_image`` or ``image_edit.partial_image`` server-sent event."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    partial_image_index: int = Field(description="0, 1, ... for each image's previews.")
+
+
+class ImageCompletedEvent(ImageEvent):
+    """One image, after its previews if any: OpenAI's ``image_generation.completed`` or
+    ``image_edit.completed`` server-sent event. OpenAI's token ``usage`` has no counterpart
+    here and is left out."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
     safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 

@@ -32,6 +32,7 @@ from openai_adapter.protocol import (
     ImageCompletedEvent,
     ImageEditJsonRequest,
     ImageEditRequest,
+    ImageEvent,
     ImageGenerationRequest,
     ImagePartialEvent,
     ImagesResponse,
@@ -39,7 +40,7 @@ from openai_adapter.protocol import (
     ModelList,
     StreamErrorEvent,
 )
-from openai_adapter.serving import Answer, ImageEvent, ImageService
+from openai_adapter.serving import Answer, ImageService
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])

@@ -34,6 +34,7 @@ from openai_adapter.protocol import (
     ImageData,
     ImageEditJsonRequest,
     ImageEditRequest,
+    ImageEvent,
     ImageGenerationRequest,
     ImagePartialEvent,
     ImageReference,
@@ -62,7 +63,6 @@ MAX_EDIT_IMAGES = 16
 GENERATION_EVENTS = "image_generation"
 EDIT_EVENTS = "image_edit"
 
-ImageEvent = ImagePartialEvent | ImageCompletedEvent
 # A request's answer: one body, or (``stream: true``) its events, not started.
 Answer = ImagesResponse | AsyncIterator[ImageEvent]
 
