@@ -126,23 +126,31 @@ class PredictorClient:
                     await response.aread()
                     message = _error_message(response)
                     raise self._status_error(model, response.status_code, message, param_names)
-                async for event, data in _server_sent_events(response):
-                    with _invalid_answer(model):
-                        answer = pydantic_core.from_json(data)
-                        if event == PARTIAL_IMAGE_EVENT:
-                            yield parse_partial_image(answer)
-                        elif event == COMPLETED_EVENT:
-                            yield parse_rest_response(answer)
+                async with contextlib.aclosing(_server_sent_events(response)) as events:
+                    async for event, data in events:
+                        answer = self._stream_answer(model, event, data, param_names)
+                        yield answer
+                        if not isinstance(answer, PartialImage):
                             return
-                        elif event == ERROR_EVENT:
-                            raise self._status_error(
-                                model, int(answer["status"]), str(answer["error"]), param_names
-                            )
-                        else:
-                            raise ValueError(f"unknown event '{event}'")
         raise OpenAIError(
             502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
         )
+
+    def _stream_answer(
+        self, model: str, event: str, data: str, param_names: Mapping[str, str]
+    ) -> PartialImage | list[ImageResult]:
+        """What an ``infer_stream`` event carries: a preview, or the images (``completed``);
+        an ``error`` event, or one that cannot be read, raises its ``OpenAIError``."""
+        with _invalid_answer(model):
+            answer = pydantic_core.from_json(data)
+            if event == PARTIAL_IMAGE_EVENT:
+                return parse_partial_image(answer)
+            if event == COMPLETED_EVENT:
+                return parse_rest_response(answer)
+            if event == ERROR_EVENT:
+                status, message = int(answer["status"]), str(answer["error"])
+                raise self._status_error(model, status, message, param_names)
+            raise ValueError(f"unknown event '{event}'")
 
     @contextlib.contextmanager
     def _transport_errors(self, model: str) -> Iterator[None]:
@@ -276,15 +284,32 @@ async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[s
     """The (event, data) pairs of a server-sent event stream (one data line each, as the
     predictors send them)."""
     event, data = "message", ""
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield event, data
-            event, data = "message", ""
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].lstrip()
+    async with contextlib.aclosing(_lines(response)) as lines:
+        async for line in lines:
+            if not line:
+                if data:
+                    yield event, data
+                event, data = "message", ""
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line[5:].lstrip()
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream as the predictors end them, with LF (or
+    CRLF): httpx's ``aiter_lines`` also breaks lines at Unicode line separators, which JSON
+    text may hold unescaped. A line of megabytes (an image's base64) is joined once."""
+    pending: list[bytes] = []
+    async for chunk in response.aiter_bytes():
+        *ended, rest = chunk.split(b"\n")
+        for part in ended:
+            pending.append(part)
+            yield b"".join(pending).removesuffix(b"\r").decode()
+            pending = []
+        pending.append(rest)
+    if any(pending):
+        yield b"".join(pending).removesuffix(b"\r").decode()
 
 
 def _parse_results(response: httpx.Response) -> list[ImageResult]:

@@ -9,7 +9,6 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -41,6 +40,7 @@ from openai_adapter.protocol import (
     StreamErrorEvent,
 )
 from openai_adapter.serving import Answer, ImageService
+from predictors.disconnect import ClosingStreamingResponse
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
@@ -94,7 +94,7 @@ async def _answer(answer: Answer, request_id: str) -> Response:
     if isinstance(answer, ImagesResponse):
         return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
     first = await anext(answer)
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         _server_sent(first, answer, request_id),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},

@@ -5,13 +5,15 @@ disconnected: a generation nobody waits for would still hold its place in the pr
 queue. With this middleware, a client that gives up (a timeout, a closed connection)
 cancels the handler, and that cancellation travels on: the adapter's call to the predictor
 is cancelled, which closes its connection, and the predictor's handler is cancelled in
-turn, which takes a waiting request out of the queue. Both servers use it.
+turn, which takes a waiting request out of the queue. Both servers use it, and both stream
+their server-sent events with ``ClosingStreamingResponse``.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -70,3 +72,20 @@ class CancelOnDisconnect:
                 raise
         finally:
             watcher.cancel()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Starlette's streaming response, which also closes its body iterator when it ends.
+
+    A client that leaves while an event is being sent to it cancels that send, and Starlette
+    then leaves the iterator suspended until the garbage collector finalizes it: what the
+    iterator holds (the adapter's call to a predictor, a batch on the GPU) would go on for
+    nobody. Closed here, its ``finally`` blocks run at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 import orjson
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from kserve import InferRequest, InferResponse
 from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
 from predictors import contract
+from predictors.disconnect import ClosingStreamingResponse
 from predictors.model import QwenImageModel
 
 logger = logging.getLogger(__name__)
@@ -34,13 +34,13 @@ Event = tuple[str, InferResponse]
 def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
     """Serve ``model``'s ``infer_stream`` on ``app`` (KServe's REST app)."""
 
-    async def infer_stream(request: Request) -> StreamingResponse:
+    async def infer_stream(request: Request) -> ClosingStreamingResponse:
         """A v2 infer request, answered as server-sent events (``predictors.streaming``)."""
         payload = _infer_request(await request.body(), model.name)
         events = model.predict_stream(payload, dict(request.headers))
         # Awaited here, so that a refusal gets its own status rather than a stream's 200.
         first = await anext(events)
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _server_sent(first, events),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -50,7 +50,7 @@ def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
         STREAM_PATH.format(model=model.name),
         infer_stream,
         methods=["POST"],
-        response_class=StreamingResponse,
+        response_class=ClosingStreamingResponse,
         summary="Infer, with previews as server-sent events",
     )
 

@@ -417,7 +417,9 @@ def test_a_stream_sends_one_completed_event_per_image(client, predictor):
 
 def v2_stream(*events: tuple[str, Any]) -> httpx.Response:
     """A predictor's ``infer_stream`` answer of ``events`` (name, JSON data)."""
-    content = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+    content = "".join(
+        f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n" for name, data in events
+    )
     return httpx.Response(200, text=content, headers={"content-type": "text/event-stream"})
 
 
@@ -515,10 +517,15 @@ def test_partial_images_without_a_stream_are_ignored(client, predictor):
             "inference_error",
             "failed: CUDA OOM",
         ),
+        (  # a Unicode line separator, which JSON leaves unescaped, ends no line of a stream
+            [(contract.ERROR_EVENT, {"error": "CUDA\u2028OOM\u0085", "status": 500})],
+            "inference_error",
+            "failed: CUDA\u2028OOM\u0085",
+        ),
         ([("surprise", {})], "predictor_error", "unknown event 'surprise'"),
         ([(contract.PARTIAL_IMAGE_EVENT, {"outputs": []})], "predictor_error", "invalid answer"),
     ],
-    ids=["busy", "failed", "unknown-event", "bad-preview"],
+    ids=["busy", "failed", "line-separator", "unknown-event", "bad-preview"],
 )
 def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
     client, predictor, events, code, message

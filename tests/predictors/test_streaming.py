@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
+import logging
 import re
 
 import httpx
@@ -14,6 +16,7 @@ from PIL import Image
 
 from predictors import contract
 from predictors.denoise import Job
+from predictors.disconnect import ClosingStreamingResponse
 from predictors.engine import BatchPolicy
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import PredictorOptions
@@ -162,3 +165,70 @@ def test_a_retried_request_does_not_repeat_its_previews():
         model.stop()
     assert [name for name, _ in events] == ["partial_image", "partial_image", "completed"]
     assert [event.parameters[contract.PARTIAL_IMAGE_INDEX] for _, event in events[:2]] == [0, 1]
+
+
+def test_a_client_that_leaves_during_a_send_closes_the_streams_body():
+    """A client that stops reading and leaves while an event is being sent: Starlette
+    cancels the send, and the response closes its body, whose ``finally`` (giving the
+    request up) runs at once rather than when the garbage collector gets to it."""
+    closed: list[str] = []
+
+    async def body():
+        try:
+            yield b"event: partial_image\n\n"
+            yield b"event: completed\n\n"
+        finally:
+            closed.append("closed")
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # a client that reads nothing more
+
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def scenario() -> list[str]:
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
+        await ClosingStreamingResponse(body())(scope, receive, send)
+        return list(closed)  # before asyncio.run finalizes what is left
+
+    assert asyncio.run(scenario()) == ["closed"]
+
+
+def test_a_stream_left_after_its_request_failed_leaves_no_unread_error(caplog):
+    """A client that leaves a stream once its request has failed, before reading the
+    failure: the failure was logged with the request's outcome, and asyncio has no
+    "exception was never retrieved" to log about it (the stream's ``answer.cancel()``
+    marks a finished task's exception as seen)."""
+    model = QwenImageGenerationModel("failed-stream", PredictorOptions(device="cpu"))
+    blank = Image.new("RGB", (256, 256))
+
+    def process(jobs: list[Job]) -> list[list[Image.Image]]:
+        jobs[0].on_partial(0, 0, blank)
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    model.runner.process = process
+    model.ready = True
+    request = InferRequest(
+        model_name=model.name,
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a"])],
+        parameters={"width": 256, "height": 256, "partial_images": 1},
+    )
+
+    async def scenario() -> None:
+        events = model.predict_stream(request)
+        name, _ = await anext(events)
+        assert name == "partial_image"
+        await asyncio.sleep(0.5)  # the request fails meanwhile
+        await events.aclose()
+        del events
+        gc.collect()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(scenario())
+    finally:
+        model.stop()
+    assert "outcome=error" in caplog.text and "illegal memory access" in caplog.text
+    assert "never retrieved" not in caplog.text
