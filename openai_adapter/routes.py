@@ -40,7 +40,7 @@ from openai_adapter.protocol import (
     StreamErrorEvent,
 )
 from openai_adapter.serving import Answer, ImageService
-from predictors.disconnect import ClosingStreamingResponse
+from predictors.disconnect import EventStreamResponse
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
@@ -94,11 +94,7 @@ async def _answer(answer: Answer, request_id: str) -> Response:
     if isinstance(answer, ImagesResponse):
         return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
     first = await anext(answer)
-    return ClosingStreamingResponse(
-        _server_sent(first, answer, request_id),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    return EventStreamResponse(_server_sent(first, answer, request_id))
 
 
 async def _server_sent(

@@ -6,12 +6,13 @@ queue. With this middleware, a client that gives up (a timeout, a closed connect
 cancels the handler, and that cancellation travels on: the adapter's call to the predictor
 is cancelled, which closes its connection, and the predictor's handler is cancelled in
 turn, which takes a waiting request out of the queue. Both servers use it, and both stream
-their server-sent events with ``ClosingStreamingResponse``.
+their server-sent events with ``EventStreamResponse``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,13 +75,20 @@ class CancelOnDisconnect:
             watcher.cancel()
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette's streaming response, which also closes its body iterator when it ends.
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events (``text/event-stream``), not cached or buffered on the way
+    (``x-accel-buffering: no`` for ingress-nginx), whose body iterator is closed when the
+    response ends.
 
     A client that leaves while an event is being sent to it cancels that send, and Starlette
     then leaves the iterator suspended until the garbage collector finalizes it: what the
     iterator holds (the adapter's call to a predictor, a batch on the GPU) would go on for
     nobody. Closed here, its ``finally`` blocks run at once."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str | bytes]):
+        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

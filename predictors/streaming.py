@@ -21,7 +21,7 @@ from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
 from predictors import contract
-from predictors.disconnect import ClosingStreamingResponse
+from predictors.disconnect import EventStreamResponse
 from predictors.model import QwenImageModel
 
 logger = logging.getLogger(__name__)
@@ -34,23 +34,19 @@ Event = tuple[str, InferResponse]
 def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
     """Serve ``model``'s ``infer_stream`` on ``app`` (KServe's REST app)."""
 
-    async def infer_stream(request: Request) -> ClosingStreamingResponse:
+    async def infer_stream(request: Request) -> EventStreamResponse:
         """A v2 infer request, answered as server-sent events (``predictors.streaming``)."""
         payload = _infer_request(await request.body(), model.name)
         events = model.predict_stream(payload, dict(request.headers))
         # Awaited here, so that a refusal gets its own status rather than a stream's 200.
         first = await anext(events)
-        return ClosingStreamingResponse(
-            _server_sent(first, events),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return EventStreamResponse(_server_sent(first, events))
 
     app.add_api_route(
         STREAM_PATH.format(model=model.name),
         infer_stream,
         methods=["POST"],
-        response_class=ClosingStreamingResponse,
+        response_class=EventStreamResponse,
         summary="Infer, with previews as server-sent events",
     )
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from predictors import contract
 from predictors.denoise import Job
-from predictors.disconnect import ClosingStreamingResponse
+from predictors.disconnect import EventStreamResponse
 from predictors.engine import BatchPolicy
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import PredictorOptions
@@ -190,7 +190,7 @@ def test_a_client_that_leaves_during_a_send_closes_the_streams_body():
 
     async def scenario() -> list[str]:
         scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
-        await ClosingStreamingResponse(body())(scope, receive, send)
+        await EventStreamResponse(body())(scope, receive, send)
         return list(closed)  # before asyncio.run finalizes what is left
 
     assert asyncio.run(scenario()) == ["closed"]
