@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
+from openai_adapter import metrics
 from openai_adapter.middleware import REQUEST_ID_HEADER, HttpMiddleware, error_json, request_id_of
 from openai_adapter.protocol import ErrorInfo, StreamErrorEvent
 
@@ -151,11 +152,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def stream_error(exc: Exception, request_id: str) -> StreamErrorEvent:
     """The ``error`` event that ends a stream failing after its first event: an
-    ``OpenAIError``'s body, or for anything else (logged) an internal error's."""
+    ``OpenAIError``'s body, or for anything else an internal error's. Its status (200) is
+    sent already, so the failure is logged and counted here (``STREAM_ERRORS``)."""
     if isinstance(exc, OpenAIError):
-        return StreamErrorEvent(error=exc.info)
-    logger.error("request_id=%s unexpected error in a stream", request_id, exc_info=exc)
-    return StreamErrorEvent(error=_INTERNAL_ERROR)
+        info = exc.info
+        logger.warning(
+            "request_id=%s stream ended by an error: %s %s", request_id, info.code, info.message
+        )
+    else:
+        info = _INTERNAL_ERROR
+        logger.error("request_id=%s unexpected error in a stream", request_id, exc_info=exc)
+    metrics.STREAM_ERRORS.labels(code=info.code).inc()
+    return StreamErrorEvent(error=info)
 
 
 class UnexpectedErrorMiddleware(HttpMiddleware):

@@ -29,6 +29,12 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
 )
 IN_PROGRESS = Gauge("qwen_image_adapter_requests_in_progress", "Requests not answered yet.")
+STREAM_ERRORS = Counter(
+    "qwen_image_adapter_stream_errors_total",
+    "Streams (stream: true) ended by an error event after their first event, whose status "
+    "(200) was sent already, by OpenAI error code.",
+    ["code"],
+)
 IMAGE_URLS = Counter(
     "qwen_image_adapter_image_urls_total",
     "Edit images given by a URL other than a data URL, by outcome: fetched, refused (scheme or "

@@ -528,20 +528,28 @@ def test_partial_images_without_a_stream_are_ignored(client, predictor):
     ids=["busy", "failed", "line-separator", "unknown-event", "bad-preview"],
 )
 def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
-    client, predictor, events, code, message
+    client, predictor, events, code, message, caplog
 ):
     """Once the first event is sent, the status is too: a failure becomes an ``error``
-    event with OpenAI's error body, the stream's last."""
+    event with OpenAI's error body, the stream's last, and is logged and counted."""
     predictor.handler = lambda request: v2_stream(v2_preview(0, 0, 42), *events)
-    response = client.post(
-        "/v1/images/generations", json={"prompt": "a", "stream": True, "partial_images": 2}
-    )
+    errors = {"code": code}
+    before = REGISTRY.get_sample_value("qwen_image_adapter_stream_errors_total", errors) or 0
+    with caplog.at_level(logging.WARNING, logger="openai_adapter"):
+        response = client.post(
+            "/v1/images/generations",
+            json={"prompt": "a", "stream": True, "partial_images": 2},
+            headers={"x-request-id": "failed-stream"},
+        )
     events_sent = sse_events(response)
     assert [name for name, _ in events_sent] == ["image_generation.partial_image", "error"]
     error = events_sent[-1][1]
     assert error["type"] == "error"
     assert error["error"]["code"] == code
     assert message in error["error"]["message"]
+    after = REGISTRY.get_sample_value("qwen_image_adapter_stream_errors_total", errors)
+    assert after == before + 1
+    assert f"request_id=failed-stream stream ended by an error: {code}" in caplog.text
 
 
 def test_a_stream_that_ends_without_its_images_ends_with_an_error_event(client, predictor):
