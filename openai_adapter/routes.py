@@ -103,18 +103,17 @@ async def _server_sent(
     """Each event as ``event: <type>`` and ``data: <JSON>``; a failure after the first as an
     ``error`` event (the status is sent already), which the openai SDK raises as an error."""
     try:
-        yield _server_sent_event(first.type, first)
+        yield _server_sent_event(first)
         async for event in events:
-            yield _server_sent_event(event.type, event)
+            yield _server_sent_event(event)
     except Exception as exc:
-        error = stream_error(exc, request_id)
-        yield _server_sent_event(error.type, error)
+        yield _server_sent_event(stream_error(exc, request_id))
     finally:
         await events.aclose()
 
 
-def _server_sent_event(event_type: str, data: BaseModel) -> str:
-    return f"event: {event_type}\ndata: {data.model_dump_json(exclude_none=True)}\n\n"
+def _server_sent_event(event: ImageEvent | StreamErrorEvent) -> str:
+    return f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
 
 
 _V1 = "/v1"

@@ -213,23 +213,19 @@ class QwenImageModel(Model):
         request up, as a client that leaves ``predict`` does."""
         request_id = _request_id(payload, headers)
         loop = asyncio.get_running_loop()
-        previews: asyncio.Queue[_Preview] = asyncio.Queue()
+        # The previews as they come, then the answer once done: the worker thread queues the
+        # previews before the job's result, so they always come first.
+        arrivals: asyncio.Queue[_Preview | asyncio.Future] = asyncio.Queue()
 
         def on_partial(preview: _Preview) -> None:  # on the worker thread
             with contextlib.suppress(RuntimeError):  # the loop has closed
-                loop.call_soon_threadsafe(previews.put_nowait, preview)
+                loop.call_soon_threadsafe(arrivals.put_nowait, preview)
 
         answer = asyncio.ensure_future(self.make_images(payload, request_id, on_partial))
-        waiting: asyncio.Future[_Preview] | None = None
+        answer.add_done_callback(arrivals.put_nowait)
         sent: set[tuple[int, int]] = set()
         try:
-            while not (answer.done() and previews.empty()):
-                waiting = asyncio.ensure_future(previews.get())
-                await asyncio.wait({answer, waiting}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():
-                    waiting.cancel()  # the answer came; previews still queued go first
-                    continue
-                preview = waiting.result()
+            while isinstance(preview := await arrivals.get(), _Preview):
                 # A failed batch's requests run again one by one, and show their previews again.
                 if (preview.image_index, preview.partial_image_index) in sent:
                     continue
@@ -239,8 +235,6 @@ class QwenImageModel(Model):
             yield contract.COMPLETED_EVENT, self.respond(payload, request_id, request, encoded)
         finally:
             answer.cancel()
-            if waiting is not None:
-                waiting.cancel()
 
     async def make_images(
         self,
