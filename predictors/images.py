@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from predictors.contract import IMAGE, MASK, ContractError
 
@@ -29,7 +30,11 @@ def raise_decoder_pixel_limit(max_pixels: int) -> None:
 def decode_image(data: bytes, max_pixels: int, label: str = "'image'") -> Image.Image:
     """An RGB image from encoded PNG/JPEG/WebP bytes (a multi-picture JPEG gives its first
     picture); ``ContractError`` for anything else, its message about ``label``."""
-    return _open(data, max_pixels, IMAGE, label).convert("RGB")
+    image = _open(data, max_pixels, IMAGE, label)
+    if image.mode.startswith("I"):  # 16-bit grayscale: a plain convert would clip it to white
+        levels = np.asarray(image, dtype=np.float32) / 257  # 65535 -> 255
+        image = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def decode_edit_area(
@@ -62,8 +67,8 @@ def decode_edit_area(
 
 
 def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
-    """A decoded PNG, JPEG or WebP image, in its own mode; ``ContractError`` about ``param``
-    for anything else.
+    """A decoded PNG, JPEG or WebP image, in its own mode and turned upright as its EXIF
+    orientation says (as viewers show it); ``ContractError`` about ``param`` for anything else.
 
     The pixel count is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing.
@@ -89,9 +94,9 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
         )
     try:
         image.load()
+        return ImageOps.exif_transpose(image)
     except DECODING_ERRORS as exc:
         raise ContractError(param, f"{label} could not be decoded: {exc}") from None
-    return image
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:

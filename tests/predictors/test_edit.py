@@ -94,6 +94,40 @@ def test_a_multi_picture_jpeg_is_edited_from_its_first_picture(edit_predictor):
     assert abs(width / height - 1.5) < 0.05
 
 
+def phone_photo() -> bytes:
+    """A JPEG as a phone held upright writes it: stored 96x64 (red left, blue right) with
+    EXIF orientation 6, which viewers show turned a quarter clockwise, 64x96, red on top."""
+    stored = Image.new("RGB", (96, 64), "blue")
+    stored.paste("red", (0, 0, 48, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_photo_is_edited_upright_as_its_exif_orientation_says(edit_predictor):
+    upright = decode_image(phone_photo(), EDIT_MAX_INPUT_PIXELS)
+    assert upright.size == (64, 96)
+    pixels = np.asarray(upright, dtype=int)
+    assert np.abs(pixels[:40] - (255, 0, 0)).max() < 40
+    assert np.abs(pixels[56:] - (0, 0, 255)).max() < 40
+
+    assert output_size(edit(edit_predictor, phone_photo(), **FAST)) == (832, 1248)
+    # A mask drawn on the photo as it is shown has its size.
+    mask = encode_mask((64, 96), (0, 0, 64, 48))
+    assert output_size(edit(edit_predictor, phone_photo(), mask=mask, **FAST)) == (832, 1248)
+
+
+def test_a_16_bit_grayscale_png_keeps_its_levels():
+    levels = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    pixels = np.asarray(decode_image(buffer.getvalue(), EDIT_MAX_INPUT_PIXELS))
+    assert pixels[0].tolist() == [[0, 0, 0], [64, 64, 64], [128, 128, 128], [255, 255, 255]]
+
+
 def test_a_deployment_may_accept_inputs_past_pillows_own_pixel_limit(monkeypatch):
     """``--max_input_pixels`` above Pillow's decompression-bomb limit (89.5 M pixels) is
     honoured: the edit model raises Pillow's limit to it, and larger inputs are refused
