@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,8 +99,8 @@ def _validation_info(exc: RequestValidationError) -> ErrorInfo:
     loc = tuple(error.get("loc", ()))
     if loc[:1] == ("body",):  # where FastAPI's errors start; a field may be named so too
         loc = loc[1:]
-    fields = [part for part in loc if isinstance(part, str)]
-    param = fields[0] if fields else None
+    param = next((part for part in loc if isinstance(part, str)), None)  # a request field
+    path = _path(loc)  # within it, for the message: images[0].url
     code = _VALIDATION_CODES.get(error.get("type", ""), INVALID_VALUE)
     reason = str(error.get("msg", "")).removeprefix("Value error, ")
     if param is None:  # the body as a whole: missing, not JSON, or not a JSON object
@@ -111,12 +111,23 @@ def _validation_info(exc: RequestValidationError) -> ErrorInfo:
         }.get(code, NOT_A_JSON_OBJECT)
         return ErrorInfo(message=message, type=INVALID_REQUEST, code=INVALID_JSON)
     if code == UNKNOWN_PARAMETER:
-        message = f"Unrecognized request argument supplied: {param}"
+        message = f"Unrecognized request argument supplied: {path}"
     elif code == MISSING_PARAMETER:
-        message = f"Missing required parameter: '{param}'"
+        message = f"Missing required parameter: '{path}'"
     else:
-        message = f"Invalid value for '{param}': {reason}"
+        message = f"Invalid value for '{path}': {reason}"
     return ErrorInfo(message=message, type=INVALID_REQUEST, param=param, code=code)
+
+
+def _path(loc: Sequence[str | int]) -> str:
+    """A validation error's place in the request: ``size``, ``images[0].image_url``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ that the deployment lists, which the adapter then fetches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import httpx
@@ -102,10 +103,8 @@ class ImageUrlReader:
             raise ImageUrlRefused(
                 f"is not a data URL, and this server fetches no URLs: {DATA_URL_HINT}"
             )
-        try:
-            host = httpx.URL(url).raw_host.decode("ascii")
-        except httpx.InvalidURL as problem:
-            raise ImageUrlUnreadable(f"is not a valid URL ({problem})") from None
+        request = self._request(url)
+        host = request.url.raw_host.decode("ascii")
         if not host_allowed(host, self._hosts):
             raise ImageUrlRefused(
                 f"is on {host!r}, a host that this server does not fetch images from: "
@@ -113,16 +112,28 @@ class ImageUrlReader:
             )
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            return await asyncio.wait_for(self._fetch(url, max_bytes), remaining)
+            return await asyncio.wait_for(self._fetch(request, max_bytes), remaining)
         except asyncio.TimeoutError:
             raise ImageUrlTimedOut(
                 f"could not be fetched within {self._timeout:g} s, the time for all of a "
                 "request's image URLs"
             ) from None
 
-    async def _fetch(self, url: str, max_bytes: int) -> bytes:
+    def _request(self, url: str) -> httpx.Request:
+        """The GET of an http(s) URL; ImageUrlUnreadable for a URL that no request can be
+        made of (its syntax, its host's encoding, a port past 65535)."""
         try:
-            async with self._http.stream("GET", url) as response:
+            request = self._http.build_request("GET", url)
+        except (httpx.InvalidURL, UnicodeError) as problem:  # IDNA errors are UnicodeErrors
+            raise ImageUrlUnreadable(f"is not a valid URL ({problem})") from None
+        port = request.url.port
+        if port is not None and not 0 < port < 65536:
+            raise ImageUrlUnreadable(f"is not a valid URL (port {port})")
+        return request
+
+    async def _fetch(self, request: httpx.Request, max_bytes: int) -> bytes:
+        try:
+            async with contextlib.aclosing(await self._http.send(request, stream=True)) as response:
                 if response.status_code != 200:
                     redirect = " (redirects are not followed)" if response.is_redirect else ""
                     raise ImageUrlUnreadable(

@@ -137,7 +137,7 @@ class PredictorClient:
         )
 
     def _stream_answer(
-        self, model: str, event: str, data: str, param_names: Mapping[str, str]
+        self, model: str, event: str, data: bytes, param_names: Mapping[str, str]
     ) -> PartialImage | list[ImageResult]:
         """What an ``infer_stream`` event carries: a preview, or the images (``completed``);
         an ``error`` event, or one that cannot be read, raises its ``OpenAIError``."""
@@ -280,23 +280,24 @@ def _invalid_answer(model: str) -> Iterator[None]:
         raise OpenAIError(502, message, code=PREDICTOR_ERROR) from exc
 
 
-async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, bytes]]:
     """The (event, data) pairs of a server-sent event stream (one data line each, as the
-    predictors send them)."""
-    event, data = "message", ""
+    predictors send them). The data stays bytes, read as JSON (UTF-8) where a flaw in it is
+    the predictor's invalid answer."""
+    event, data = "message", b""
     async with contextlib.aclosing(_lines(response)) as lines:
         async for line in lines:
             if not line:
                 if data:
                     yield event, data
-                event, data = "message", ""
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
+                event, data = "message", b""
+            elif line.startswith(b"event:"):
+                event = line[6:].strip().decode(errors="replace")
+            elif line.startswith(b"data:"):
                 data = line[5:].lstrip()
 
 
-async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
     """The lines of a server-sent event stream as the predictors end them, with LF (or
     CRLF): httpx's ``aiter_lines`` also breaks lines at Unicode line separators, which JSON
     text may hold unescaped. A line of megabytes (an image's base64) is joined once."""
@@ -305,11 +306,11 @@ async def _lines(response: httpx.Response) -> AsyncIterator[str]:
         *ended, rest = chunk.split(b"\n")
         for part in ended:
             pending.append(part)
-            yield b"".join(pending).removesuffix(b"\r").decode()
+            yield b"".join(pending).removesuffix(b"\r")
             pending = []
         pending.append(rest)
     if any(pending):
-        yield b"".join(pending).removesuffix(b"\r").decode()
+        yield b"".join(pending).removesuffix(b"\r")
 
 
 def _parse_results(response: httpx.Response) -> list[ImageResult]:

@@ -34,7 +34,7 @@ _BACKGROUND_DESCRIPTION = "The images' background: always opaque."
 _SAFETY_IDENTIFIER_DESCRIPTION = (
     "The request's safety_identifier, or else its user; left out when it sent neither."
 )
-_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
 
 class ImageRequest(BaseModel):
@@ -121,7 +121,7 @@ class ImageRequest(BaseModel):
     def _check_size(cls, size: str | None) -> str | None:
         if size is None or size == "auto":
             return size
-        match = _SIZE.match(size)
+        match = _SIZE.fullmatch(size)
         if not match or any(int(side) % SIZE_MULTIPLE for side in match.groups()):
             raise ValueError(
                 f"must be 'auto' or 'WIDTHxHEIGHT' with sides that are multiples of "
@@ -138,7 +138,7 @@ class ImageRequest(BaseModel):
     @property
     def size_pixels(self) -> tuple[int, int] | None:
         """``(width, height)`` of ``size``, or None for 'auto' or no size."""
-        match = _SIZE.match(self.size or "")
+        match = _SIZE.fullmatch(self.size or "")
         return (int(match.group(1)), int(match.group(2))) if match else None
 
 

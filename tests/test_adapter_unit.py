@@ -279,6 +279,7 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
         ({"n": "many"}, "n", "invalid_value"),
         ({"size": "100x100"}, "size", "invalid_value"),
         ({"size": "big"}, "size", "invalid_value"),
+        ({"size": "1024x1024\n"}, "size", "invalid_value"),
         ({"output_format": "bmp"}, "output_format", "invalid_value"),
         ({"output_format": "gif"}, "output_format", "unsupported_value"),
         ({"frame_count": 4}, "frame_count", "unsupported_value"),
@@ -550,6 +551,18 @@ def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
     after = REGISTRY.get_sample_value("qwen_image_adapter_stream_errors_total", errors)
     assert after == before + 1
     assert f"request_id=failed-stream stream ended by an error: {code}" in caplog.text
+
+
+def test_a_stream_event_that_is_not_utf_8_ends_with_an_error_event(client, predictor):
+    preview = v2_stream(v2_preview(0, 0, 42)).content
+    broken = b'event: error\ndata: {"error": "\xff", "status": 500}\n\n'
+    predictor.handler = lambda request: httpx.Response(200, content=preview + broken)
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "a", "stream": True, "partial_images": 2}
+    )
+    (_, (name, data)) = sse_events(response)
+    assert (name, data["error"]["code"]) == ("error", "predictor_error")
+    assert "sent an invalid answer" in data["error"]["message"]
 
 
 def test_a_stream_that_ends_without_its_images_ends_with_an_error_event(client, predictor):
@@ -1035,9 +1048,19 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
             "The image is given by file_id, and this server has no Files API: send the "
             "image itself as a base64 data URL ('data:image/png;base64,...') in image_url",
         ),
-        ({"images": [{"image_url": GIF_URL, "file_id": "f"}]}, "images", "invalid_value", None),
+        (
+            {"images": [{"image_url": GIF_URL, "file_id": "f"}]},
+            "images",
+            "invalid_value",
+            "Invalid value for 'images[0]': give exactly one of 'image_url' and 'file_id'",
+        ),
         ({"images": [{}]}, "images", "invalid_value", None),
-        ({"images": [{"url": GIF_URL}]}, "images", "unknown_parameter", None),
+        (
+            {"images": [{"url": GIF_URL}]},
+            "images",
+            "unknown_parameter",
+            "Unrecognized request argument supplied: images[0].url",
+        ),
         (
             {"images": [{"image_url": "data:image/png,abc"}]},
             "images",
@@ -1079,6 +1102,12 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
             "invalid_image_format",
             "The mask must be a PNG, JPEG or WebP file",
         ),
+        (
+            {"images": [{"image_url": GIF_URL}], "mask": {"image_url": GIF_URL, "detail": "low"}},
+            "mask",
+            "unknown_parameter",
+            "Unrecognized request argument supplied: mask.detail",
+        ),
     ],
     ids=[
         "no-images",
@@ -1095,6 +1124,7 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
         "too-large-together",
         "mask-an-http-url",
         "mask-a-gif",
+        "mask-unknown-field",
     ],
 )
 def test_json_edit_errors(make_client, predictor, fields, param, code, message):
@@ -1282,6 +1312,26 @@ def test_image_urls_on_other_hosts_are_not_fetched(
     assert message in error["message"]
     assert len(ImageHost.asked) == asked and not predictor.requests
     assert url_reads("refused") == refused + 1
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://images.example.com:99999/cat.png", "port 99999"),
+        ("http://images.example.com:-1/cat.png", "port -1"),
+        ("http://xn--zz.example.com/cat.png", "Invalid A-label"),
+        ("http://[::1/cat.png", "Invalid port"),
+    ],
+    ids=["port-too-large", "port-negative", "bad-idna", "bad-ipv6"],
+)
+def test_image_urls_that_no_request_can_be_made_of_are_a_400(make_client, predictor, url, reason):
+    client = make_client(image_url_hosts=["images.example.com", "*.example.com"])
+    failed = url_reads("failed")
+    body = {"prompt": "x", "images": [{"image_url": url}]}
+    error = assert_error(client.post("/v1/images/edits", json=body), 400, "invalid_value", "images")
+    assert "image_url is not a valid URL (" in error["message"]
+    assert reason in error["message"]
+    assert url_reads("failed") == failed + 1 and not predictor.requests
 
 
 def test_an_unsupported_value_is_refused_before_any_fetch(make_client, predictor, image_host):
