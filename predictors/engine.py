@@ -378,6 +378,9 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 elif work:
                     batch = work
                     self._execute(batch)
+                # The outcomes, a failure's traceback with the tensors in its frames among
+                # them, are the callers' to keep or drop now.
+                batch = work = []
         except BaseException as error:
             logger.exception("The pipeline worker of model %s stopped", self.model_name)
             with self._condition:
@@ -437,6 +440,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
         others. Results that cannot be handed out (not one per request) fail the batch, not
         the worker."""
         self._batch_sizes.observe(len(batch))
+        retry = False
         try:
             results = self.process([item.job for item in batch])
         except BatchAbandoned as exc:
@@ -448,23 +452,18 @@ class PipelineRunner(Generic[JobT, ResultT]):
             if len(batch) == 1:
                 _settle(batch[0].future, error=exc)
                 return
-            logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), exc)
+            logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), str(exc))
             with self._condition:
                 self._retries = list(batch)
-            for item in batch:
-                with self._condition:
-                    self._retries.remove(item)
-                    if item.future.done():  # failed meanwhile: the shutdown grace ended
-                        continue
-                    if item.abandoned:  # its caller left: settled, so that it stops counting
-                        _settle(item.future, error=BatchAbandoned("its caller left"))
-                        continue
-                    self._running = [item]
-                self._execute([item])
-            return
+            retry = True
         finally:
             with self._condition:
                 self._running = []
+        if retry:
+            # Past the except clause: its exception's traceback, which holds the failed
+            # batch's tensors (a batch too big for the GPU), is gone before the retries.
+            self._retry_one_by_one(batch)
+            return
         try:
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")
@@ -473,3 +472,16 @@ class PipelineRunner(Generic[JobT, ResultT]):
         except Exception as exc:
             for item in batch:
                 _settle(item.future, error=exc)
+
+    def _retry_one_by_one(self, batch: list[_Waiting[JobT]]) -> None:
+        """Run a failed batch's requests alone, but those failed or left meanwhile."""
+        for item in batch:
+            with self._condition:
+                self._retries.remove(item)
+                if item.future.done():  # failed meanwhile: the shutdown grace ended
+                    continue
+                if item.abandoned:  # its caller left: settled, so that it stops counting
+                    _settle(item.future, error=BatchAbandoned("its caller left"))
+                    continue
+                self._running = [item]
+            self._execute([item])

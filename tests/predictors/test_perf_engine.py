@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -469,3 +471,40 @@ def test_a_request_that_ends_after_its_event_loop_logs_no_error(caplog):
     assert runner.join(5)
     assert "exception calling callback" not in caplog.text
     assert "Event loop is closed" not in caplog.text
+
+
+class Activations:
+    """Stands for the tensors in a pipeline's frames (weakly referenceable)."""
+
+
+def test_a_failed_batch_frees_its_memory_before_the_one_by_one_retries():
+    """A batch too big for the GPU fails with tensors in its frames, which its exception's
+    traceback holds: they are freed before its requests run again alone, and a failed
+    request's once its caller drops the error."""
+    failed: list[weakref.ref] = []
+    alive_in_retries: list[bool] = []
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        activations = Activations()
+        if len(jobs) > 1 or jobs[0].fail:
+            failed.append(weakref.ref(activations))
+            raise RuntimeError("CUDA out of memory")
+        alive_in_retries.append(failed[0]() is not None)
+        return [f"done {job.name}" for job in jobs]
+
+    runner = PipelineRunner("m", process, 8, BatchPolicy(max_batch_size=4, batch_wait_ms=100))
+    results = asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("b")]))
+    assert results == ["done a", "done b"]
+    assert alive_in_retries == [False, False]
+
+    async def fail_alone() -> None:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await runner.run(FakeJob("bad", fail=True))
+
+    asyncio.run(fail_alone())
+    deadline = time.monotonic() + 2  # the worker drops the batch just after settling it
+    while failed[1]() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert failed[1]() is None, "the worker keeps the last failed batch's memory"
+    runner.close()
