@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ import torch
 from diffusers import DiffusionPipeline
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput, ModelNotReady
-from kserve.protocol.infer_type import InferInput, to_http_parameters
+from kserve.protocol.infer_type import InferInput, deserialize_bytes_tensor, to_http_parameters
 from PIL import Image
 
 from predictors import acceleration, contract, denoise
@@ -441,12 +442,25 @@ def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
 
 
 def _values(tensor: InferInput) -> list[object]:
-    """The elements of a BYTES input tensor, at least one, as many as its shape says."""
+    """The elements of a BYTES input tensor, at least one, as many as its shape says: in
+    its ``data``, or in gRPC's ``raw_input_contents`` (KServe's and Triton's clients send
+    numpy arrays so), each element there 4 bytes of length then its bytes."""
     if tensor.datatype != "BYTES":
         raise ContractError(tensor.name, f"'{tensor.name}' must be a BYTES tensor")
-    if not tensor.data:
+    raw = tensor._raw_data  # KServe sets it for raw contents and has no public accessor
+    if not tensor.data and raw:
+        try:
+            values = list(deserialize_bytes_tensor(raw))
+        except (ValueError, struct.error):
+            raise ContractError(
+                tensor.name,
+                f"'{tensor.name}' has raw contents that are not a BYTES tensor's "
+                "(4 bytes of length, then the bytes, for each element)",
+            ) from None
+    else:
+        values = list(tensor.data or ())
+    if not values:
         raise ContractError(tensor.name, f"'{tensor.name}' must hold at least one element")
-    values = list(tensor.data)
     if math.prod(tensor.shape) != len(values):
         raise ContractError(
             tensor.name,

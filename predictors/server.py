@@ -19,10 +19,12 @@ from kserve import ModelServer
 from kserve import model_server as kserve_server
 from kserve.errors import InvalidInput, ServerNotReady
 from kserve.logging import KSERVE_LOGGER_NAME
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.contract import SIZE_MULTIPLE, Limits
+from predictors.contract import BINARY_HEADER_LENGTH, SIZE_MULTIPLE, Limits
 from predictors.denoise import AttentionBackends
 from predictors.disconnect import CancelOnDisconnect
 from predictors.engine import BatchPolicy
@@ -334,6 +336,30 @@ class QuietRefusals(logging.Filter):
         return not isinstance(error, self.REFUSALS)
 
 
+class RefuseBinaryInputs:
+    """A 400 for a REST request whose inputs come as binary data (KServe's binary tensor
+    extension, announced by the ``inference-header-content-length`` header). KServe's REST
+    server reads binary BYTES inputs as UTF-8 text, so an image file failed with a 500 whose
+    message, and log, repeated the whole file. ASGI middleware."""
+
+    MESSAGE = (
+        "This server takes no REST inputs as binary data (the "
+        f"{BINARY_HEADER_LENGTH} header): send them in the JSON body, image files as "
+        "base64, or raw over gRPC"
+    )
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        binary = BINARY_HEADER_LENGTH.encode()  # ASGI gives header names in lower case
+        if scope["type"] == "http" and any(name == binary for name, _ in scope["headers"]):
+            logger.info("Refused a request to %s: its inputs came as binary data", scope["path"])
+            await JSONResponse({"error": self.MESSAGE}, status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class PredictorServer(ModelServer):
     """KServe's ModelServer, whose shutdown starts for both protocols at SIGTERM or SIGINT.
 
@@ -401,6 +427,7 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
+    kserve_server.app.add_middleware(RefuseBinaryInputs)
     add_stream_route(kserve_server.app, model)
     logging.getLogger(KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
     PredictorServer(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 
+import grpc
 import httpx
 import numpy as np
 import pytest
-from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve import InferenceGRPCClient, InferInput, InferRequest, InferResponse
 from PIL import Image
 
 from predictors import contract
@@ -258,14 +259,15 @@ def test_the_plus_pipeline_edits_from_several_images(edit_plus_predictor):
     assert "Loading QwenImageEditPlusPipeline" in edit_plus_predictor.log()
 
 
-def test_several_images_travel_as_raw_bytes_over_grpc(edit_plus_predictor):
-    async def call(request: InferRequest):
-        client = InferenceGRPCClient(f"127.0.0.1:{edit_plus_predictor.grpc_port}")
-        try:
-            return await client.infer(request)
-        finally:
-            await client.close()
+async def grpc_infer(predictor: RunningPredictor, request: InferRequest) -> InferResponse:
+    client = InferenceGRPCClient(f"127.0.0.1:{predictor.grpc_port}", retries=0)
+    try:
+        return await client.infer(request)
+    finally:
+        await client.close()
 
+
+def test_several_images_travel_as_raw_bytes_over_grpc(edit_plus_predictor):
     images = [encoded((96, 64), "WEBP"), encoded((64, 64), "PNG"), encoded((64, 128), "JPEG")]
     request = InferRequest(
         model_name="qwen-image-edit",
@@ -275,7 +277,7 @@ def test_several_images_travel_as_raw_bytes_over_grpc(edit_plus_predictor):
         ],
         parameters=contract.build_parameters(for_grpc=True, **FAST),
     )
-    (output,) = asyncio.run(call(request)).outputs[0].data
+    (output,) = asyncio.run(grpc_infer(edit_plus_predictor, request)).outputs[0].data
     width, height = Image.open(io.BytesIO(output)).size
     assert abs(width / height - 0.5) < 0.05
 
@@ -393,3 +395,56 @@ def test_the_generation_predictor_takes_no_mask(generation_predictor):
     response = httpx.post(generation_predictor.infer_url, json=body, timeout=30)
     assert response.status_code == 400
     assert "'mask' is not an input of model qwen-image" in response.json()["error"]
+
+
+def test_images_in_grpc_raw_contents_are_read(edit_plus_predictor):
+    """KServe's and Triton's clients send numpy arrays as raw contents (``binary_data``,
+    the default), not in the tensor's own fields; the answer then comes raw too."""
+    images = [encoded((96, 64), "PNG"), encoded((64, 128), "JPEG")]
+    prompt = InferInput(contract.PROMPT, [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"make them one"], dtype=np.object_))
+    image = InferInput(contract.IMAGE, [2], "BYTES")
+    image.set_data_from_numpy(np.array(images, dtype=np.object_))
+    request = InferRequest(
+        model_name="qwen-image-edit",
+        infer_inputs=[prompt, image],
+        parameters=contract.build_parameters(for_grpc=True, **FAST),
+    )
+    images_out, seeds = asyncio.run(grpc_infer(edit_plus_predictor, request)).outputs
+    (output,) = images_out.as_numpy()
+    width, height = Image.open(io.BytesIO(output)).size
+    assert abs(width / height - 0.5) < 0.05
+    assert seeds.as_numpy().tolist() == [42]
+
+    image._raw_data = image._raw_data[:-10]  # the last image's bytes cut short
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(grpc_infer(edit_plus_predictor, request))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'image' has raw contents that are not a BYTES tensor's" in refused.value.details()
+
+
+def test_rest_inputs_as_binary_data_get_a_clear_400(edit_predictor):
+    """KServe's binary tensor extension (as its REST client sends numpy arrays): KServe's
+    server reads binary BYTES inputs as UTF-8 text, and answered an image file with a 500
+    that repeated the file."""
+    image = encoded((96, 64), "PNG")
+    prompt = InferInput(contract.PROMPT, [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"make it blue"], dtype=np.object_))
+    element = InferInput(contract.IMAGE, [1], "BYTES")
+    element.set_data_from_numpy(np.array([image], dtype=np.object_))
+    body, header_length = InferRequest(
+        model_name="qwen-image-edit", infer_inputs=[prompt, element], parameters=FAST
+    ).to_rest()
+    assert header_length is not None
+    response = httpx.post(
+        edit_predictor.infer_url,
+        content=body,
+        headers={
+            "content-type": "application/octet-stream",
+            contract.BINARY_HEADER_LENGTH: str(header_length),
+        },
+    )
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("This server takes no REST inputs as binary data")
+    assert len(response.content) < 300
+    assert edit(edit_predictor, image, **FAST).status_code == 200
