@@ -9,6 +9,7 @@ asserted: GPU requests, model storage, probes, the adapter's predictor URLs, sec
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -154,6 +155,17 @@ def location_env(isvc: dict[str, Any]) -> str:
         if "edit" in container(isvc)["command"][0]
         else "QWEN_IMAGE_LOCATION"
     )
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key repeated in one mapping, as the API server does
+    (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        assert not repeated, f"keys {repeated} repeated at {node.start_mark}"
+        return super().construct_mapping(node, deep)
 
 
 # ----------------------------------------------------------------------------------------
@@ -522,6 +534,35 @@ def test_names_stay_dns_labels_for_long_release_names(release: str) -> None:
     assert all(len(obj["metadata"]["name"]) <= 63 for obj in objs)
 
 
+def test_an_inference_service_name_may_be_as_long_as_a_derived_one() -> None:
+    """generation.name / edit.name take names as long as the chart derives from a long
+    release name: the most that KServe's pod label app=isvc.<name>-predictor allows."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    rendered = chart().render({}, name="a" * 53, namespace=NAMESPACE)
+    derived = by_kind(
+        load_documents(rendered["qwen-image-serve/templates/inferenceservice.yaml"]),
+        "InferenceService",
+    )
+    longest = max(len(name) for name in derived)
+    assert len(f"isvc.{'a' * longest}-predictor") == 63
+    for component in ("generation", "edit"):
+        assert schema["properties"][component]["properties"]["name"]["maxLength"] == longest
+        values = {component: {"name": "a" * longest}}
+        assert "a" * longest in by_kind(render_values(values), "InferenceService")
+        with pytest.raises(helm_python.HelmValuesError, match=f"/{component}/name"):
+            chart().validate_schema({component: {"name": "a" * (longest + 1)}})
+
+
+def test_notes_read_an_api_key_whose_name_has_dots() -> None:
+    """kubectl's JSONPath reads a dot as a step into the object: a Secret key with dots needs
+    them escaped, or the command prints nothing."""
+    values = {"adapter": {"apiKey": {"existingSecret": "keys", "secretKey": "openai.api.key"}}}
+    notes = chart().render(values, name=RELEASE, namespace=NAMESPACE)[
+        "qwen-image-serve/templates/NOTES.txt"
+    ]
+    assert "keys -o jsonpath='{.data.openai\\.api\\.key}' | base64 -d" in notes
+
+
 def test_inference_service_labels_do_not_change_with_the_chart_version() -> None:
     """KServe copies the InferenceService's labels onto the predictor pods: a label that
     changes with the chart's version would restart the GPU predictors at every upgrade."""
@@ -531,6 +572,13 @@ def test_inference_service_labels_do_not_change_with_the_chart_version() -> None
         assert labels["app.kubernetes.io/instance"] == RELEASE
     adapter = one(objects("defaults"), "Deployment", ADAPTER)
     assert "helm.sh/chart" in adapter["metadata"]["labels"]
+
+
+def test_upgrade_notes_lead_to_the_charts_version() -> None:
+    """docs/deployment.md's upgrade notes name the version they lead to: the chart's own."""
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    (old, new) = re.findall(r"Upgrading from chart (\S+) to (\S+) ", docs)[0]
+    assert new == chart().version != old
 
 
 # ----------------------------------------------------------------------------------------
@@ -652,6 +700,43 @@ def test_a_new_api_key_restarts_the_adapter_pods() -> None:
     assert "checksum/api-key" not in template["metadata"].get("annotations", {})
 
 
+def test_annotations_the_chart_also_sets_render_once() -> None:
+    """An annotation key in the values that the chart sets too renders once (the API server
+    refuses a repeated key): the user's value, except where the chart's must hold
+    (deploymentMode, which the rest of the InferenceService follows, and the API key's
+    checksum, which restarts the adapter on a new key)."""
+    values = {
+        "predictor": {
+            "annotations": {
+                "serving.kserve.io/deploymentMode": "Knative",
+                "serving.kserve.io/autoscalerClass": "external",
+                "team": "ml",
+            },
+            "autoscaling": {"autoscalerClass": "keda"},
+        },
+        "adapter": {
+            "apiKey": {"value": "first-key"},
+            "podAnnotations": {"checksum/api-key": "mine", "team": "ml"},
+        },
+    }
+    rendered = chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            list(yaml.load_all(text, Loader=UniqueKeyLoader))
+    objs = render_values(values)
+    for isvc in by_kind(objs, "InferenceService").values():
+        assert isvc["metadata"]["annotations"] == {
+            "serving.kserve.io/deploymentMode": "Standard",
+            "serving.kserve.io/autoscalerClass": "external",
+            "team": "ml",
+        }
+    template = one(objs, "Deployment", ADAPTER)["spec"]["template"]
+    assert template["metadata"]["annotations"] == {
+        "checksum/api-key": hashlib.sha256(b"first-key").hexdigest(),
+        "team": "ml",
+    }
+
+
 def test_readiness_on_the_predictors_is_a_choice() -> None:
     objs = render_values({"adapter": {"readinessPath": "/health/ready"}})
     main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
@@ -757,10 +842,10 @@ def test_a_smaller_default_size_lets_the_generation_predictor_cap_sizes() -> Non
 
     widest = max(GENERATION_DEFAULTS.width, GENERATION_DEFAULTS.height)
     render_values({"predictor": {"settings": {"maxSize": widest}}})
-    with pytest.raises(helm_python.HelmError, match=r"is smaller than the gen"):
+    with pytest.raises(helm_python.HelmError, match=r"defaultSize auto \(1664x928\) for gen"):
         render_values({"predictor": {"settings": {"maxSize": widest - 16}}})
     capped = {"predictor": {"settings": {"maxSize": 1024}}}
-    with pytest.raises(helm_python.HelmError, match=r"maxSize \(1024\) is smaller than the gen"):
+    with pytest.raises(helm_python.HelmError, match=r"to predictor.settings.maxSize \(1024\)"):
         chart().render(capped, name=RELEASE, namespace=NAMESPACE)
     capped["predictor"]["settings"]["defaultSize"] = "1024x768"
     objs = render_values(capped)
@@ -771,6 +856,57 @@ def test_a_smaller_default_size_lets_the_generation_predictor_cap_sizes() -> Non
         predictor_options(one(objects("defaults"), "InferenceService", GENERATION)).default_size
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"predictor": {"settings": {"defaultSize": "1000x1000"}}},
+            r"settings.defaultSize \(1000x1000\) for generation is not a size",
+        ),
+        (
+            {"predictor": {"settings": {"defaultSize": "1024x240"}}},
+            r"settings.defaultSize \(1024x240\) for generation is not a size",
+        ),
+        (
+            {"predictor": {"performance": {"warmupSizes": "0x0"}}},
+            r"performance.warmupSizes \(0x0\) for generation is not a size",
+        ),
+        (
+            {"predictor": {"performance": {"warmupSizes": "1024x1024,100x100"}}},
+            r"performance.warmupSizes \(100x100\) for generation is not a size",
+        ),
+        (
+            {
+                "generation": {"enabled": False},
+                "predictor": {"performance": {"warmupSizes": "2064x1024"}},
+            },
+            r"performance.warmupSizes \(2064x1024\) for edit is not a size .* \(2048\)",
+        ),
+    ],
+)
+def test_sizes_no_request_may_ask_for_are_refused(values: dict[str, Any], message: str) -> None:
+    """A predictor refuses to start with a default or warm-up size whose sides are not
+    multiples of 16, or a default size outside 256 .. settings.maxSize, which no request may
+    ask for (a warm-up there compiles for nothing): the chart refuses them at install
+    instead of a crash-looping pod."""
+    with pytest.raises(helm_python.HelmError, match=message):
+        render_values(values)
+
+
+def test_sizes_within_the_limits_reach_the_predictors() -> None:
+    """The bounds themselves are sizes, and warm-up sizes may be written WxH or WXH."""
+    values = {
+        "predictor": {
+            "settings": {"defaultSize": "256x2048"},
+            "performance": {"warmupSizes": "256x256,2048X2048"},
+        }
+    }
+    generation = one(render_values(values), "InferenceService", GENERATION)
+    options = predictor_options(generation)
+    assert options.default_size == (256, 2048)
+    assert options.acceleration.warmup_sizes == ((256, 256), (2048, 2048))
 
 
 def test_a_predictor_may_admit_no_waiting_request() -> None:
@@ -790,6 +926,32 @@ def test_model_aliases_reach_the_adapter() -> None:
     notes = render_text("ingress-httproute")["qwen-image-serve/templates/NOTES.txt"]
     assert 'model "qwen-image" (also "gpt-image-1", "dall-e-3")  storage' in notes
     assert 'model "qwen-image-edit" (also "gpt-image-1", "dall-e-2")  storage' in notes
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"edit": {"modelName": "qwen-image"}},
+            r"edit.modelName \(qwen-image\) is generation.modelName too",
+        ),
+        (
+            {"generation": {"modelAliases": ["gpt-image-1", "qwen-image-edit"]}},
+            r"generation.modelAliases names qwen-image-edit, a model id",
+        ),
+        (
+            {"edit": {"modelAliases": ["qwen-image-edit"]}},
+            r"edit.modelAliases names qwen-image-edit, a model id",
+        ),
+    ],
+)
+def test_model_names_the_adapter_cannot_tell_apart_are_refused(
+    values: dict[str, Any], message: str
+) -> None:
+    """The adapter refuses an alias that is a model id at start, and two models of one id
+    would share one predictor URL: the chart refuses both at install."""
+    with pytest.raises(helm_python.HelmError, match=message):
+        render_values(values)
 
 
 def test_image_url_hosts_and_cors_origins_reach_the_adapter() -> None:
@@ -907,11 +1069,31 @@ def test_extra_env_reaches_the_predictor_as_documented() -> None:
         assert predictor_options(isvc).acceleration.cuda_graphs == "on"
 
 
+def test_adapter_extra_env_replaces_the_charts_variable_of_the_same_name() -> None:
+    """As for the predictors: the Deployment's env is keyed by name, so an adapter.extraEnv
+    entry replaces the chart's variable instead of repeating it."""
+    values = {
+        "adapter": {
+            "extraEnv": [
+                {"name": "QWEN_ADAPTER_REQUEST_TIMEOUT_SECONDS", "value": "300"},
+                {"name": "QWEN_ADAPTER_MAX_CONNECTIONS", "value": "16"},
+            ]
+        }
+    }
+    objs = render_values(values)
+    main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
+    names = [item["name"] for item in main["env"]]
+    assert len(names) == len(set(names)), names
+    settings = adapter_settings(objs)
+    assert (settings.request_timeout_seconds, settings.max_connections) == (300, 16)
+
+
 def test_schema_offers_the_predictors_choices() -> None:
     """The schema's enums are the predictor's and the adapter's own lists, so neither drifts
     from the other."""
     from openai_adapter import protocol
     from predictors import acceleration
+    from predictors.contract import Limits
 
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
     performance = schema["definitions"]["performance"]["properties"]
@@ -926,6 +1108,14 @@ def test_schema_offers_the_predictors_choices() -> None:
         assert tuple(performance[key]["enum"]) == tuple(choices), key
     quality_steps = schema["properties"]["adapter"]["properties"]["qualitySteps"]
     assert tuple(quality_steps["properties"]) == typing.get_args(protocol.Quality)
+    # Steps the predictors take (a LoRA's default, each quality's), at their default limits.
+    limits = Limits()
+    steps = schema["definitions"]["steps"]
+    assert (steps["minimum"], steps["maximum"]) == (limits.min_steps, limits.max_steps)
+    assert schema["definitions"]["lora"]["properties"]["steps"] == {"$ref": "#/definitions/steps"}
+    assert {json.dumps(entry) for entry in quality_steps["properties"].values()} == {
+        json.dumps({"$ref": "#/definitions/steps"})
+    }
 
 
 def test_storage_uri_goes_through_kserve_storage_initializer() -> None:
@@ -1037,6 +1227,26 @@ def test_a_download_to_node_disk_requests_the_room_for_it() -> None:
     limit = {"predictor": {"resources": {"limits": {"ephemeral-storage": "80Gi"}}}}
     for isvc in by_kind(render_values(limit), "InferenceService").values():
         assert "ephemeral-storage" not in container(isvc)["resources"]["requests"]
+
+
+def test_a_storage_uri_download_requests_the_room_for_it() -> None:
+    """KServe's storage initializer downloads a storage URI (hf://, s3://, ...) into an
+    emptyDir on the node; a pvc:// claim is mounted, an oci:// image is a modelcar, and a
+    LocalModelCache's copy is on the node already: those download nothing."""
+
+    def requested(uri: str, cache: bool = False) -> str | None:
+        storage_uri: dict[str, Any] = {"uri": uri}
+        if cache:
+            storage_uri["localModelCache"] = {"enabled": True, "nodeGroups": ["gpu-nvme"]}
+        values = {"generation": {"storage": {"kind": "storageUri", "storageUri": storage_uri}}}
+        generation = one(render_values(values), "InferenceService", GENERATION)
+        return container(generation)["resources"]["requests"].get("ephemeral-storage")
+
+    assert requested("hf://Qwen/Qwen-Image") == "100Gi"
+    assert requested("s3://models/Qwen-Image") == "100Gi"
+    assert requested("pvc://qwen-weights/Qwen-Image") is None
+    assert requested("oci://registry.example.com/qwen-image:v1") is None
+    assert requested("hf://Qwen/Qwen-Image", cache=True) is None
 
 
 def test_the_adapter_serves_a_predictor_that_runs_elsewhere() -> None:
@@ -1456,6 +1666,18 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "more LoRA steps than the predictor takes": (
         {"generation": {"lora": {"source": "lightx2v/Qwen-Image-Lightning", "steps": 120}}},
         "/generation/lora/steps",
+    ),
+    "a LoRA of one step": (
+        {"generation": {"lora": {"source": "lightx2v/Qwen-Image-Lightning", "steps": 1}}},
+        "/generation/lora/steps",
+    ),
+    "one step for a quality": (
+        {"adapter": {"qualitySteps": {"low": 1}}},
+        "/adapter/qualitySteps/low",
+    ),
+    "more steps for a quality than the predictor takes": (
+        {"adapter": {"qualitySteps": {"max": 150}}},
+        "/adapter/qualitySteps/max",
     ),
     "a default size that is not WxH": (
         {"predictor": {"settings": {"defaultSize": "1024"}}},

@@ -179,13 +179,65 @@ Call with (dict "root" $ "component" "edit").
 
 {{/*
 Name of a predictor's InferenceService; call with (dict "root" $ "component" "generation").
-At most 48 characters: KServe labels its pods app=isvc.<name>-predictor, and a label value
-is at most 63.
+At most 48 characters (also the schema's limit on generation.name / edit.name): KServe labels
+its pods app=isvc.<name>-predictor, and a label value is at most 63.
 */}}
 {{- define "qwen-image-serve.isvcName" -}}
 {{- $spec := index .root.Values .component }}
 {{- $default := printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component | trunc 48 | trimSuffix "-" }}
 {{- default $default $spec.name }}
+{{- end }}
+
+{{/*
+"true" when a predictor downloads its weights into an emptyDir on the node, else empty; call
+with (dict "root" $ "component" "edit"). Storage kind huggingFace without a cache claim
+downloads into /cache; kind storageUri through KServe's storage initializer, into KServe's
+own emptyDir at /mnt/models, except a pvc:// claim (mounted), an oci:// image (a modelcar)
+and a URI of the chart's LocalModelCache (KServe mounts the node's copy).
+*/}}
+{{- define "qwen-image-serve.downloadsToNode" -}}
+{{- $storage := (index .root.Values .component).storage }}
+{{- if eq $storage.kind "huggingFace" }}
+{{- if not $storage.huggingFace.cacheClaim.claimName }}true{{ end }}
+{{- else if eq $storage.kind "storageUri" }}
+{{- $mounted := or (hasPrefix "pvc://" $storage.storageUri.uri) (hasPrefix "oci://" $storage.storageUri.uri) }}
+{{- if not (or $mounted (include "qwen-image-serve.localModelCache" .)) }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails unless a WxH size is one a predictor serves: each side a multiple of 16 from 256 (the
+predictors' least size, QWEN_MIN_SIZE) to maxSize. The predictor refuses to start with
+another default size, and would warm up at a size no request may ask for. Call with
+(dict "size" "1024x768" "what" "predictor.settings.defaultSize" "component" "generation"
+"maxSize" 2048).
+*/}}
+{{- define "qwen-image-serve.checkSize" -}}
+{{- range $side := splitList "x" (lower $.size) }}
+{{- if or (mod (int $side) 16) (lt (int $side) 256) (gt (int $side) (int $.maxSize)) }}
+{{- fail (printf "%s (%s) for %s is not a size the predictor serves: each side must be a multiple of 16 from 256 to predictor.settings.maxSize (%d)" $.what $.size $.component (int $.maxSize)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A container's env as YAML: `env`, less the variables that `extraEnv` names, then `extraEnv`
+(an env is a list keyed by name, where a name may appear once: an extraEnv entry replaces
+the chart's variable). Call with (dict "env" <list> "extraEnv" <list>); read it back with
+fromYamlArray.
+*/}}
+{{- define "qwen-image-serve.mergeEnv" -}}
+{{- $extraNames := list }}
+{{- range .extraEnv }}
+{{- $extraNames = append $extraNames .name }}
+{{- end }}
+{{- $env := list }}
+{{- range .env }}
+{{- if not (has .name $extraNames) }}
+{{- $env = append $env . }}
+{{- end }}
+{{- end }}
+{{- toYaml (concat $env (.extraEnv | default list)) }}
 {{- end }}
 
 {{/*
