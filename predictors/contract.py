@@ -212,6 +212,17 @@ def error_param(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def describe_invalid_body(errors: Sequence[dict[str, Any]]) -> str:
+    """The message for a JSON body that KServe's v2 request model refuses (pydantic's
+    ``errors``): a parameter's starts with its quoted name, as ``ContractError``'s do."""
+    error = errors[0]
+    path = [part for part in error["loc"] if part not in ("body", "InferenceRequest")]
+    if len(path) >= 2 and path[0] == "parameters":
+        return f"'{path[1]}' must be a number, a string or a boolean"
+    where = ".".join(str(part) for part in path) or "the body"
+    return f"The body is not a v2 inference request: {where}: {error['msg']}"
+
+
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ContractError(name, f"'{name}' must be an integer, got a boolean")

@@ -15,16 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
 from kserve import model_server as kserve_server
 from kserve.errors import InvalidInput, ServerNotReady
 from kserve.logging import KSERVE_LOGGER_NAME
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
-from predictors.contract import BINARY_HEADER_LENGTH, SIZE_MULTIPLE, Limits
+from predictors.contract import BINARY_HEADER_LENGTH, SIZE_MULTIPLE, Limits, describe_invalid_body
 from predictors.denoise import AttentionBackends
 from predictors.disconnect import CancelOnDisconnect
 from predictors.engine import BatchPolicy
@@ -360,6 +362,12 @@ class RefuseBinaryInputs:
         await self.app(scope, receive, send)
 
 
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 400 in KServe's error shape for a body its v2 request model refuses (a parameter
+    that is null, a list or an object, say), where FastAPI would answer 422."""
+    return JSONResponse({"error": describe_invalid_body(exc.errors())}, status_code=400)
+
+
 class PredictorServer(ModelServer):
     """KServe's ModelServer, whose shutdown starts for both protocols at SIGTERM or SIGINT.
 
@@ -428,6 +436,7 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
     kserve_server.app.add_middleware(RefuseBinaryInputs)
+    kserve_server.app.add_exception_handler(RequestValidationError, _invalid_body)
     add_stream_route(kserve_server.app, model)
     logging.getLogger(KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
     PredictorServer(

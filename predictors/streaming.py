@@ -57,7 +57,7 @@ def _infer_request(body: bytes, model_name: str) -> InferRequest:
     try:
         request = InferenceRequest.model_validate_json(body)
     except pydantic.ValidationError as exc:
-        raise InvalidInput(f"Unrecognized request format: {exc}") from None
+        raise InvalidInput(contract.describe_invalid_body(exc.errors())) from None
     if request.parameters:
         request.parameters.pop(contract.BINARY_DATA_OUTPUT, None)
     return InferRequest.from_inference_request(request, model_name)

@@ -154,6 +154,26 @@ def test_malformed_tensors_and_numbers_get_a_clear_400(
     assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('"parameters": {"seed": null}', "'seed' must be a number, a string or a boolean"),
+        ('"parameters": {"output_format": ["png"]}', "'output_format' must be a number"),
+        ('"parameters": 5', "not a v2 inference request: parameters: Input should be"),
+    ],
+    ids=["null", "list", "not-an-object"],
+)
+def test_bodies_kserves_request_model_refuses_get_a_clear_400(generation_predictor, body, message):
+    """What KServe's v2 request model refuses got FastAPI's 422 (``{"detail": ...}``)."""
+    text = '{"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}], '
+    for url in (generation_predictor.infer_url, generation_predictor.infer_url + "_stream"):
+        response = httpx.post(
+            url, content=text + body + "}", headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]
+
+
 def test_an_image_input_is_refused_by_the_generation_model(generation_predictor):
     response = infer(generation_predictor, images=[b"\x89PNG"], width=64, height=64)
     assert response.status_code == 400

@@ -98,7 +98,8 @@ def test_a_refused_stream_gets_infers_status_and_body(generation_predictor, fiel
 def test_a_malformed_body_is_a_400(generation_predictor):
     response = httpx.post(generation_predictor.stream_url, content=b"{not json", timeout=30)
     assert response.status_code == 400
-    assert "Unrecognized request format" in response.json()["error"]
+    error = response.json()["error"]
+    assert error.startswith("The body is not a v2 inference request: the body: Invalid JSON")
 
 
 def test_a_stream_whose_client_leaves_stops_its_batch(generation_predictor):
