@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import struct
 import time
 import uuid
@@ -437,8 +438,13 @@ def _previews_to(
 
 
 def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
-    """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one."""
-    return payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
+    """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one;
+    control characters escaped (``\\n``), so that an id cannot forge lines of the log."""
+    request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
+    return _CONTROL_CHARACTERS.sub(lambda match: ascii(match.group())[1:-1], request_id)
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _values(tensor: InferInput) -> list[object]:

@@ -387,3 +387,25 @@ def test_a_running_request_whose_client_leaves_stops_between_steps(generation_pr
     stopped = re.search(rf"every caller of a batch of 1 left; after step (\d+)/{steps}", log)
     assert stopped and int(stopped[1]) < steps, log[-2000:]
     assert "request_id=abandoned model=qwen-image outcome=cancelled" in log
+
+
+def test_a_request_id_cannot_forge_log_lines(caplog):
+    """A v2 body's id is the client's text: its control characters are escaped in the log
+    (and in the answer), so a newline cannot start a line of its own."""
+    model = QwenImageGenerationModel("forged-ids", PredictorOptions(device="cpu"))
+    model.ready = True
+    request = InferRequest(
+        model_name=model.name,
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a cat"])],
+        request_id="real\nrequest_id=forged model=forged-ids outcome=ok\r\x1b[2K",
+        parameters={"width": 100, "height": 256},
+    )
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(InvalidInput):
+            asyncio.run(model.predict(request))
+    finally:
+        model.stop()
+    escaped = "real\\nrequest_id=forged model=forged-ids outcome=ok\\r\\x1b[2K"
+    assert f"request_id={escaped} model=forged-ids outcome=invalid" in caplog.text
+    assert not any(line.startswith("request_id=forged") for line in caplog.messages)
+    assert "\n" not in "".join(caplog.messages)
