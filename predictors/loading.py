@@ -102,9 +102,10 @@ def served_pipeline_class(
         index = Path(location) / "model_index.json"
         if not index.is_file():
             index = Path(hf_hub_download(location, "model_index.json"))
-        class_name = json.loads(index.read_text()).get("_class_name")
+        contents = json.loads(index.read_text())
     except (OSError, EntryNotFoundError, ValueError) as exc:
         raise ModelLocationError(f"cannot read {location!r}/model_index.json: {exc}") from exc
+    class_name = contents.get("_class_name") if isinstance(contents, dict) else None
     for pipeline_class in served:
         if pipeline_class.__name__ == class_name:
             return pipeline_class
@@ -129,6 +130,12 @@ def load_pipeline(
         raise ModelLocationError(
             f"cannot load {pipeline_class.__name__} from {location!r}: {exc}"
         ) from exc
-    pipeline.to(device)
+    try:
+        pipeline.to(device)
+    except torch.OutOfMemoryError as exc:
+        raise PlacementError(
+            f"{pipeline_class.__name__} from {location!r} does not fit in {device}'s memory in "
+            f"{dtype}: {exc}"
+        ) from exc
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

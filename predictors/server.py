@@ -410,8 +410,9 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     requests finished or, those that could not, failed with a 503 (``QwenImageModel.stop``).
 
     A setting out of range (or limits that refuse the request defaults), a location that
-    cannot be loaded, a device or dtype this machine lacks, or a speed mode that cannot be
-    applied, ends the process with a one-line error and exit code 2.
+    cannot be loaded, a device or dtype this machine lacks, weights that do not fit in the
+    device's memory, or a speed mode that cannot be applied, ends the process with a
+    one-line error and exit code 2.
     """
     parser = build_parser(model_class)
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from predictors.edit import QwenImageEditModel
 from predictors.generation import QwenImageGenerationModel
 from predictors.loading import (
     ModelLocationError,
+    PlacementError,
     load_pipeline,
     resolve_location,
     served_pipeline_class,
@@ -59,6 +60,29 @@ def test_each_predictor_loads_the_pipeline_class_its_location_names(tmp_path):
     assert str(refused.value) == (
         f"{generation!r} holds a QwenImagePipeline; this predictor serves a "
         "QwenImageEditPipeline or QwenImageEditPlusPipeline"
+    )
+
+
+def test_a_model_index_that_is_not_an_object_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text("[]")
+    with pytest.raises(ModelLocationError, match="holds a pipeline of no class"):
+        served_pipeline_class(str(tmp_path), QwenImageGenerationModel.pipeline_classes)
+
+
+def test_a_pipeline_too_large_for_the_device_is_a_clear_error(tmp_path, monkeypatch):
+    """Out of memory while the weights move to the GPU: the predictor's one-line error and
+    exit code 2 (``PlacementError``), not a traceback."""
+
+    def to(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(QwenImagePipeline, "to", to)
+    location = resolve_location(None, "generation", tmp_path)
+    with pytest.raises(PlacementError) as refused:
+        load_pipeline(QwenImagePipeline, location, torch.device("cpu"), torch.float32)
+    assert str(refused.value).startswith(
+        f"QwenImagePipeline from {location!r} does not fit in cpu's memory in torch.float32: "
+        "CUDA out of memory"
     )
 
 
