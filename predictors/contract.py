@@ -216,7 +216,12 @@ def describe_invalid_body(errors: Sequence[dict[str, Any]]) -> str:
     """The message for a JSON body that KServe's v2 request model refuses (pydantic's
     ``errors``): a parameter's starts with its quoted name, as ``ContractError``'s do."""
     error = errors[0]
-    path = [part for part in error["loc"] if part not in ("body", "InferenceRequest")]
+    if error["type"] == "json_invalid":
+        return f"The body is not a v2 inference request: {error['msg']}"
+    path = list(error["loc"])
+    for wrapper in ("body", "InferenceRequest"):  # FastAPI's, then the model of a union's
+        if path[:1] == [wrapper]:
+            path.pop(0)
     if len(path) >= 2 and path[0] == "parameters":
         return f"'{path[1]}' must be a number, a string or a boolean"
     where = ".".join(str(part) for part in path) or "the body"

@@ -10,6 +10,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -449,12 +450,16 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 _settle(item.future, error=exc)
             return
         except Exception as exc:
+            # The finished frames' locals, the batch's tensors among them: the traceback
+            # would keep them alive in a cycle (traceback, this frame, the batch's futures,
+            # the exception) until the garbage collector's next pass.
+            traceback.clear_frames(exc.__traceback__)
             if len(batch) == 1:
                 _settle(batch[0].future, error=exc)
                 return
             logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), str(exc))
             with self._condition:
-                self._retries = list(batch)
+                self._retries, self._running = list(batch), []
             retry = True
         finally:
             with self._condition:

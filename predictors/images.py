@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from predictors.contract import IMAGE, MASK, ContractError
 
@@ -94,9 +94,32 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
         )
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
     except DECODING_ERRORS as exc:
         raise ContractError(param, f"{label} could not be decoded: {exc}") from None
+    turn = _EXIF_TURNS.get(_exif_orientation(image))
+    return image if turn is None else image.transpose(turn)
+
+
+# What turns an image upright, by its EXIF orientation (2-8; 1 is upright), as viewers do.
+_EXIF_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    """The image's EXIF orientation; None without one, or with EXIF data too damaged to
+    read, which leaves the pixels as they are stored."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # Pillow's EXIF parser raises many kinds on damaged data
+        return None
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:

@@ -296,7 +296,7 @@ class QwenImageModel(Model):
         logger.info(
             "request_id=%s model=%s size=%dx%d images=%d steps=%d cfg=%.2f seed=%d inputs=%d "
             "mask=%s seconds=%.2f",
-            request_id,
+            _loggable(request_id),
             self.name,
             width,
             height,
@@ -336,11 +336,11 @@ class QwenImageModel(Model):
         """The log line of a request that ends without images, with its id like the others."""
         logger.warning(
             "request_id=%s model=%s outcome=%s seconds=%.2f reason=%s",
-            request_id,
+            _loggable(request_id),
             self.name,
             outcome,
             time.perf_counter() - started,
-            reason,
+            _loggable(reason),
         )
 
     def parse(self, payload: InferRequest) -> ImageRequest:
@@ -438,13 +438,18 @@ def _previews_to(
 
 
 def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
-    """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one;
-    control characters escaped (``\\n``), so that an id cannot forge lines of the log."""
-    request_id = payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
-    return _CONTROL_CHARACTERS.sub(lambda match: ascii(match.group())[1:-1], request_id)
+    """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one."""
+    return payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
 
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters that end or rewrite a line of the log: C0 and C1 controls, Unicode separators.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _loggable(text: str) -> str:
+    """``text`` with its line-breaking characters escaped (``\\n``): a client's id or
+    value cannot forge lines of the log."""
+    return _LINE_BREAKING.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 def _values(tensor: InferInput) -> list[object]:

@@ -637,6 +637,19 @@ def test_pvc_case_creates_the_api_key_secret() -> None:
     ] == (f"{FULLNAME}-api-key")
 
 
+def test_an_api_key_secret_key_that_looks_like_a_number_stays_text() -> None:
+    """A Secret's data keys and secretKeyRef's key are strings: a key such as 0123 must not
+    render as the YAML number 83."""
+    objs = render_values({"adapter": {"apiKey": {"value": "k", "secretKey": "0123"}}})
+    secret = one(objs, "Secret", f"{FULLNAME}-api-key")
+    assert list(secret["data"]) == ["0123"]
+    main = one(objs, "Deployment", ADAPTER)["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(main)["QWEN_ADAPTER_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "0123"
+    (test_pod,) = by_kind(objs, "Pod").values()
+    reference = env_of(test_pod["spec"]["containers"][0])["API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert reference["key"] == "0123"
+
+
 def test_the_helm_test_pod_checks_a_real_adapter_and_its_predictors(
     stack: Stack, tmp_path: Path
 ) -> None:

@@ -95,24 +95,30 @@ def test_a_multi_picture_jpeg_is_edited_from_its_first_picture(edit_predictor):
     assert abs(width / height - 1.5) < 0.05
 
 
-def phone_photo() -> bytes:
+def phone_photo(damaged_exif: bool = False) -> bytes:
     """A JPEG as a phone held upright writes it: stored 96x64 (red left, blue right) with
-    EXIF orientation 6, which viewers show turned a quarter clockwise, 64x96, red on top."""
+    EXIF orientation 6, which viewers show turned a quarter clockwise, 64x96, red on top.
+    ``damaged_exif``: its Make tag renumbered as Compression, whose text value Pillow can
+    read but not write back."""
     stored = Image.new("RGB", (96, 64), "blue")
     stored.paste("red", (0, 0, 48, 64))
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation
+    exif[0x010F] = "Phone"  # Make: tag, type ASCII
     buffer = io.BytesIO()
     stored.save(buffer, format="JPEG", exif=exif)
+    if damaged_exif:
+        return buffer.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x03\x00\x02", 1)
     return buffer.getvalue()
 
 
 def test_a_photo_is_edited_upright_as_its_exif_orientation_says(edit_predictor):
-    upright = decode_image(phone_photo(), EDIT_MAX_INPUT_PIXELS)
-    assert upright.size == (64, 96)
-    pixels = np.asarray(upright, dtype=int)
-    assert np.abs(pixels[:40] - (255, 0, 0)).max() < 40
-    assert np.abs(pixels[56:] - (0, 0, 255)).max() < 40
+    for photo in (phone_photo(), phone_photo(damaged_exif=True)):
+        upright = decode_image(photo, EDIT_MAX_INPUT_PIXELS)
+        assert upright.size == (64, 96)
+        pixels = np.asarray(upright, dtype=int)
+        assert np.abs(pixels[:40] - (255, 0, 0)).max() < 40
+        assert np.abs(pixels[56:] - (0, 0, 255)).max() < 40
 
     assert output_size(edit(edit_predictor, phone_photo(), **FAST)) == (832, 1248)
     # A mask drawn on the photo as it is shown has its size.

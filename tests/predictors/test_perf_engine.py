@@ -493,7 +493,11 @@ def test_a_failed_batch_frees_its_memory_before_the_one_by_one_retries():
         return [f"done {job.name}" for job in jobs]
 
     runner = PipelineRunner("m", process, 8, BatchPolicy(max_batch_size=4, batch_wait_ms=100))
-    results = asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("b")]))
+    gc.disable()
+    try:
+        results = asyncio.run(run_all(runner, [FakeJob("a"), FakeJob("b")]))
+    finally:
+        gc.enable()
     assert results == ["done a", "done b"]
     assert alive_in_retries == [False, False]
 
@@ -501,10 +505,13 @@ def test_a_failed_batch_frees_its_memory_before_the_one_by_one_retries():
         with pytest.raises(RuntimeError, match="out of memory"):
             await runner.run(FakeJob("bad", fail=True))
 
-    asyncio.run(fail_alone())
-    deadline = time.monotonic() + 2  # the worker drops the batch just after settling it
-    while failed[1]() is not None and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
-    assert failed[1]() is None, "the worker keeps the last failed batch's memory"
+    gc.disable()  # freed by reference counting, not by the collector's next pass
+    try:
+        asyncio.run(fail_alone())
+        deadline = time.monotonic() + 2  # the worker drops the batch just after settling it
+        while failed[1]() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gc.enable()
+    assert failed[1]() is None, "the last failed batch's memory is kept"
     runner.close()

@@ -390,14 +390,14 @@ def test_a_running_request_whose_client_leaves_stops_between_steps(generation_pr
 
 
 def test_a_request_id_cannot_forge_log_lines(caplog):
-    """A v2 body's id is the client's text: its control characters are escaped in the log
-    (and in the answer), so a newline cannot start a line of its own."""
+    """A v2 body's id is the client's text: its line-breaking characters are escaped in the
+    log, so a newline cannot start a line of its own."""
     model = QwenImageGenerationModel("forged-ids", PredictorOptions(device="cpu"))
     model.ready = True
     request = InferRequest(
         model_name=model.name,
         infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a cat"])],
-        request_id="real\nrequest_id=forged model=forged-ids outcome=ok\r\x1b[2K",
+        request_id="real\nrequest_id=forged model=forged-ids outcome=ok\r\x1b[2K\u2028",
         parameters={"width": 100, "height": 256},
     )
     try:
@@ -405,7 +405,7 @@ def test_a_request_id_cannot_forge_log_lines(caplog):
             asyncio.run(model.predict(request))
     finally:
         model.stop()
-    escaped = "real\\nrequest_id=forged model=forged-ids outcome=ok\\r\\x1b[2K"
+    escaped = "real\\nrequest_id=forged model=forged-ids outcome=ok\\r\\x1b[2K\\u2028"
     assert f"request_id={escaped} model=forged-ids outcome=invalid" in caplog.text
     assert not any(line.startswith("request_id=forged") for line in caplog.messages)
-    assert "\n" not in "".join(caplog.messages)
+    assert all(len(message.splitlines()) == 1 for message in caplog.messages)

@@ -99,7 +99,7 @@ def test_a_malformed_body_is_a_400(generation_predictor):
     response = httpx.post(generation_predictor.stream_url, content=b"{not json", timeout=30)
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error.startswith("The body is not a v2 inference request: the body: Invalid JSON")
+    assert error.startswith("The body is not a v2 inference request: Invalid JSON")
 
 
 def test_a_stream_whose_client_leaves_stops_its_batch(generation_predictor):

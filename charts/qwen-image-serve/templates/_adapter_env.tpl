@@ -55,7 +55,7 @@ model id, and two models of one id would share one predictor URL. */}}
 - name: QWEN_ADAPTER_API_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ . }}
-      key: {{ $.Values.adapter.apiKey.secretKey }}
+      name: {{ . | quote }}
+      key: {{ $.Values.adapter.apiKey.secretKey | quote }}
 {{- end }}
 {{- end }}
