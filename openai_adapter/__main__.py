@@ -10,6 +10,17 @@ import uvicorn
 from openai_adapter.app import create_app
 
 
+def configure_logging(level: str) -> None:
+    """Log at ``level``; httpx's line for each call only at debug level, as it names the
+    whole URL, and an edit's image URL may carry credentials (a presigned URL's signature).
+    The adapter logs its own line for each predictor call, with the request id."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until stopped (configuration: QWEN_ADAPTER_* env)."""
     parser = argparse.ArgumentParser(
@@ -29,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds an idle client connection stays open (longer than a proxy's idle timeout)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     uvicorn.run(
         create_app(),
         host=args.host,

@@ -40,6 +40,8 @@ INTERNAL_ERROR = "internal_error"
 NOT_READY = "not_ready"
 
 # What a body that is JSON but not an object, or not sent as JSON, is told.
+# The openai SDK retries 5xx answers unless told not to (its own header).
+NO_RETRY = {"x-should-retry": "false"}
 NOT_A_JSON_OBJECT = "The request body must be a JSON object, sent as 'application/json'"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -72,6 +74,13 @@ class OpenAIError(Exception):
             code=code,
         )
         self.headers = dict(headers or {})
+
+
+def unusable_answer(message: str) -> OpenAIError:
+    """A 502 for a predictor's answer that cannot be used (a malformed body, no usable image,
+    a stream ended early), which the client is told not to retry: the predictor has done
+    the GPU work, and would most likely answer the same again."""
+    return OpenAIError(502, message, code=PREDICTOR_ERROR, headers=NO_RETRY)
 
 
 def bad_request(message: str, param: str | None, code: str = INVALID_VALUE) -> OpenAIError:

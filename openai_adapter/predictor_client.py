@@ -16,12 +16,14 @@ import pydantic_core
 
 from openai_adapter.errors import (
     INFERENCE_ERROR,
+    NO_RETRY,
     PREDICTOR_BUSY,
     PREDICTOR_ERROR,
     PREDICTOR_TIMEOUT,
     PREDICTOR_UNAVAILABLE,
     OpenAIError,
     bad_request,
+    unusable_answer,
 )
 from openai_adapter.middleware import REQUEST_ID_HEADER
 from openai_adapter.settings import Settings
@@ -40,7 +42,6 @@ from predictors.contract import (
 
 logger = logging.getLogger(__name__)
 
-_NO_RETRY = {"x-should-retry": "false"}
 # Connections of the readiness client: one check per model at a time is the usual load.
 _READY_CONNECTIONS = 4
 _SEND_CHUNK_BYTES = 1024 * 1024
@@ -132,9 +133,7 @@ class PredictorClient:
                         yield answer
                         if not isinstance(answer, PartialImage):
                             return
-        raise OpenAIError(
-            502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
-        )
+        raise unusable_answer(f"The '{model}' predictor ended its stream early")
 
     def _stream_answer(
         self, model: str, event: str, data: bytes, param_names: Mapping[str, str]
@@ -167,7 +166,7 @@ class PredictorClient:
                 f"The '{model}' predictor did not answer within "
                 f"{self._settings.request_timeout_seconds:g} seconds",
                 code=PREDICTOR_TIMEOUT,
-                headers=_NO_RETRY,
+                headers=NO_RETRY,
             ) from exc
         except httpx.TransportError as exc:
             raise self._unavailable(model, f"is unreachable ({type(exc).__name__})") from exc
@@ -202,7 +201,7 @@ class PredictorClient:
                 500,
                 f"The '{model}' predictor failed: {message}",
                 code=INFERENCE_ERROR,
-                headers=_NO_RETRY,
+                headers=NO_RETRY,
             )
         return OpenAIError(
             502, f"The '{model}' predictor answered {status}: {message}", code=PREDICTOR_ERROR
@@ -276,8 +275,7 @@ def _invalid_answer(model: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        message = f"The '{model}' predictor sent an invalid answer: {exc}"
-        raise OpenAIError(502, message, code=PREDICTOR_ERROR) from exc
+        raise unusable_answer(f"The '{model}' predictor sent an invalid answer: {exc}") from exc
 
 
 async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, bytes]]:

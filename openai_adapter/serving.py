@@ -15,11 +15,10 @@ from openai_adapter.errors import (
     INVALID_IMAGE_FORMAT,
     INVALID_VALUE,
     MISSING_PARAMETER,
-    PREDICTOR_ERROR,
     UNSUPPORTED_VALUE,
-    OpenAIError,
     bad_request,
     model_not_found,
+    unusable_answer,
 )
 from openai_adapter.image_urls import (
     DATA_URL_HINT,
@@ -376,7 +375,7 @@ def _completed_events(response: ImagesResponse, event_type: str) -> list[ImageCo
 def _partial_event(preview: PartialImage, event_type: str, quality: Quality) -> ImagePartialEvent:
     described = describe_image(preview.data)
     if described is None:
-        raise OpenAIError(502, "The predictor returned no usable preview", code=PREDICTOR_ERROR)
+        raise unusable_answer("The predictor returned no usable preview")
     output_format, width, height = described
     return ImagePartialEvent(
         type=event_type,
@@ -404,7 +403,7 @@ def _images_response(
 ) -> ImagesResponse:
     described = describe_image(results[0].data) if results else None
     if described is None:
-        raise OpenAIError(502, "The predictor returned no usable image", code=PREDICTOR_ERROR)
+        raise unusable_answer("The predictor returned no usable image")
     output_format, width, height = described
     return ImagesResponse(
         created=int(time.time()),

@@ -116,7 +116,11 @@ class Settings(BaseSettings):
         return [host.lower() for host in hosts]
 
     @model_validator(mode="after")
-    def _aliases_are_other_names(self) -> Settings:
+    def _names_are_distinct(self) -> Settings:
+        if self.generation_model == self.edit_model:
+            raise ValueError(
+                f"both models have the id {self.edit_model!r}: the adapter tells them apart by id"
+            )
         models = {self.generation_model, self.edit_model}
         for alias in (*self.generation_model_aliases, *self.edit_model_aliases):
             if alias in models:

@@ -32,6 +32,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_adapter import metrics as adapter_metrics
+from openai_adapter.__main__ import configure_logging
 from openai_adapter.app import GENERATION_MAX_BODY_BYTES, create_app
 from openai_adapter.image_urls import host_allowed
 from openai_adapter.local_stack import adapter_url
@@ -760,12 +761,17 @@ def test_a_predictor_refusing_the_images_names_the_edits_field(client, predictor
     [
         (httpx.Response(503, json={"error": "Server is busy"}), 503, "predictor_busy", RETRY_LATER),
         (httpx.Response(500, json={"error": "CUDA OOM"}), 500, "inference_error", NO_RETRY),
+        # Another status (a gateway's, say) may pass on a retry; an unusable answer to work
+        # done would come again.
         (httpx.Response(404, text="no such model"), 502, "predictor_error", {}),
-        (httpx.Response(200, json={"outputs": []}), 502, "predictor_error", {}),
-        (httpx.Response(200, json=[{"outputs": []}]), 502, "predictor_error", {}),
-        (httpx.Response(200, content=b"[]", headers=BINARY_HEADER_2), 502, "predictor_error", {}),
-        (v2_images(b"not an image"), 502, "predictor_error", {}),
-        (v2_images(b"\x89PNG\r\n\x1a\n but not really"), 502, "predictor_error", {}),
+        (httpx.Response(200, json={"outputs": []}), 502, "predictor_error", NO_RETRY),
+        (httpx.Response(200, json=[{"outputs": []}]), 502, "predictor_error", NO_RETRY),
+        (
+            httpx.Response(200, content=b"[]", headers=BINARY_HEADER_2),
+            502, "predictor_error", NO_RETRY,
+        ),
+        (v2_images(b"not an image"), 502, "predictor_error", NO_RETRY),
+        (v2_images(b"\x89PNG\r\n\x1a\n but not really"), 502, "predictor_error", NO_RETRY),
     ],
 )  # fmt: skip
 def test_predictor_failures(client, predictor, answer, status, code, headers):
@@ -851,6 +857,8 @@ def test_model_aliases(make_client, predictor):
     assert_error(switched_off.get("/v1/models/dall-e-2"), 404, "model_not_found", "model")
     with pytest.raises(ValueError, match="the alias 'qwen-image-edit' is a model's id"):
         Settings(generation_model_aliases=["qwen-image-edit"])
+    with pytest.raises(ValueError, match="both models have the id 'qwen-image'"):
+        Settings(edit_model="qwen-image")
 
 
 def test_an_alias_of_both_models_with_the_edit_model_switched_off(make_client, predictor):
@@ -2054,3 +2062,18 @@ def test_memory_benchmark_burst_reports_answers_and_peak_memory():
     )
     assert match, stdout
     assert 0 < int(match[1]) <= int(match[2]), stdout
+
+
+def test_the_adapter_does_not_log_the_urls_it_fetches_but_at_debug_level():
+    """httpx logs each call's whole URL, and an image URL may carry credentials (a presigned
+    URL's signature): its lines are left out but at debug level."""
+    httpx_logger = logging.getLogger("httpx")
+    level = httpx_logger.level
+    try:
+        configure_logging("info")
+        assert httpx_logger.level == logging.WARNING
+        httpx_logger.setLevel(logging.NOTSET)
+        configure_logging("debug")
+        assert httpx_logger.level == logging.NOTSET  # the root logger's debug level
+    finally:
+        httpx_logger.setLevel(level)
