@@ -27,8 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[predictor,dev]"
 	touch $@
 
+# ARGS: the stack's flags, e.g. make run ARGS="--startup-timeout 3600" for a first download.
 run: install
-	$(BIN)/qwen-image-stack
+	$(BIN)/qwen-image-stack $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
