@@ -11,6 +11,7 @@ import httpx
 
 from openai_adapter import metrics
 from openai_adapter.media import decode_data_url
+from openai_adapter.middleware import hold_upload_bytes
 from openai_adapter.settings import Settings
 
 # How a client is told to send its image instead of a URL this deployment does not read.
@@ -92,6 +93,7 @@ class ImageUrlReader:
             raise
         metrics.IMAGE_URLS.labels(outcome="fetched").inc()
         metrics.IMAGE_URL_FETCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        hold_upload_bytes(len(data))  # held until the request ends, as an uploaded file is
         return data
 
     async def _fetch_listed(self, url: str, scheme: str, max_bytes: int, deadline: float) -> bytes:

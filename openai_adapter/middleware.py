@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -161,12 +163,39 @@ class BodySizeLimitMiddleware(HttpMiddleware):
             await self.too_large(max_bytes)(scope, receive, send)
 
 
+class UploadBudgetExceeded(Exception):
+    """More bytes for a request than ``UploadBudgetMiddleware``'s budget has room for."""
+
+
+@dataclass
+class _Held:
+    """What one request holds of an ``UploadBudgetMiddleware``'s budget."""
+
+    budget: UploadBudgetMiddleware
+    bytes: int = 0
+
+
+# The hold of the request being served, where ``UploadBudgetMiddleware`` serves it.
+_HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("upload_held", default=None)
+
+
+def hold_upload_bytes(count: int) -> None:
+    """Count ``count`` more bytes that the request being served holds beside its body (an
+    image fetched from its URL) against ``UploadBudgetMiddleware``'s budget, until the
+    request ends; ``UploadBudgetExceeded`` if they would pass it while other requests hold
+    some. Nothing for a request outside the middleware's paths."""
+    held = _HELD.get()
+    if held is not None and not held.budget.take(held, count):
+        raise UploadBudgetExceeded(held.budget.busy_message())
+
+
 class UploadBudgetMiddleware(HttpMiddleware):
     """Hold at most ``budget_bytes`` of request bodies to ``paths`` at once (their
-    ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one): a request
-    that would pass it, while others hold some, gets a retryable 503 before its body is read.
-    A burst of large uploads then cannot exhaust the process's memory, and with it every
-    request it holds. A request alone always fits, whatever its size."""
+    ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one, and the
+    images a request fetches: ``hold_upload_bytes``): a request that would pass it, while
+    others hold some, gets a retryable 503, before its body is read. A burst of large
+    uploads then cannot exhaust the process's memory, and with it every request it holds.
+    A request alone always fits, whatever its size."""
 
     def __init__(
         self,
@@ -183,28 +212,38 @@ class UploadBudgetMiddleware(HttpMiddleware):
         self.retry_after = str(retry_after_seconds)
         self.held_bytes = 0  # on the event loop only
 
+    def busy_message(self) -> str:
+        return "The server is busy receiving other uploads; try again later"
+
     def busy(self) -> JSONResponse:
         info = ErrorInfo(
-            message=f"The server is busy receiving other uploads ({self.held_bytes} bytes at "
-            "once, the most it holds); try again later",
-            type="server_error",
-            param=None,
-            code=SERVER_BUSY,
+            message=self.busy_message(), type="server_error", param=None, code=SERVER_BUSY
         )
         return error_json(503, info, {"retry-after": self.retry_after})
+
+    def take(self, held: _Held, count: int) -> bool:
+        """Add ``count`` bytes to ``held`` unless that passes the budget while other
+        requests hold some."""
+        others = self.held_bytes - held.bytes
+        if others and self.held_bytes + count > self.budget_bytes:
+            return False
+        self.held_bytes += count
+        held.bytes += count
+        return True
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         length = Request(scope).headers.get("content-length", "")
-        cost = int(length) if length.isdigit() else self.unknown_length_bytes
-        if self.held_bytes and self.held_bytes + cost > self.budget_bytes:
+        held = _Held(self)
+        if not self.take(held, int(length) if length.isdigit() else self.unknown_length_bytes):
             scope[metrics.ANSWERED_ROUTE] = scope["path"]  # one of ``paths``: a route's
             await self.busy()(scope, receive, send)
             return
-        self.held_bytes += cost
+        token = _HELD.set(held)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.held_bytes -= cost
+            _HELD.reset(token)
+            self.held_bytes -= held.bytes

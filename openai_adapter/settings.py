@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     max_upload_bytes_in_flight: int = Field(
         512 * 1024 * 1024,
         ge=1,
-        description="Most bytes of edit bodies held at once (their Content-Length); an edit "
-        "that would pass it, while others are held, gets a retryable 503 before it is read.",
+        description="Most bytes of edit bodies held at once (their Content-Length, and the "
+        "images fetched from URLs); an edit that would pass it, while others are held, gets a "
+        "retryable 503, before its body is read.",
     )
     image_url_hosts: list[str] = Field(
         [],

@@ -1502,6 +1502,47 @@ def test_edits_hold_at_most_the_upload_budget_at_once():
     asyncio.run(scenario())
 
 
+def test_images_fetched_from_urls_count_against_the_upload_budget(image_host):
+    """A JSON edit of a few bytes may fetch megabytes: what it fetches is held, until it
+    ends, against ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT`` as an uploaded file is."""
+    arrived: asyncio.Queue[None] = asyncio.Queue()
+    release = asyncio.Event()
+
+    async def slow_predictor(request: httpx.Request) -> httpx.Response:
+        arrived.put_nowait(None)
+        await release.wait()
+        return v2_answer(request)
+
+    app = create_app(
+        Settings(
+            max_upload_bytes_in_flight=300_000,
+            retry_after_seconds=7,
+            image_url_hosts=["127.0.0.1"],
+        ),
+        transport=httpx.MockTransport(slow_predictor),
+    )
+    body = {"prompt": "x", "images": [{"image_url": f"{image_host}/big.png"}]}  # 200 kB
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://adapter") as http,
+        ):
+            first = asyncio.create_task(http.post("/v1/images/edits", json=body))
+            await asyncio.wait_for(arrived.get(), 5)
+            refused = await asyncio.wait_for(http.post("/v1/images/edits", json=body), 5)
+            error = assert_error(refused, 503, "server_busy", None)
+            assert "busy receiving other uploads" in error["message"]
+            assert refused.headers["retry-after"] == "7"
+            release.set()
+            assert (await first).status_code == 200
+            # The room came back: the fetched bytes were let go with the first edit.
+            assert (await http.post("/v1/images/edits", json=body)).status_code == 200
+
+    asyncio.run(scenario())
+
+
 def test_an_edit_alone_fits_whatever_the_upload_budget(make_client, predictor):
     client = make_client(max_upload_bytes_in_flight=1000)
     image = b"\x89PNG\r\n\x1a\n" + bytes(200_000)
