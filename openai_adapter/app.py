@@ -90,6 +90,7 @@ def create_app(
         BodySizeLimitMiddleware,
         max_bytes=max_body_bytes(settings.max_upload_bytes),
         path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
+        idle_timeout_seconds=settings.body_idle_timeout_seconds,
     )
     app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:

@@ -115,15 +115,28 @@ class RequestTooLarge(Exception):
     """A request body grew past the limit while it was being received."""
 
 
+class BodyStalled(Exception):
+    """A request body stopped arriving before its end."""
+
+
 class BodySizeLimitMiddleware(HttpMiddleware):
     """Refuse bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed
     there, with 413 before they are received: at once when ``Content-Length`` says so, else
-    (chunked uploads) as soon as the bytes pass the limit."""
+    (chunked uploads) as soon as the bytes pass the limit. A body of which nothing arrives
+    for ``idle_timeout_seconds`` before its end gets a 408: it would otherwise hold its
+    place, and its share of the upload budget, for as long as its client likes."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: Mapping[str, int]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        path_limits: Mapping[str, int],
+        idle_timeout_seconds: float,
+    ):
         super().__init__(app)
         self.max_bytes = max_bytes
         self.path_limits = dict(path_limits)
+        self.idle_timeout_seconds = idle_timeout_seconds
 
     @staticmethod
     def too_large(max_bytes: int) -> JSONResponse:
@@ -135,6 +148,15 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         )
         return error_json(413, info)
 
+    def stalled(self) -> JSONResponse:
+        info = ErrorInfo(
+            message=f"Nothing of the request body arrived for {self.idle_timeout_seconds:g} s",
+            type="invalid_request_error",
+            param=None,
+            code="request_timeout",
+        )
+        return error_json(408, info)
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
@@ -142,25 +164,34 @@ class BodySizeLimitMiddleware(HttpMiddleware):
             await self.too_large(max_bytes)(scope, receive, send)
             return
         received = 0
-        exceeded = False
+        body_complete = False
+        refusal: JSONResponse | None = None
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, body_complete, refusal
+            if body_complete:  # then only the disconnect is left to wait for, unbounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_seconds)
+            except asyncio.TimeoutError:
+                refusal = self.stalled()
+                raise BodyStalled from None
             received += len(message.get("body", b""))
+            body_complete = not message.get("more_body", False)
             if received > max_bytes:
-                exceeded = True
+                refusal = self.too_large(max_bytes)
                 raise RequestTooLarge
             return message
 
-        async def send_unless_exceeded(message: Message) -> None:
-            if not exceeded:  # the app's own answer to a broken-off body is replaced
+        async def send_unless_refused(message: Message) -> None:
+            if refusal is None:  # the app's own answer to a broken-off body is replaced
                 await send(message)
 
-        with contextlib.suppress(RequestTooLarge):  # unless the app turned it into an answer
-            await self.app(scope, counting_receive, send_unless_exceeded)
-        if exceeded:
-            await self.too_large(max_bytes)(scope, receive, send)
+        # Unless the app turned them into an answer.
+        with contextlib.suppress(RequestTooLarge, BodyStalled):
+            await self.app(scope, counting_receive, send_unless_refused)
+        if refusal is not None:
+            await refusal(scope, receive, send)
 
 
 class UploadBudgetExceeded(Exception):

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         "finds them all busy waits for one up to the connect timeout.",
     )
     retry_after_seconds: int = Field(5, ge=0, description="Retry-After sent with 503 answers.")
+    body_idle_timeout_seconds: float = Field(
+        60,
+        gt=0,
+        description="Longest wait for more of a request body before its end; a body that "
+        "stalls longer gets a 408 (it would hold its share of the upload budget meanwhile).",
+    )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest accepted edit upload: its images together."
     )

@@ -2118,3 +2118,29 @@ def test_the_adapter_does_not_log_the_urls_it_fetches_but_at_debug_level():
         assert httpx_logger.level == logging.NOTSET  # the root logger's debug level
     finally:
         httpx_logger.setLevel(level)
+
+
+def test_an_upload_that_stalls_gets_a_408(caplog, predictor):
+    """A client that sends part of its body and then nothing would hold its place and its
+    share of the upload budget for as long as it liked: the request ends, with a 408."""
+    caplog.set_level(logging.INFO, logger="openai_adapter")
+    settings = Settings(body_idle_timeout_seconds=0.3)
+    app = create_app(settings, transport=httpx.MockTransport(predictor))
+    with uvicorn_server(app) as url:
+        head = (
+            "POST /v1/images/edits HTTP/1.1\r\nHost: adapter\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            "Content-Length: 100000\r\nx-request-id: stalled\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+            sock.settimeout(5)
+            sock.sendall(head.encode() + b"--x\r\n")
+            started = time.monotonic()
+            answer = sock.recv(65536).decode()
+            waited = time.monotonic() - started
+        assert answer.startswith("HTTP/1.1 408 "), answer
+        assert '"code":"request_timeout"' in answer
+        assert waited < 3
+        assert access_line(caplog, "stalled").startswith(
+            "request_id=stalled POST /v1/images/edits 408 "
+        )
