@@ -77,9 +77,9 @@ class OpenAIError(Exception):
 
 
 def unusable_answer(message: str) -> OpenAIError:
-    """A 502 for a predictor's answer that cannot be used (a malformed body, no usable image,
-    a stream ended early), which the client is told not to retry: the predictor has done
-    the GPU work, and would most likely answer the same again."""
+    """A 502 for a predictor's answer that cannot be used (a malformed body, no usable
+    image), which the client is told not to retry: the predictor has done the GPU work, and
+    would most likely answer the same again."""
     return OpenAIError(502, message, code=PREDICTOR_ERROR, headers=NO_RETRY)
 
 

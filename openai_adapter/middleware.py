@@ -29,6 +29,8 @@ SERVER_BUSY = "server_busy"
 CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
+# A refused body's connection is closed: what is left of the body is not read.
+_CLOSE = {"connection": "close"}
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -146,7 +148,7 @@ class BodySizeLimitMiddleware(HttpMiddleware):
             param=None,
             code="request_too_large",
         )
-        return error_json(413, info)
+        return error_json(413, info, _CLOSE)
 
     def stalled(self) -> JSONResponse:
         info = ErrorInfo(
@@ -155,7 +157,7 @@ class BodySizeLimitMiddleware(HttpMiddleware):
             param=None,
             code="request_timeout",
         )
-        return error_json(408, info)
+        return error_json(408, info, _CLOSE)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
@@ -224,7 +226,8 @@ class UploadBudgetMiddleware(HttpMiddleware):
     """Hold at most ``budget_bytes`` of request bodies to ``paths`` at once (their
     ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one, and the
     images a request fetches: ``hold_upload_bytes``): a request that would pass it, while
-    others hold some, gets a retryable 503, before its body is read. A burst of large
+    others hold some, gets a retryable 503 (before its body is read, or after its fetch:
+    ``UploadBudgetExceeded``). A burst of large
     uploads then cannot exhaust the process's memory, and with it every request it holds.
     A request alone always fits, whatever its size."""
 

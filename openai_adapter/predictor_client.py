@@ -133,7 +133,10 @@ class PredictorClient:
                         yield answer
                         if not isinstance(answer, PartialImage):
                             return
-        raise unusable_answer(f"The '{model}' predictor ended its stream early")
+        # Retryable: a stream cut short is more likely a restart than a bad answer.
+        raise OpenAIError(
+            502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
+        )
 
     def _stream_answer(
         self, model: str, event: str, data: bytes, param_names: Mapping[str, str]

@@ -51,6 +51,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Invalid request",
         401: "Missing or wrong API key",
         404: "Unknown model",
+        408: "Request body stalled",
         413: "Request body too large",
         500: "Inference failed",
         502: "Invalid answer from a predictor",
