@@ -29,8 +29,6 @@ SERVER_BUSY = "server_busy"
 CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
-# A refused body's connection is closed: what is left of the body is not read.
-_CLOSE = {"connection": "close"}
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -141,23 +139,19 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         self.idle_timeout_seconds = idle_timeout_seconds
 
     @staticmethod
-    def too_large(max_bytes: int) -> JSONResponse:
-        info = ErrorInfo(
-            message=f"The request body is larger than {max_bytes} bytes",
-            type="invalid_request_error",
-            param=None,
-            code="request_too_large",
-        )
-        return error_json(413, info, _CLOSE)
+    def refusal(status: int, code: str, message: str) -> JSONResponse:
+        """The answer to a body refused before its end; its connection is closed, as the
+        rest of the body is not read."""
+        info = ErrorInfo(message=message, type="invalid_request_error", param=None, code=code)
+        return error_json(status, info, {"connection": "close"})
+
+    def too_large(self, max_bytes: int) -> JSONResponse:
+        message = f"The request body is larger than {max_bytes} bytes"
+        return self.refusal(413, "request_too_large", message)
 
     def stalled(self) -> JSONResponse:
-        info = ErrorInfo(
-            message=f"Nothing of the request body arrived for {self.idle_timeout_seconds:g} s",
-            type="invalid_request_error",
-            param=None,
-            code="request_timeout",
-        )
-        return error_json(408, info, _CLOSE)
+        message = f"Nothing of the request body arrived for {self.idle_timeout_seconds:g} s"
+        return self.refusal(408, "request_timeout", message)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)

@@ -1455,21 +1455,28 @@ def test_a_generation_body_has_a_limit_of_its_own(client, predictor):
     assert len(predictor.requests) == 2
 
 
+class SlowPredictor:
+    """A predictor that answers once ``release`` is set; ``arrived`` gets an item as each
+    call arrives."""
+
+    def __init__(self) -> None:
+        self.arrived: asyncio.Queue[None] = asyncio.Queue()
+        self.release = asyncio.Event()
+
+    async def answer(self, request: httpx.Request) -> httpx.Response:
+        self.arrived.put_nowait(None)
+        await self.release.wait()
+        return v2_answer(request)
+
+
 def test_edits_hold_at_most_the_upload_budget_at_once():
     """While edits wait for the predictor, another one that would take the bodies held past
     ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT`` gets a retryable 503 before it is read; one
     that fits goes on, and the room comes back as edits finish."""
-    arrived: asyncio.Queue[None] = asyncio.Queue()
-    release = asyncio.Event()
-
-    async def slow_predictor(request: httpx.Request) -> httpx.Response:
-        arrived.put_nowait(None)
-        await release.wait()
-        return v2_answer(request)
-
+    slow_predictor = SlowPredictor()
     app = create_app(
         Settings(max_upload_bytes_in_flight=300_000, retry_after_seconds=7),
-        transport=httpx.MockTransport(slow_predictor),
+        transport=httpx.MockTransport(slow_predictor.answer),
     )
     large = b"\x89PNG\r\n\x1a\n" + bytes(200_000)
 
@@ -1484,7 +1491,7 @@ def test_edits_hold_at_most_the_upload_budget_at_once():
             httpx.AsyncClient(transport=transport, base_url="http://adapter") as http,
         ):
             first = asyncio.create_task(edit(http, large))
-            await asyncio.wait_for(arrived.get(), 5)
+            await asyncio.wait_for(slow_predictor.arrived.get(), 5)
             busy_labels = {"route": "/v1/images/edits", "method": "POST", "status": "503"}
             busy_before = REGISTRY.get_sample_value(COUNTED, busy_labels) or 0
             refused = await asyncio.wait_for(edit(http, large), 5)
@@ -1494,8 +1501,8 @@ def test_edits_hold_at_most_the_upload_budget_at_once():
             assert "busy receiving other uploads" in error["message"]
             assert refused.headers["retry-after"] == "7"
             small = asyncio.create_task(edit(http, encode()))
-            await asyncio.wait_for(arrived.get(), 5)  # fits beside the first
-            release.set()
+            await asyncio.wait_for(slow_predictor.arrived.get(), 5)  # fits beside the first
+            slow_predictor.release.set()
             assert (await first).status_code == 200 and (await small).status_code == 200
             assert (await edit(http, large)).status_code == 200  # the room came back
 
@@ -1505,21 +1512,14 @@ def test_edits_hold_at_most_the_upload_budget_at_once():
 def test_images_fetched_from_urls_count_against_the_upload_budget(image_host):
     """A JSON edit of a few bytes may fetch megabytes: what it fetches is held, until it
     ends, against ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT`` as an uploaded file is."""
-    arrived: asyncio.Queue[None] = asyncio.Queue()
-    release = asyncio.Event()
-
-    async def slow_predictor(request: httpx.Request) -> httpx.Response:
-        arrived.put_nowait(None)
-        await release.wait()
-        return v2_answer(request)
-
+    slow_predictor = SlowPredictor()
     app = create_app(
         Settings(
             max_upload_bytes_in_flight=300_000,
             retry_after_seconds=7,
             image_url_hosts=["127.0.0.1"],
         ),
-        transport=httpx.MockTransport(slow_predictor),
+        transport=httpx.MockTransport(slow_predictor.answer),
     )
     body = {"prompt": "x", "images": [{"image_url": f"{image_host}/big.png"}]}  # 200 kB
 
@@ -1530,12 +1530,12 @@ def test_images_fetched_from_urls_count_against_the_upload_budget(image_host):
             httpx.AsyncClient(transport=transport, base_url="http://adapter") as http,
         ):
             first = asyncio.create_task(http.post("/v1/images/edits", json=body))
-            await asyncio.wait_for(arrived.get(), 5)
+            await asyncio.wait_for(slow_predictor.arrived.get(), 5)
             refused = await asyncio.wait_for(http.post("/v1/images/edits", json=body), 5)
             error = assert_error(refused, 503, "server_busy", None)
             assert "busy receiving other uploads" in error["message"]
             assert refused.headers["retry-after"] == "7"
-            release.set()
+            slow_predictor.release.set()
             assert (await first).status_code == 200
             # The room came back: the fetched bytes were let go with the first edit.
             assert (await http.post("/v1/images/edits", json=body)).status_code == 200
