@@ -213,7 +213,7 @@ def hold_upload_bytes(count: int) -> None:
     some. Nothing for a request outside the middleware's paths."""
     held = _HELD.get()
     if held is not None and not held.budget.take(held, count):
-        raise UploadBudgetExceeded(held.budget.busy_message())
+        raise UploadBudgetExceeded
 
 
 class UploadBudgetMiddleware(HttpMiddleware):
@@ -240,12 +240,12 @@ class UploadBudgetMiddleware(HttpMiddleware):
         self.retry_after = str(retry_after_seconds)
         self.held_bytes = 0  # on the event loop only
 
-    def busy_message(self) -> str:
-        return "The server is busy receiving other uploads; try again later"
-
     def busy(self) -> JSONResponse:
         info = ErrorInfo(
-            message=self.busy_message(), type="server_error", param=None, code=SERVER_BUSY
+            message="The server is busy receiving other uploads; try again later",
+            type="server_error",
+            param=None,
+            code=SERVER_BUSY,
         )
         return error_json(503, info, {"retry-after": self.retry_after})
 
@@ -272,6 +272,8 @@ class UploadBudgetMiddleware(HttpMiddleware):
         token = _HELD.set(held)
         try:
             await self.app(scope, receive, send)
+        except UploadBudgetExceeded:  # from ``hold_upload_bytes``, before any answer
+            await self.busy()(scope, receive, send)
         finally:
             _HELD.reset(token)
             self.held_bytes -= held.bytes

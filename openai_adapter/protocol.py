@@ -13,7 +13,12 @@ from typing import Any, ClassVar, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from predictors.contract import MAX_PROMPT_CHARACTERS, MAX_SEED, SIZE_MULTIPLE
+from predictors.contract import (
+    MAX_PARTIAL_IMAGES,
+    MAX_PROMPT_CHARACTERS,
+    MAX_SEED,
+    SIZE_MULTIPLE,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 # What a request may ask for: OpenAI's formats, of which this service makes the first three.
@@ -80,9 +85,9 @@ class ImageRequest(BaseModel):
     partial_images: int | None = Field(
         None,
         ge=0,
-        le=3,
-        description="Previews of each image a stream sends while it is made (0-3), spread "
-        "over its denoising steps; fewer when the steps are few.",
+        le=MAX_PARTIAL_IMAGES,
+        description="Previews of each image a stream sends while it is made, spread over its "
+        "denoising steps; fewer when the steps are few.",
     )
     complexity: Literal["low", "medium", "high"] | None = Field(
         None,

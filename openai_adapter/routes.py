@@ -40,7 +40,7 @@ from openai_adapter.protocol import (
     StreamErrorEvent,
 )
 from openai_adapter.serving import Answer, ImageService
-from predictors.disconnect import EventStreamResponse
+from predictors.disconnect import EventStreamResponse, server_sent_events
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
@@ -95,25 +95,15 @@ async def _answer(answer: Answer, request_id: str) -> Response:
     if isinstance(answer, ImagesResponse):
         return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
     first = await anext(answer)
-    return EventStreamResponse(_server_sent(first, answer, request_id))
 
+    def error_event(error: Exception) -> str:  # after the first event: the SDK raises it
+        return _server_sent_event(stream_error(error, request_id))
 
-async def _server_sent(
-    first: ImageEvent, events: AsyncIterator[ImageEvent], request_id: str
-) -> AsyncIterator[str]:
-    """Each event as ``event: <type>`` and ``data: <JSON>``; a failure after the first as an
-    ``error`` event (the status is sent already), which the openai SDK raises as an error."""
-    try:
-        yield _server_sent_event(first)
-        async for event in events:
-            yield _server_sent_event(event)
-    except Exception as exc:
-        yield _server_sent_event(stream_error(exc, request_id))
-    finally:
-        await events.aclose()
+    return EventStreamResponse(server_sent_events(first, answer, _server_sent_event, error_event))
 
 
 def _server_sent_event(event: ImageEvent | StreamErrorEvent) -> str:
+    """``event: <type>`` and ``data: <JSON>``."""
     return f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
 
 

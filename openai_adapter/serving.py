@@ -16,7 +16,6 @@ from openai_adapter.errors import (
     INVALID_VALUE,
     MISSING_PARAMETER,
     UNSUPPORTED_VALUE,
-    OpenAIError,
     bad_request,
     model_not_found,
     unusable_answer,
@@ -28,7 +27,6 @@ from openai_adapter.image_urls import (
     ImageUrlUnreadable,
 )
 from openai_adapter.media import describe_image, detect_image_format
-from openai_adapter.middleware import SERVER_BUSY, UploadBudgetExceeded
 from openai_adapter.predictor_client import PredictorClient
 from openai_adapter.protocol import (
     ImageCompletedEvent,
@@ -241,9 +239,6 @@ class ImageService:
             raise bad_request(f"{name}'s image_url {refused}", param, UNSUPPORTED_VALUE) from None
         except ImageUrlUnreadable as unreadable:
             raise bad_request(f"{name}'s image_url {unreadable}", param, INVALID_VALUE) from None
-        except UploadBudgetExceeded as busy:
-            retry_after = {"retry-after": str(self._settings.retry_after_seconds)}
-            raise OpenAIError(503, str(busy), code=SERVER_BUSY, headers=retry_after) from None
 
     def _predictor_call(
         self,

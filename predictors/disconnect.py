@@ -12,10 +12,14 @@ their server-sent events with ``EventStreamResponse``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+EventT = TypeVar("EventT")
+Chunk = TypeVar("Chunk", str, bytes)
 
 
 class CancelOnDisconnect:
@@ -73,6 +77,25 @@ class CancelOnDisconnect:
                 raise
         finally:
             watcher.cancel()
+
+
+async def server_sent_events(
+    first: EventT,
+    events: AsyncIterator[EventT],
+    encode: Callable[[EventT], Chunk],
+    error_event: Callable[[Exception], Chunk],
+) -> AsyncIterator[Chunk]:
+    """``first`` then ``events``, each encoded as a server-sent event; a failure after the
+    first (whose 200 is sent already) as the stream's last event, ``error_event``'s. The
+    events are closed at the end, or when the client leaves."""
+    try:
+        yield encode(first)
+        async for event in events:
+            yield encode(event)
+    except Exception as exc:
+        yield error_event(exc)
+    finally:
+        await events.aclose()
 
 
 class EventStreamResponse(StreamingResponse):

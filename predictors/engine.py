@@ -379,9 +379,6 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 elif work:
                     batch = work
                     self._execute(batch)
-                # The outcomes, a failure's traceback with the tensors in its frames among
-                # them, are the callers' to keep or drop now.
-                batch = work = []
         except BaseException as error:
             logger.exception("The pipeline worker of model %s stopped", self.model_name)
             with self._condition:
@@ -441,7 +438,6 @@ class PipelineRunner(Generic[JobT, ResultT]):
         others. Results that cannot be handed out (not one per request) fail the batch, not
         the worker."""
         self._batch_sizes.observe(len(batch))
-        retry = False
         try:
             results = self.process([item.job for item in batch])
         except BatchAbandoned as exc:
@@ -450,9 +446,9 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 _settle(item.future, error=exc)
             return
         except Exception as exc:
-            # The finished frames' locals, the batch's tensors among them: the traceback
-            # would keep them alive in a cycle (traceback, this frame, the batch's futures,
-            # the exception) until the garbage collector's next pass.
+            # The locals of the finished frames, the batch's tensors among them, would live
+            # as long as the traceback: through the retries, then in a cycle (traceback, this
+            # frame, the batch's futures, the exception) until the garbage collector's pass.
             traceback.clear_frames(exc.__traceback__)
             if len(batch) == 1:
                 _settle(batch[0].future, error=exc)
@@ -460,15 +456,11 @@ class PipelineRunner(Generic[JobT, ResultT]):
             logger.warning("A batch of %d failed (%s); retrying one by one", len(batch), str(exc))
             with self._condition:
                 self._retries, self._running = list(batch), []
-            retry = True
+            self._retry_one_by_one(batch)
+            return
         finally:
             with self._condition:
                 self._running = []
-        if retry:
-            # Past the except clause: its exception's traceback, which holds the failed
-            # batch's tensors (a batch too big for the GPU), is gone before the retries.
-            self._retry_one_by_one(batch)
-            return
         try:
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")

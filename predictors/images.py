@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from predictors.contract import IMAGE, MASK, ContractError
 
@@ -110,14 +110,13 @@ _EXIF_TURNS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_EXIF_ORIENTATION = 0x0112
 
 
 def _exif_orientation(image: Image.Image) -> int | None:
     """The image's EXIF orientation; None without one, or with EXIF data too damaged to
     read, which leaves the pixels as they are stored."""
     try:
-        return image.getexif().get(_EXIF_ORIENTATION)
+        return image.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # Pillow's EXIF parser raises many kinds on damaged data
         return None
 

@@ -11,7 +11,6 @@ failure after the first event ends the stream with an ``error`` event.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 import orjson
 import pydantic
@@ -21,7 +20,7 @@ from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
 from predictors import contract
-from predictors.disconnect import EventStreamResponse
+from predictors.disconnect import EventStreamResponse, server_sent_events
 from predictors.model import QwenImageModel
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
         events = model.predict_stream(payload, dict(request.headers))
         # Awaited here, so that a refusal gets its own status rather than a stream's 200.
         first = await anext(events)
-        return EventStreamResponse(_server_sent(first, events))
+        return EventStreamResponse(server_sent_events(first, events, _encode, _error_event))
 
     app.add_api_route(
         STREAM_PATH.format(model=model.name),
@@ -63,20 +62,12 @@ def _infer_request(body: bytes, model_name: str) -> InferRequest:
     return InferRequest.from_inference_request(request, model_name)
 
 
-async def _server_sent(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-    """The events as server-sent events; an error after the first one as an ``error``
-    event. Leaving early (the client left) gives the request up."""
-    try:
-        yield _encode(*first)
-        async for event in events:
-            yield _encode(*event)
-    except Exception as exc:
-        status = _status(exc)
-        if status == 500:
-            logger.exception("A streamed request failed after its first event")
-        yield _event(contract.ERROR_EVENT, {"error": str(exc), "status": status})
-    finally:
-        await events.aclose()
+def _error_event(error: Exception) -> bytes:
+    """The ``error`` event that ends a stream failing after its first event."""
+    status = _status(error)
+    if status == 500:
+        logger.error("A streamed request failed after its first event", exc_info=error)
+    return _event(contract.ERROR_EVENT, {"error": str(error), "status": status})
 
 
 def _status(error: Exception) -> int:
@@ -88,7 +79,8 @@ def _status(error: Exception) -> int:
     return 500
 
 
-def _encode(name: str, response: InferResponse) -> bytes:
+def _encode(event: Event) -> bytes:
+    name, response = event
     body, _ = response.to_rest()
     return _event(name, body)
 

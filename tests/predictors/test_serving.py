@@ -204,6 +204,16 @@ async def grpc_infer(
         await client.close()
 
 
+def prompt_request(prompt: str, request_id: str | None = None, **parameters) -> InferRequest:
+    """A v2 request of ``prompt`` at 256x256 unless ``parameters`` say otherwise."""
+    return InferRequest(
+        model_name="m",
+        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
+        request_id=request_id,
+        parameters={"width": 256, "height": 256, **parameters},
+    )
+
+
 def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch, caplog):
     """A request that fails while its images are encoded gets its log line (with its id) and
     its error latency sample, as a failure in the pipeline does."""
@@ -215,12 +225,7 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
         raise OSError("encoder unavailable")
 
     monkeypatch.setattr(model_module, "encode_image", encode_image)
-    request = InferRequest(
-        model_name=model.name,
-        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a cat"])],
-        request_id="req-encode-789",
-        parameters={"width": 256, "height": 256},
-    )
+    request = prompt_request("a cat", request_id="req-encode-789")
     try:
         with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="encoder"):
             asyncio.run(model.predict(request))
@@ -232,14 +237,6 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
         {"model_name": "encode-fails", "outcome": "error"},
     )
     assert errors == 1
-
-
-def prompt_request(prompt: str) -> InferRequest:
-    return InferRequest(
-        model_name="m",
-        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", [prompt])],
-        parameters={"width": 256, "height": 256},
-    )
 
 
 def test_requests_past_the_capacity_are_refused_before_their_preparation():
@@ -394,12 +391,8 @@ def test_a_request_id_cannot_forge_log_lines(caplog):
     log, so a newline cannot start a line of its own."""
     model = QwenImageGenerationModel("forged-ids", PredictorOptions(device="cpu"))
     model.ready = True
-    request = InferRequest(
-        model_name=model.name,
-        infer_inputs=[InferInput(contract.PROMPT, [1], "BYTES", ["a cat"])],
-        request_id="real\nrequest_id=forged model=forged-ids outcome=ok\r\x1b[2K\u2028",
-        parameters={"width": 100, "height": 256},
-    )
+    forged = "real\nrequest_id=forged model=forged-ids outcome=ok\r\x1b[2K\u2028"
+    request = prompt_request("a cat", request_id=forged, width=100)
     try:
         with caplog.at_level(logging.INFO), pytest.raises(InvalidInput):
             asyncio.run(model.predict(request))
