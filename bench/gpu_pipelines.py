@@ -80,7 +80,7 @@ from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCond
 
 from bench.timing import median_seconds, synchronize
 from bench.vae_single_frame import compare as compare_vae_paths
-from predictors import acceleration, feedforward, tiny
+from predictors import acceleration, feedforward, modulation, tiny
 from predictors import attention as padding_free
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.denoise import (
@@ -567,6 +567,14 @@ def text_lengths(pipeline, job: Job) -> tuple[int, int]:
     return conditioning.text.shape[0], (0 if negative is None else negative.shape[0])
 
 
+def modulation_table(transformer: torch.nn.Module, job: Job) -> None:
+    """What the engine's loop computes once a request before its first step: every block's
+    modulation over all ``job``'s steps (``predictors.modulation.precomputed``)."""
+    timesteps = torch.linspace(1, 0, job.num_inference_steps, device=transformer.device)
+    with modulation.precomputed(transformer, timesteps.to(transformer.dtype)):
+        pass
+
+
 def step_floor(pipeline, job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The compute floor of one CFG step: FLOPs / the matmul rate at the step's GEMM shape."""
     config = pipeline.transformer.config
@@ -1014,7 +1022,8 @@ class Bench:
 
     def time_parts(self, name: str, job: Job) -> None:
         """Seconds of the per-image work around the loop: encoding a request's prompts (and
-        edit image), and decoding one image (to an array, as the engine does). Also the VAE
+        edit image), computing the blocks' modulation for all its steps (where installed), and
+        decoding one image (to an array, as the engine does). Also the VAE
         alone at the job's size, diffusers' against ``predictors.vae``'s 2D convolutions
         (``bench/vae_single_frame.py``'s comparison). Once per size, kind and CFG: the
         transformer's modes do not change them."""
@@ -1035,6 +1044,15 @@ class Bench:
                 ),
                 "decode_image_s": median_seconds(
                     lambda: decode(pipeline, latents, job, "np"), self.device
+                ),
+                **(
+                    {
+                        "modulation_table_s": median_seconds(
+                            lambda: modulation_table(pipeline.transformer, job), self.device
+                        )
+                    }
+                    if modulation.installed(pipeline.transformer)
+                    else {}
                 ),
                 **{
                     f"vae_{field_name}": value

@@ -4,6 +4,7 @@ predictor; and the benchmark harness runs end to end."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -162,6 +163,73 @@ def test_the_next_gpu_runs_name_cases_and_modes_the_harness_knows():
         gpu_pipelines.plan_runs(gpu_pipelines.parse_args(["--runs", "inpaint-64x64=engine"]))
 
 
+# What a lent GPU machine has of the modules the harness imports (docs/performance.md,
+# "Running the harness on a lent GPU"); the rest travels as bench/gpu-wheels.txt's wheels.
+ON_THE_GPU_MACHINE = {
+    "torch",
+    "numpy",
+    "PIL",
+    "safetensors",
+    "tokenizers",
+    "peft",
+    "huggingface_hub",
+}
+
+
+def harness_imports() -> dict[str, set[str]]:
+    """The third-party modules that the harness and the project modules it reaches import,
+    at module level or inside functions: each top-level name, with the files importing it."""
+    found: dict[str, set[str]] = {}
+    files, seen = [PROJECT_ROOT / "bench" / "gpu_pipelines.py"], set()
+    while files:
+        path = files.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("bench", "predictors"):
+                    module = PROJECT_ROOT / (name.replace(".", "/") + ".py")
+                    files += [module] if module.exists() else []
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, set()).add(path.relative_to(PROJECT_ROOT).as_posix())
+    return found
+
+
+def test_the_gpu_wheels_hold_what_the_harness_imports_and_the_lent_machine_lacks():
+    """A lent GPU's minutes are few: an import the carried wheels miss costs a call (run 9
+    lost two to pybase64 and pydantic_core, which predictors/contract.py had come to need)."""
+    wheels = {}
+    for line in (PROJECT_ROOT / "bench" / "gpu-wheels.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            wheels[name] = version
+    imports = harness_imports()
+    assert {"diffusers", "torch", "pybase64"} <= imports.keys(), imports  # the scan reaches
+    missing = {
+        m: files for m, files in imports.items() if m not in ON_THE_GPU_MACHINE | wheels.keys()
+    }
+    assert not missing, f"add their wheels to bench/gpu-wheels.txt: {missing}"
+    lock = dict(
+        re.findall(
+            r"^([\w.-]+)==(\S+)$",
+            (PROJECT_ROOT / "requirements" / "predictor.txt").read_text(),
+            re.M,
+        )
+    )
+    for name, version in wheels.items():
+        locked = lock[name.replace("_", "-")]
+        if name != "torchao":  # torchao follows the machine's torch, not the lock's
+            assert version == locked, f"{name}: {version} in bench/gpu-wheels.txt, {locked} locked"
+
+
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     completed, results = run_harness_on_the_cpu(
         tmp_path, "--profile", "--cases", "64x64,edit-64x64"
@@ -224,6 +292,7 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     # batch8-64x64 is 64x64's; Lightning encodes no negative prompt
     for name in ("64x64", "64x64, no CFG", "edit-64x64", "batch8-128x128"):
         assert parts[name]["encode_request_s"] > 0 and parts[name]["decode_image_s"] > 0
+        assert parts[name]["modulation_table_s"] > 0  # the engine's one product a request
         assert parts[name]["vae_decode_diffusers_s"] > 0 and parts[name]["vae_decode_2d_s"] > 0
         assert parts[name]["vae_decode_2d_max_diff"] < 1e-5
         assert parts[name]["vae_encode_2d_max_diff"] < 1e-5
