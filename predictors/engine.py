@@ -175,7 +175,7 @@ class Slot(Generic[JobT, ResultT]):
         """Free the place if no queued job holds it."""
         if self.held:
             self.held = False
-            self._runner._finish()
+            self._runner._release_unqueued()
 
 
 class PipelineRunner(Generic[JobT, ResultT]):
@@ -190,8 +190,9 @@ class PipelineRunner(Generic[JobT, ResultT]):
     always matches what the GPU still has to do; a request cancelled before its batch starts
     leaves the queue at once and never runs, and a running batch whose every request was
     cancelled stops at ``process``'s next ``stop_if_abandoned``. Once closed, new requests get
-    ``ServerStopping`` (503); if the worker thread ever stops on an unexpected error, every
-    request gets ``WorkerFailed`` (503).
+    ``ServerStopping`` (503), while a request that took its place before (an edit whose images
+    were being decoded) still runs, and the worker thread waits for it; if the worker thread
+    ever stops on an unexpected error, every request gets ``WorkerFailed`` (503).
     """
 
     def __init__(
@@ -208,6 +209,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
         self.policy = policy or BatchPolicy()
         self.capacity = self.policy.max_batch_size + max_queue_size
         self._pending = 0  # read and written on the event loop only
+        # Places reserved whose job is not queued yet (under the lock: the worker waits for
+        # them before it ends), and, once the shutdown's grace has ended, what they then get.
+        self._preparing = 0
+        self._expired: Callable[[], BaseException] | None = None
         self._waiting: deque[_Waiting[JobT]] = deque()
         self._calls: deque[_Call] = deque()
         self._condition = threading.Condition()
@@ -245,6 +250,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
             raise ServerBusy(self.model_name, self._pending, self.capacity)
         self._pending += 1
         self._depth.set(self._pending)
+        with self._condition:
+            self._preparing += 1
         return Slot(self)
 
     async def run(self, job: JobT) -> ResultT:
@@ -256,10 +263,12 @@ class PipelineRunner(Generic[JobT, ResultT]):
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
         with self._condition:
+            # Not refused for a shutdown begun since its place was reserved: it was accepted.
             if (failure := self.failure) is not None:
                 raise failure
-            if self._closed:
-                raise ServerStopping(self.model_name)
+            if self._expired is not None:
+                raise self._expired()
+            self._preparing -= 1
             self._waiting.append(waiting)
             self._condition.notify()
         # From now on the job's end frees the place: its done callback, run on this loop.
@@ -294,10 +303,11 @@ class PipelineRunner(Generic[JobT, ResultT]):
         return call.future.result()
 
     def close(self, grace_seconds: float | None = None) -> None:
-        """Take no new work, and let the worker thread end once the accepted requests are
-        done; returns at once (KServe stops models on its event loop). Requests still
-        unfinished ``grace_seconds`` later (None: no limit) fail with ``ShutdownTimeout``,
-        and their batch stops at its next step. Later calls change nothing."""
+        """Take no new work, and let the worker thread end once the accepted requests (those
+        still being prepared included) are done; returns at once (KServe stops models on its
+        event loop). Requests still unfinished ``grace_seconds`` later (None: no limit) fail
+        with ``ShutdownTimeout``, and their batch stops at its next step. Later calls change
+        nothing."""
         with self._condition:
             if self._closed:
                 return
@@ -333,8 +343,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
 
     def _fail_unfinished(self, error: Callable[[], BaseException]) -> int:
         """Fail every request waiting or running (the running batch stops at its next step)
-        and every call, each with a new ``error()``; how many requests."""
+        and every call, each with a new ``error()``, and those still being prepared when
+        they come to queue their job; how many requests."""
         with self._condition:
+            self._expired = error
             unfinished = [*self._waiting, *self._running, *self._retries]
             for item in unfinished:
                 item.abandoned = True
@@ -356,6 +368,13 @@ class PipelineRunner(Generic[JobT, ResultT]):
     def _finish(self) -> None:
         self._pending -= 1
         self._depth.set(self._pending)
+
+    def _release_unqueued(self) -> None:
+        """A reserved place freed without its job queued (its preparation failed)."""
+        with self._condition:
+            self._preparing -= 1
+            self._condition.notify()
+        self._finish()
 
     def _finish_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """``_finish`` on ``loop``, from any thread; nothing once the loop has closed (a
@@ -392,12 +411,12 @@ class PipelineRunner(Generic[JobT, ResultT]):
     def _next_work(self) -> _Call | list[_Waiting[JobT]] | None:
         """The next call, else the next batch, marked running, once it is full or its oldest
         request has waited long enough (empty if all its callers gave up meanwhile); None
-        once closed with nothing left."""
+        once closed with nothing left and nothing being prepared (or the grace ended)."""
         wait_s = self.policy.batch_wait_ms / 1000
         with self._condition:
             while True:
                 self._drop_abandoned()
-                while not self._waiting and not self._calls and not self._closed:
+                while not self._waiting and not self._calls and not self._drained():
                     self._condition.wait()
                     self._drop_abandoned()
                 if self._calls:
@@ -415,6 +434,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
             # Under the lock, so that nothing fails them between here and the batch's run.
             self._running = [item for item in batch if item.future.set_running_or_notify_cancel()]
             return self._running
+
+    def _drained(self) -> bool:
+        """Closed, with no reserved place left to queue a job (called with the lock held)."""
+        return self._closed and (self._preparing == 0 or self._expired is not None)
 
     def _drop_abandoned(self) -> None:
         """Forget the waiting requests whose callers gave up (called with the lock held)."""

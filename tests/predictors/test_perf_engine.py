@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import pytest
 from kserve.errors import ServerNotReady
 
-from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy, ServerStopping
+from predictors.engine import (
+    BatchPolicy,
+    PipelineRunner,
+    ServerBusy,
+    ServerStopping,
+    ShutdownTimeout,
+)
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,45 @@ def test_a_request_after_shutdown_is_refused_rather_than_left_waiting():
 
     asyncio.run(scenario())
     assert runner.pending == 0
+
+
+def test_a_request_whose_place_was_taken_before_the_shutdown_still_runs():
+    """An edit accepted just before SIGTERM, its images still being decoded, is not lost: its
+    job runs after ``close``, and the worker ends only once it has (or its place is freed)."""
+    pipeline = FakePipeline()
+    runner = PipelineRunner("m", pipeline, 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with runner.reserve() as slot, runner.reserve():  # the second is never used
+            runner.close(grace_seconds=30)
+            with pytest.raises(ServerStopping):
+                runner.reserve()  # a new request is refused
+            assert not runner.join(0.2), "the worker waits for the places being prepared"
+            assert (
+                await asyncio.wait_for(slot.run(FakeJob("decoded late")), 5) == "done decoded late"
+            )
+            assert not runner.join(0.2)
+        assert runner.join(5)
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    assert pipeline.batches == [["decoded late"]]
+
+
+def test_a_request_still_prepared_when_the_grace_period_ends_gets_a_clear_503():
+    pipeline = FakePipeline()
+    runner = PipelineRunner("m", pipeline, 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with runner.reserve() as slot:
+            runner.close(grace_seconds=0.1)
+            assert runner.join(5), "the grace's end lets the worker go"
+            with pytest.raises(ShutdownTimeout, match="Retry later"):
+                await slot.run(FakeJob("too late"))
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    assert pipeline.batches == []
 
 
 def test_a_place_is_held_from_its_reservation_until_its_job_ends():
