@@ -91,6 +91,7 @@ def create_app(
         max_bytes=max_body_bytes(settings.max_upload_bytes),
         path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
         idle_timeout_seconds=settings.body_idle_timeout_seconds,
+        min_rate_bytes_per_second=settings.body_min_rate_bytes_per_second,
     )
     app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:

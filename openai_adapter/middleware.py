@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import re
 import time
 import uuid
@@ -123,8 +124,11 @@ class BodySizeLimitMiddleware(HttpMiddleware):
     """Refuse bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed
     there, with 413 before they are received: at once when ``Content-Length`` says so, else
     (chunked uploads) as soon as the bytes pass the limit. A body of which nothing arrives
-    for ``idle_timeout_seconds`` before its end gets a 408: it would otherwise hold its
-    place, and its share of the upload budget, for as long as its client likes."""
+    for ``idle_timeout_seconds`` before its end gets a 408, and so does one that has not
+    arrived ``idle_timeout_seconds`` after its start plus one second per
+    ``min_rate_bytes_per_second`` bytes received (0: no such deadline), as Apache's
+    mod_reqtimeout sets one: either would otherwise hold its place, and its share of the
+    upload budget, for as long as its client likes."""
 
     def __init__(
         self,
@@ -132,11 +136,13 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         max_bytes: int,
         path_limits: Mapping[str, int],
         idle_timeout_seconds: float,
+        min_rate_bytes_per_second: float = 0,
     ):
         super().__init__(app)
         self.max_bytes = max_bytes
         self.path_limits = dict(path_limits)
         self.idle_timeout_seconds = idle_timeout_seconds
+        self.min_rate_bytes_per_second = min_rate_bytes_per_second
 
     @staticmethod
     def refusal(status: int, code: str, message: str) -> JSONResponse:
@@ -153,6 +159,20 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         message = f"Nothing of the request body arrived for {self.idle_timeout_seconds:g} s"
         return self.refusal(408, "request_timeout", message)
 
+    def too_slow(self) -> JSONResponse:
+        message = (
+            f"The request body arrived slower than {self.min_rate_bytes_per_second:g} bytes "
+            "a second"
+        )
+        return self.refusal(408, "request_timeout", message)
+
+    def body_deadline(self, started: float, received: int) -> float:
+        """When a body begun at ``started`` (loop time) with ``received`` bytes so far must
+        have arrived (infinity without a minimum rate)."""
+        if not self.min_rate_bytes_per_second:
+            return math.inf
+        return started + self.idle_timeout_seconds + received / self.min_rate_bytes_per_second
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
@@ -162,15 +182,18 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         received = 0
         body_complete = False
         refusal: JSONResponse | None = None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
 
         async def counting_receive() -> Message:
             nonlocal received, body_complete, refusal
             if body_complete:  # then only the disconnect is left to wait for, unbounded
                 return await receive()
+            left = self.body_deadline(started, received) - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.idle_timeout_seconds)
+                message = await asyncio.wait_for(receive(), min(self.idle_timeout_seconds, left))
             except asyncio.TimeoutError:
-                refusal = self.stalled()
+                refusal = self.stalled() if left > self.idle_timeout_seconds else self.too_slow()
                 raise BodyStalled from None
             received += len(message.get("body", b""))
             body_complete = not message.get("more_body", False)

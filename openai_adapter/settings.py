@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         description="Longest wait for more of a request body before its end; a body that "
         "stalls longer gets a 408 (it would hold its share of the upload budget meanwhile).",
     )
+    body_min_rate_bytes_per_second: float = Field(
+        8192,
+        ge=0,
+        description="Slowest average pace of a request body, past its first idle timeout: "
+        "the body must have arrived within that timeout plus one second per this many bytes "
+        "received, else a 408, so that a body trickled in cannot hold its share of the upload "
+        "budget for hours. 0: no minimum.",
+    )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest accepted edit upload: its images together."
     )

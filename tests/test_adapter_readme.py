@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from openai_adapter.settings import Settings
 from tests.adapter_stack import Stack
 from tests.servers import PROJECT_ROOT
 
@@ -120,3 +121,22 @@ def test_the_json_edit_example_runs(stack: Stack, tmp_path: Path):
     answer = json.loads(done.stdout)
     width, height = decode(answer["data"][0]).size
     assert abs(width / height - 640 / 480) < 0.05  # the input's aspect ratio
+
+
+def test_the_readme_documents_every_adapter_setting_with_its_default():
+    """The README's table of ``QWEN_ADAPTER_*`` variables is what an operator reads: each
+    setting has its row, and the row's default is the code's."""
+    readme = README.read_text()
+    for name, field in Settings.model_fields.items():
+        variable = f"QWEN_ADAPTER_{name.upper()}"
+        row = re.search(rf"^\| `{variable}` \| `?([^|`]*)`? \|", readme, re.M)
+        assert row, f"no README row for {variable}"
+        documented = row[1]
+        if field.default is None:
+            assert documented == "unset", (variable, documented)
+        elif isinstance(field.default, str):
+            assert documented == field.default, (variable, documented)
+        elif isinstance(field.default, (int, float)):
+            assert float(documented) == field.default, (variable, documented)
+        else:
+            assert json.loads(documented) == field.default, (variable, documented)

@@ -2120,6 +2120,56 @@ def test_the_adapter_does_not_log_the_urls_it_fetches_but_at_debug_level():
         httpx_logger.setLevel(level)
 
 
+def send_body_slowly(url: str, path: str, body: bytes, chunk: int, pause: float) -> str:
+    """POST ``body`` to the adapter at ``url``, ``chunk`` bytes every ``pause`` seconds, over
+    a raw socket; the answer's text (the sending stops at a refusal)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: adapter\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nx-request-id: slow\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.settimeout(10)
+        sock.sendall(head.encode())
+        with contextlib.suppress(OSError):  # refused meanwhile: the socket closed under us
+            for start in range(0, len(body), chunk):
+                sock.sendall(body[start : start + chunk])
+                time.sleep(pause)
+        answer = b""
+        while part := sock.recv(65536):
+            answer += part
+    return answer.decode()
+
+
+def test_a_body_trickled_slower_than_the_minimum_rate_gets_a_408(caplog, predictor):
+    """Bytes every 0.1 s never trip the 0.5 s idle timeout, but at 500 bytes a second the
+    body falls behind its deadline (0.5 s + 1 s per 1000 bytes received): about 1 s in."""
+    caplog.set_level(logging.INFO, logger="openai_adapter")
+    settings = Settings(body_idle_timeout_seconds=0.5, body_min_rate_bytes_per_second=1000)
+    app = create_app(settings, transport=httpx.MockTransport(predictor))
+    body = json.dumps({"prompt": "x" * 20_000}).encode()  # 40 s at that pace
+    with uvicorn_server(app) as url:
+        started = time.monotonic()
+        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=50, pause=0.1)
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408 "), answer
+    assert "slower than 1000 bytes a second" in answer
+    assert '"code":"request_timeout"' in answer
+    assert 0.8 < waited < 4
+    assert access_line(caplog, "slow").startswith("request_id=slow POST /v1/images/generations 408")
+
+
+def test_a_body_slow_but_faster_than_the_minimum_rate_is_served(predictor):
+    """Longer than the idle timeout in all, at 5000 bytes a second against a minimum of 1000."""
+    settings = Settings(body_idle_timeout_seconds=0.5, body_min_rate_bytes_per_second=1000)
+    app = create_app(settings, transport=httpx.MockTransport(predictor))
+    body = json.dumps({"prompt": "a slow upload " + "x" * 6000}).encode()
+    with uvicorn_server(app) as url:
+        started = time.monotonic()
+        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=500, pause=0.1)
+        assert time.monotonic() - started > 1.0
+    assert answer.startswith("HTTP/1.1 200 "), answer[:500]
+
+
 def test_an_upload_that_stalls_gets_a_408(caplog, predictor):
     """A client that sends part of its body and then nothing would hold its place and its
     share of the upload budget for as long as it liked: the request ends, with a 408."""
