@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from predictors.generation import QwenImageGenerationModel
 from predictors.model import QwenImageModel
 from predictors.server import build_parser, options_from_args, serve
 from predictors.tiny import tiny_pipeline_dir
+from tests.servers import PROJECT_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -607,6 +609,47 @@ def test_split_padding_lets_a_mask_refusing_backend_run_padded_batches(tiny_cach
         model.pipeline, [job], attention=model.options.acceleration.attention, output_type="np"
     )
     assert image.shape == (1, 64, 64, 3)
+
+
+def documented_flags() -> dict[str, tuple[str, str]]:
+    """docs/predictors.md's Configuration table: each environment variable's flag and the
+    default as written (a row may pair two, ``--min_size`` / ``--max_size``)."""
+    text = (PROJECT_ROOT / "docs" / "predictors.md").read_text()
+    table = text.split("## Configuration", 1)[1].split("\n\n| flag |", 1)[1].split("\n\n", 1)[0]
+    found = {}
+    for row in table.splitlines()[2:]:
+        flags, variables, defaults = (cell.strip("| ") for cell in row.split(" | ")[:3])
+        split = [cell.split(" / ") for cell in (flags, variables, defaults)]
+        if len(split[2]) != len(split[0]):  # one default for the pair
+            split[2] = split[2] * len(split[0])
+        for flag, variable, default in zip(*split, strict=True):
+            found[variable.strip("`")] = (flag.strip("`"), default)
+    return found
+
+
+def test_the_docs_give_every_flag_its_variable_and_default(monkeypatch):
+    """docs/predictors.md's table is what an operator sets a predictor by: each flag (but
+    KServe's own) has its row, with the variable it reads and the code's default."""
+    for variable in [name for name in os.environ if name.startswith("QWEN_")]:
+        monkeypatch.delenv(variable)
+    documented = documented_flags()
+    for model_class in (QwenImageGenerationModel, QwenImageEditModel):
+        for action in build_parser(model_class)._actions:
+            variable = re.search(r"\(env (\w+)\)$", action.help or "")
+            if variable is None:
+                continue  # KServe's flags, and --help
+            assert variable[1] in documented, f"docs/predictors.md lacks {variable[1]}"
+            flag, default = documented[variable[1]]
+            assert flag == action.option_strings[0], (variable[1], flag)
+            value = re.match(r"`([^`]*)`|(\w+)", default)
+            value = value[1] if value[1] is not None else value[2]
+            if action.default is None:
+                expected = {"QWEN_TINY_CACHE_DIR": "~/.cache/qwen-image-serve"}
+                assert value == expected.get(variable[1], "unset"), (variable[1], default)
+            elif isinstance(action.default, (int, float)):
+                assert float(value) == action.default, (variable[1], default)
+            else:
+                assert value == str(action.default), (variable[1], default)
 
 
 def test_flags_read_their_environment_variables(monkeypatch):
