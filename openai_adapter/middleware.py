@@ -74,7 +74,7 @@ class HttpMiddleware:
 class AccessMiddleware(HttpMiddleware):
     """Give each request an id (the client's ``x-request-id`` or a new one), echo it in the
     response, log one access line with it and count it in ``openai_adapter.metrics``
-    (status 499 when the client left first)."""
+    (status 499 when the client left first, also in the middle of a streamed answer)."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
@@ -83,18 +83,23 @@ class AccessMiddleware(HttpMiddleware):
         metrics.IN_PROGRESS.inc()
         start = time.perf_counter()
         status = 500
+        answer_started = answer_ended = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answer_started, answer_ended
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answer_started = message["status"], True
                 headers = [(k, v) for k, v in message.get("headers", []) if k != _HEADER]
                 headers.append((_HEADER, request_id.encode()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                answer_ended = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+            if answer_started and not answer_ended:  # a stream its client left (Starlette's)
+                status = CLIENT_CLOSED_REQUEST
         except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST
             raise

@@ -118,11 +118,17 @@ def test_request_id_and_quality_reach_the_predictor(client: OpenAI, stack: Stack
     )
     assert raw.headers["x-request-id"] == "req-e2e-1"
     assert raw.parse().size == "64x64"
-    log = stack.log().splitlines()
-    predictor_lines = [line for line in log if line.startswith("[generation-predictor]")]
-    adapter_lines = [line for line in log if line.startswith("[adapter]")]
-    assert any("request_id=req-e2e-1" in line and "steps=20" in line for line in predictor_lines)
-    assert any("request_id=req-e2e-1" in line for line in adapter_lines)
+
+    def logged_by_both(log: str) -> bool:  # the lines reach the stack's log a little later
+        lines = log.splitlines()
+        return any(
+            line.startswith("[generation-predictor]")
+            and "request_id=req-e2e-1" in line
+            and "steps=20" in line
+            for line in lines
+        ) and any(line.startswith("[adapter]") and "request_id=req-e2e-1" in line for line in lines)
+
+    assert stack.wait_for(logged_by_both, 10), stack.log()[-3000:]
     generated = client.images.with_raw_response.generate(
         prompt="a cat", size="64x64", extra_body=FAST
     )
@@ -459,6 +465,10 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(client: OpenAI, stac
     )
     assert stack.wait_for(lambda log: re.search(stopped, log) is not None, 20), stack.log()[-3000:]
     assert int(re.search(stopped, stack.log())[1]) < steps
+    # the adapter's access line and metrics say the client left, as for an unstreamed answer
+    access = r"openai_adapter.access: request_id=left-stream POST /v1/images/generations (\d+) "
+    assert stack.wait_for(lambda log: re.search(access, log) is not None, 20)
+    assert re.search(access, stack.log())[1] == "499"
 
 
 def test_predictor_down_is_503(down_adapter: str):
