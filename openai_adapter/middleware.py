@@ -172,8 +172,8 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         return self.refusal(408, "request_timeout", message)
 
     def body_deadline(self, started: float, received: int) -> float:
-        """When a body begun at ``started`` (loop time) with ``received`` bytes so far must
-        have arrived (infinity without a minimum rate)."""
+        """When a body first read at ``started`` (loop time) with ``received`` bytes so far
+        must have arrived (infinity without a minimum rate)."""
         if not self.min_rate_bytes_per_second:
             return math.inf
         return started + self.idle_timeout_seconds + received / self.min_rate_bytes_per_second
@@ -188,18 +188,24 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         body_complete = False
         refusal: JSONResponse | None = None
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = last_arrival = None  # loop times: the first read's, the last message's
 
         async def counting_receive() -> Message:
-            nonlocal received, body_complete, refusal
+            nonlocal received, body_complete, refusal, started, last_arrival
             if body_complete:  # then only the disconnect is left to wait for, unbounded
                 return await receive()
-            left = self.body_deadline(started, received) - loop.time()
+            now = loop.time()
+            if started is None:
+                started = last_arrival = now
+            # A message already there is read even past the deadline (a moment to take it).
+            left = max(self.body_deadline(started, received) - now, 0.01)
             try:
                 message = await asyncio.wait_for(receive(), min(self.idle_timeout_seconds, left))
             except asyncio.TimeoutError:
-                refusal = self.stalled() if left > self.idle_timeout_seconds else self.too_slow()
+                stalled = loop.time() - last_arrival >= self.idle_timeout_seconds - 0.01
+                refusal = self.stalled() if stalled else self.too_slow()
                 raise BodyStalled from None
+            last_arrival = loop.time()
             received += len(message.get("body", b""))
             body_complete = not message.get("more_body", False)
             if received > max_bytes:

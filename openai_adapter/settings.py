@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     body_min_rate_bytes_per_second: float = Field(
         8192,
         ge=0,
+        allow_inf_nan=False,
         description="Slowest average pace of a request body, past its first idle timeout: "
         "the body must have arrived within that timeout plus one second per this many bytes "
         "received, else a 408, so that a body trickled in cannot hold its share of the upload "

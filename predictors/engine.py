@@ -260,6 +260,8 @@ class PipelineRunner(Generic[JobT, ResultT]):
             return await slot.run(job)
 
     async def _run(self, job: JobT, slot: Slot[JobT, ResultT]) -> ResultT:
+        if not slot.held:  # run already, or freed: its place is no longer counted
+            raise RuntimeError("a place runs one job, and only before it is freed")
         loop = asyncio.get_running_loop()
         waiting = _Waiting(job, time.monotonic())
         with self._condition:
@@ -344,10 +346,11 @@ class PipelineRunner(Generic[JobT, ResultT]):
     def _fail_unfinished(self, error: Callable[[], BaseException]) -> int:
         """Fail every request waiting or running (the running batch stops at its next step)
         and every call, each with a new ``error()``, and those still being prepared when
-        they come to queue their job; how many requests."""
+        they come to queue their job; how many requests, those being prepared included."""
         with self._condition:
             self._expired = error
             unfinished = [*self._waiting, *self._running, *self._retries]
+            preparing = self._preparing
             for item in unfinished:
                 item.abandoned = True
                 _settle(item.future, error=error())
@@ -356,7 +359,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
             self._waiting.clear()
             self._calls.clear()
             self._condition.notify()
-        return len(unfinished)
+        return len(unfinished) + preparing
 
     def _abandon(self, waiting: _Waiting[JobT]) -> None:
         """Its caller gave up: waiting, it leaves the queue at once (no room taken in the

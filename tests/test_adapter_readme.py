@@ -127,6 +127,8 @@ def test_the_readme_documents_every_adapter_setting_with_its_default():
     """The README's table of ``QWEN_ADAPTER_*`` variables is what an operator reads: each
     setting has its row, and the row's default is the code's."""
     readme = README.read_text()
+    rows = set(re.findall(r"^\| `(QWEN_ADAPTER_\w+)` \|", readme, re.M))
+    assert rows == {f"QWEN_ADAPTER_{name.upper()}" for name in Settings.model_fields}, rows
     for name, field in Settings.model_fields.items():
         variable = f"QWEN_ADAPTER_{name.upper()}"
         row = re.search(rf"^\| `{variable}` \| `?([^|`]*)`? \|", readme, re.M)

@@ -2191,7 +2191,14 @@ def test_an_upload_that_stalls_gets_a_408(caplog, predictor):
             waited = time.monotonic() - started  # not the keep-alive timeout's 5 s
         assert answer.startswith("HTTP/1.1 408 "), answer
         assert '"code":"request_timeout"' in answer
+        assert "Nothing of the request body arrived for 0.3 s" in answer
         assert waited < 3
         assert access_line(caplog, "stalled").startswith(
             "request_id=stalled POST /v1/images/edits 408 "
         )
+        # nothing of the body at all: a stall too, not a body slower than the minimum rate
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+            sock.settimeout(5)
+            sock.sendall(head.encode())
+            answer = sock.recv(65536).decode()
+        assert "Nothing of the request body arrived for 0.3 s" in answer, answer

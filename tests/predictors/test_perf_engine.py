@@ -346,7 +346,7 @@ def test_a_request_whose_place_was_taken_before_the_shutdown_still_runs():
     assert pipeline.batches == [["decoded late"]]
 
 
-def test_a_request_still_prepared_when_the_grace_period_ends_gets_a_clear_503():
+def test_a_request_still_prepared_when_the_grace_period_ends_gets_a_clear_503(caplog):
     pipeline = FakePipeline()
     runner = PipelineRunner("m", pipeline, 4, BatchPolicy(max_batch_size=1))
 
@@ -360,6 +360,30 @@ def test_a_request_still_prepared_when_the_grace_period_ends_gets_a_clear_503():
 
     asyncio.run(scenario())
     assert pipeline.batches == []
+    warning = "Model m: 1 requests had not finished 0.1 s into the shutdown"
+    deadline = time.monotonic() + 5  # the grace's thread logs it after the worker ends
+    while warning not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert warning in caplog.text
+
+
+def test_a_place_runs_one_job():
+    """A second job in one place would be counted by nothing (and leave the count below 0)."""
+    runner = PipelineRunner("m", FakePipeline(), 4, BatchPolicy(max_batch_size=1))
+
+    async def scenario() -> None:
+        with runner.reserve() as slot:
+            assert await slot.run(FakeJob("a")) == "done a"
+            with pytest.raises(RuntimeError, match="a place runs one job"):
+                await slot.run(FakeJob("b"))
+        with pytest.raises(RuntimeError, match="only before it is freed"):
+            await slot.run(FakeJob("c"))
+        await asyncio.sleep(0.05)
+        assert runner.pending == 0
+
+    asyncio.run(scenario())
+    runner.close(grace_seconds=None)
+    assert runner.join(5)
 
 
 def test_a_place_is_held_from_its_reservation_until_its_job_ends():

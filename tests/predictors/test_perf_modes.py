@@ -633,11 +633,13 @@ def test_the_docs_give_every_flag_its_variable_and_default(monkeypatch):
     for variable in [name for name in os.environ if name.startswith("QWEN_")]:
         monkeypatch.delenv(variable)
     documented = documented_flags()
+    read = set()
     for model_class in (QwenImageGenerationModel, QwenImageEditModel):
         for action in build_parser(model_class)._actions:
-            variable = re.search(r"\(env (\w+)\)$", action.help or "")
+            variable = re.search(r"\(env (\w+)\)", action.help or "")
             if variable is None:
                 continue  # KServe's flags, and --help
+            read.add(variable[1])
             assert variable[1] in documented, f"docs/predictors.md lacks {variable[1]}"
             flag, default = documented[variable[1]]
             assert flag == action.option_strings[0], (variable[1], flag)
@@ -650,6 +652,8 @@ def test_the_docs_give_every_flag_its_variable_and_default(monkeypatch):
                 assert float(value) == action.default, (variable[1], default)
             else:
                 assert value == str(action.default), (variable[1], default)
+    assert {"QWEN_IMAGE_LOCATION", "QWEN_IMAGE_EDIT_LOCATION", "QWEN_DEVICE"} <= read
+    assert documented.keys() == read, "rows of variables no predictor reads"
 
 
 def test_flags_read_their_environment_variables(monkeypatch):

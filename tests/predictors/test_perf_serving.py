@@ -195,9 +195,13 @@ def harness_imports() -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top in ("bench", "predictors"):
-                    module = PROJECT_ROOT / (name.replace(".", "/") + ".py")
-                    files += [module] if module.exists() else []
+                if top in ("bench", "predictors"):  # the module, and each package's __init__
+                    parts = name.split(".")
+                    modules = [PROJECT_ROOT / (name.replace(".", "/") + ".py")] + [
+                        PROJECT_ROOT.joinpath(*parts[:end], "__init__.py")
+                        for end in range(1, len(parts) + 1)
+                    ]
+                    files += [module for module in modules if module.exists()]
                 elif top not in sys.stdlib_module_names and top != "__future__":
                     found.setdefault(top, set()).add(path.relative_to(PROJECT_ROOT).as_posix())
     return found
