@@ -78,7 +78,7 @@ from torch._dynamo.utils import counters
 from torch.utils.hooks import RemovableHandle
 from transformers import AutoImageProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from bench.timing import median_seconds, synchronize
+from bench.timing import DeviceSampler, median_seconds, nvml_reader, synchronize
 from bench.vae_single_frame import compare as compare_vae_paths
 from predictors import acceleration, feedforward, modulation, tiny
 from predictors import attention as padding_free
@@ -272,6 +272,10 @@ class Row:
     max_abs_diff: float | None = None
     psnr_db: float | None = None
     note: str = ""
+    # Medians over the timed runs, sampled through NVML (CUDA only): a GPU at its power
+    # limit lowers its clock, and every kernel slows.
+    sm_clock_mhz: float | None = None
+    power_w: float | None = None
 
 
 @dataclass
@@ -473,6 +477,7 @@ class Measurement:
     output: np.ndarray
     before_loop_seconds: float
     after_loop_seconds: float
+    device_samples: dict[str, float]  # ``DeviceSampler.medians``: empty off CUDA
 
 
 def measure(
@@ -481,7 +486,8 @@ def measure(
     warmup: int,
     repeats: int,
 ) -> Measurement:
-    """Run ``call`` ``warmup`` times untimed, then ``repeats`` times timed."""
+    """Run ``call`` ``warmup`` times untimed, then ``repeats`` times timed, sampling the
+    GPU's clock and power meanwhile."""
     first = None
     for _ in range(warmup):
         synchronize(device)
@@ -492,17 +498,18 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, timers, output = [], [], None
-    for _ in range(repeats):
-        timer = StepTimer(device)
-        synchronize(device)
-        started = time.perf_counter()
-        timer.start()
-        result = call(timer)
-        timer.stop()
-        synchronize(device)
-        seconds.append(time.perf_counter() - started)
-        timers.append(timer)
-        output = result if output is None else output
+    with DeviceSampler(nvml_reader(device)) as sampler:
+        for _ in range(repeats):
+            timer = StepTimer(device)
+            synchronize(device)
+            started = time.perf_counter()
+            timer.start()
+            result = call(timer)
+            timer.stop()
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+            timers.append(timer)
+            output = result if output is None else output
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     around = [timer.around_loop() for timer in timers]
     return Measurement(
@@ -513,6 +520,7 @@ def measure(
         output=output,
         before_loop_seconds=statistics.median(before for before, _ in around),
         after_loop_seconds=statistics.median(after for _, after in around),
+        device_samples=sampler.medians(),
     )
 
 
@@ -1003,8 +1011,13 @@ class Bench:
             max_abs_diff=diff,
             psnr_db=psnr,
             note="" if mode.exact else "outputs change by design",
+            sm_clock_mhz=measured.device_samples.get("sm_clock_mhz"),
+            power_w=measured.device_samples.get("power_w"),
         )
         print_row(row)
+        if measured.device_samples:
+            entry = {"case": case.name, "mode": mode.name, **measured.device_samples}
+            print(f"clocks {json.dumps(entry)}", flush=True)
         return row
 
     def profile(self, case: Case, mode: Mode) -> None:

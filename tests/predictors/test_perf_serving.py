@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import ast
 import io
+import itertools
 import json
 import re
 import shlex
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from bench import gpu_pipelines
+from bench import gpu_pipelines, timing
 from predictors import contract
 from tests import test_chart as chart
 from tests.servers import PROJECT_ROOT, run_predictor
@@ -234,6 +237,25 @@ def test_the_gpu_wheels_hold_what_the_harness_imports_and_the_lent_machine_lacks
             assert version == locked, f"{name}: {version} in bench/gpu-wheels.txt, {locked} locked"
 
 
+def test_the_device_sampler_gives_the_medians_of_its_readings_while_entered():
+    """What the harness reports of a GPU's clock and power during a mode's timed runs; off
+    CUDA there is nothing to read, and nothing is reported."""
+    readings = itertools.cycle([(1980.0, 650.0), (1755.0, 700.0), (1830.0, 690.0)])
+    with timing.DeviceSampler(lambda: next(readings), interval=0.01) as sampler:
+        time.sleep(0.2)
+    taken = len(sampler.samples)
+    time.sleep(0.05)
+    assert len(sampler.samples) == taken >= 3, "sampling ends on leaving"
+    medians = sampler.medians()
+    assert medians["samples"] == taken
+    assert medians["sm_clock_mhz"] in (1980.0, 1755.0, 1830.0)
+    assert 650.0 <= medians["power_w"] <= 700.0
+    assert timing.nvml_reader(torch.device("cpu")) is None
+    with timing.DeviceSampler(None) as idle:
+        pass
+    assert idle.medians() == {}
+
+
 def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     completed, results = run_harness_on_the_cpu(
         tmp_path, "--profile", "--cases", "64x64,edit-64x64"
@@ -242,6 +264,7 @@ def test_the_gpu_harness_runs_on_the_cpu_in_smoke_mode(tmp_path):
     for case in ("64x64", "edit-64x64"):
         assert rows[(case, "baseline")]["seconds_per_image"] > 0
         assert rows[(case, "engine")]["max_abs_diff"] < 1e-5  # batched CFG = two passes
+        assert rows[(case, "engine")]["sm_clock_mhz"] is None  # no GPU clock on a CPU
         assert rows[(case, "lightning")]["steps"] == 8
         for mode in ("baseline", "engine", "lightning"):  # the call = before + loop + after
             row = rows[(case, mode)]
