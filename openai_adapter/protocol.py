@@ -121,6 +121,27 @@ class ImageRequest(BaseModel):
         description="Seed of the first image; image i uses seed + i.",
     )
 
+    @field_validator(
+        "n",
+        "output_compression",
+        "partial_images",
+        "frame_count",
+        "frame_duration_ms",
+        "width",
+        "height",
+        "num_inference_steps",
+        "true_cfg_scale",
+        "seed",
+        mode="before",
+    )
+    @classmethod
+    def _refuse_booleans(cls, value: Any) -> Any:
+        # pydantic would read JSON's true as 1: a number field takes a number (or, from a
+        # form, its text), as OpenAI's API does.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
     @field_validator("size")
     @classmethod
     def _check_size(cls, size: str | None) -> str | None:

@@ -204,6 +204,15 @@ def test_size_and_quality_precedence(client, predictor, fields, expected):
     assert params == expected
 
 
+@pytest.mark.parametrize("field", ["n", "seed", "num_inference_steps", "true_cfg_scale"])
+def test_a_boolean_is_no_number(client, predictor, field):
+    """pydantic reads JSON's true as 1: {"n": true} was one image, where OpenAI refuses it."""
+    response = client.post("/v1/images/generations", json={"prompt": "x", field: True})
+    error = assert_error(response, 400, "invalid_value", field)
+    assert error["message"] == f"Invalid value for '{field}': must be a number, not a boolean"
+    assert not predictor.requests
+
+
 def test_quality_steps_are_configurable(make_client, predictor, monkeypatch):
     monkeypatch.setenv("QWEN_ADAPTER_QUALITY_STEPS", '{"auto": 4, "high": 8}')
     client = make_client()
