@@ -39,9 +39,9 @@ INFERENCE_ERROR = "inference_error"
 INTERNAL_ERROR = "internal_error"
 NOT_READY = "not_ready"
 
-# What a body that is JSON but not an object, or not sent as JSON, is told.
 # The openai SDK retries 5xx answers unless told not to (its own header).
 NO_RETRY = {"x-should-retry": "false"}
+# What a body that is JSON but not an object, or not sent as JSON, is told.
 NOT_A_JSON_OBJECT = "The request body must be a JSON object, sent as 'application/json'"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

@@ -1879,6 +1879,14 @@ def uvicorn_server(app: Any) -> Iterator[str]:
         thread.join(30)
 
 
+def raw_connection(url: str, timeout: float) -> socket.socket:
+    """A plain TCP connection to the server at ``url`` (on loopback), for requests an HTTP
+    client would not send: bodies that stall, trickle or break off."""
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.settimeout(timeout)
+    return sock
+
+
 def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
     """The access log line of the request ``request_id``, once the server has logged it."""
     deadline = time.monotonic() + 10
@@ -1921,7 +1929,7 @@ def test_a_client_that_leaves_during_its_upload_is_a_499(
             f"POST {path} HTTP/1.1\r\nHost: adapter\r\nContent-Type: {content_type}\r\n"
             "Content-Length: 100000\r\nx-request-id: left-early\r\n\r\n"
         )
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        with raw_connection(url, 5) as sock:
             sock.sendall(head.encode() + sent)
             time.sleep(0.3)  # the adapter reads what came, and waits for the rest
         line = access_line(caplog, "left-early")
@@ -2136,8 +2144,7 @@ def send_body_slowly(url: str, path: str, body: bytes, chunk: int, pause: float)
         f"POST {path} HTTP/1.1\r\nHost: adapter\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nx-request-id: slow\r\nConnection: close\r\n\r\n"
     )
-    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
-        sock.settimeout(10)
+    with raw_connection(url, 10) as sock:
         sock.sendall(head.encode())
         with contextlib.suppress(OSError):  # refused meanwhile: the socket closed under us
             for start in range(0, len(body), chunk):
@@ -2191,8 +2198,7 @@ def test_an_upload_that_stalls_gets_a_408(caplog, predictor):
             "Content-Type: multipart/form-data; boundary=x\r\n"
             "Content-Length: 100000\r\nx-request-id: stalled\r\n\r\n"
         )
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
-            sock.settimeout(5)
+        with raw_connection(url, 5) as sock:
             sock.sendall(head.encode() + b"--x\r\n")
             started = time.monotonic()
             answer = sock.recv(65536).decode()
@@ -2206,8 +2212,7 @@ def test_an_upload_that_stalls_gets_a_408(caplog, predictor):
             "request_id=stalled POST /v1/images/edits 408 "
         )
         # nothing of the body at all: a stall too, not a body slower than the minimum rate
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
-            sock.settimeout(5)
+        with raw_connection(url, 5) as sock:
             sock.sendall(head.encode())
             answer = sock.recv(65536).decode()
         assert "Nothing of the request body arrived for 0.3 s" in answer, answer

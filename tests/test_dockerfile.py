@@ -235,15 +235,20 @@ def test_dependencies_are_installed_before_the_source_arrives() -> None:
         assert installs and max(installs) < wheel, f"{name}: dependencies before the project wheel"
 
 
-def locked_versions(image: str) -> dict[str, str]:
-    """The pins of ``requirements/{image}.txt``: canonical name -> version."""
+def pinned_versions(path: Path) -> dict[str, str]:
+    """The pins (``name==version`` lines) of a requirements file: canonical name -> version."""
     pins = {}
-    for line in (LOCKS / f"{image}.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, version = line.strip().partition("==")
-            assert version, f"{image}.txt: not a pin: {line}"
+            assert version, f"{path.name}: not a pin: {line}"
             pins[canonicalize_name(name)] = version
     return pins
+
+
+def locked_versions(image: str) -> dict[str, str]:
+    """The pins of ``requirements/{image}.txt``: canonical name -> version."""
+    return pinned_versions(LOCKS / f"{image}.txt")
 
 
 def makefile_variable(name: str) -> str:

@@ -19,12 +19,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from bench import gpu_pipelines, timing
 from predictors import contract
 from tests import test_chart as chart
 from tests.servers import PROJECT_ROOT, run_predictor
+from tests.test_dockerfile import locked_versions, pinned_versions
 
 REQUESTS = (
     {"prompt": "a lighthouse on a cliff at dusk, oil painting", "seed": 1, "num_images": 2},
@@ -213,28 +215,21 @@ def harness_imports() -> dict[str, set[str]]:
 def test_the_gpu_wheels_hold_what_the_harness_imports_and_the_lent_machine_lacks():
     """A lent GPU's minutes are few: an import the carried wheels miss costs a call (run 9
     lost two to pybase64 and pydantic_core, which predictors/contract.py had come to need)."""
-    wheels = {}
-    for line in (PROJECT_ROOT / "bench" / "gpu-wheels.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            wheels[name] = version
+    wheels = pinned_versions(PROJECT_ROOT / "bench" / "gpu-wheels.txt")
     imports = harness_imports()
     assert {"diffusers", "torch", "pybase64"} <= imports.keys(), imports  # the scan reaches
     missing = {
-        m: files for m, files in imports.items() if m not in ON_THE_GPU_MACHINE | wheels.keys()
+        module: files
+        for module, files in imports.items()
+        if module not in ON_THE_GPU_MACHINE and canonicalize_name(module) not in wheels
     }
     assert not missing, f"add their wheels to bench/gpu-wheels.txt: {missing}"
-    lock = dict(
-        re.findall(
-            r"^([\w.-]+)==(\S+)$",
-            (PROJECT_ROOT / "requirements" / "predictor.txt").read_text(),
-            re.M,
-        )
-    )
+    lock = locked_versions("predictor")
     for name, version in wheels.items():
-        locked = lock[name.replace("_", "-")]
         if name != "torchao":  # torchao follows the machine's torch, not the lock's
-            assert version == locked, f"{name}: {version} in bench/gpu-wheels.txt, {locked} locked"
+            assert version == lock[name], (
+                f"{name}: {version} in bench/gpu-wheels.txt, locked {lock[name]}"
+            )
 
 
 def test_the_device_sampler_gives_the_medians_of_its_readings_while_entered():
