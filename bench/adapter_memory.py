@@ -13,6 +13,12 @@ larger ones to disk) and as a JSON edit with the image as a base64 data URL.
 With ``--burst N`` it sends N such JSON edits at once instead, against the default
 ``QWEN_ADAPTER_MAX_UPLOAD_BYTES_IN_FLIGHT``, and reports their answers and the adapter
 process's peak resident memory (Linux's ``VmHWM``) before and after.
+
+With ``--answer-images N`` it measures the other direction instead: generations whose
+answer is N images of ``--answer-mib`` each, the adapter's peak while it turns them into
+OpenAI's JSON and what it still holds once the answer is sent, against the images' bytes.
+The adapter runs with the garbage collector off, so that what only a collection would free
+(objects in reference cycles) shows as held.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import io
 import json
 import multiprocessing
@@ -60,23 +67,37 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
-def run_predictor(port: int, hold_seconds: float) -> None:
-    """A stand-in predictor: reads the whole infer body, waits, answers one image."""
+def answer_image(size: int) -> bytes:
+    """A PNG file of ``size`` bytes (at least a small one's): a small image, then padding,
+    which readers of its header ignore."""
     image = small_png()
+    return image + bytes(max(0, size - len(image)))
+
+
+def run_predictor(port: int, hold_seconds: float, images: int = 1, image_bytes: int = 0) -> None:
+    """A stand-in predictor: reads the whole infer body, waits, answers ``images`` images
+    of ``image_bytes`` each (raw, as KServe's binary extension sends them)."""
+    image = answer_image(image_bytes)
+    tensor = (len(image).to_bytes(4, "little") + image) * images
     header = json.dumps(
         {
             "outputs": [
                 {
                     "name": contract.IMAGES,
-                    "shape": [1],
+                    "shape": [images],
                     "datatype": "BYTES",
-                    "parameters": {"binary_data_size": 4 + len(image)},
+                    "parameters": {"binary_data_size": len(tensor)},
                 },
-                {"name": contract.SEEDS, "shape": [1], "datatype": "INT64", "data": [42]},
+                {
+                    "name": contract.SEEDS,
+                    "shape": [images],
+                    "datatype": "INT64",
+                    "data": list(range(images)),
+                },
             ]
         }
     ).encode()
-    answer = header + len(image).to_bytes(4, "little") + image
+    answer = header + tensor
 
     async def infer(request: Request) -> Response:
         async for _ in request.stream():
@@ -97,9 +118,11 @@ def run_predictor(port: int, hold_seconds: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def run_adapter(port: int, predictor_url: str, max_upload_bytes: int) -> None:
+def run_adapter(
+    port: int, predictor_url: str, max_upload_bytes: int, collect_garbage: bool = True
+) -> None:
     """The adapter, with ``GET /_memory`` answering tracemalloc's figures (``?reset=1``:
-    and starting a new peak)."""
+    and starting a new peak); ``collect_garbage=False`` turns the garbage collector off."""
     settings = Settings(
         generation_url=predictor_url, edit_url=predictor_url, max_upload_bytes=max_upload_bytes
     )
@@ -114,6 +137,8 @@ def run_adapter(port: int, predictor_url: str, max_upload_bytes: int) -> None:
             return
         await adapter(scope, receive, send)
 
+    if not collect_garbage:
+        gc.disable()
     tracemalloc.start()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -185,6 +210,21 @@ def measure(
     return {"peak": peak - before, "held": held - before}
 
 
+def measure_answer(adapter_url: str, images: int) -> dict[str, int]:
+    """One generation of ``images`` images: the adapter's peak during it and what it still
+    holds after its answer is sent, both above its traced memory before it. The answer is
+    read in chunks and dropped, so this process keeps none of it."""
+    with httpx.Client(timeout=120) as http:
+        before = http.get(adapter_url + MEMORY_PATH + "?reset=1").json()["current"]
+        request = {"prompt": "a lighthouse", "n": images, "size": "1024x1024"}
+        with http.stream("POST", adapter_url + "/v1/images/generations", json=request) as answer:
+            received = sum(len(chunk) for chunk in answer.iter_bytes())
+            if answer.status_code != 200:
+                raise RuntimeError(f"generation failed: {answer.status_code}")
+        after = http.get(adapter_url + MEMORY_PATH).json()
+    return {"peak": after["peak"] - before, "held": after["current"] - before, "body": received}
+
+
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident memory so far (Linux's ``VmHWM``), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -220,24 +260,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hold", type=float, default=2.0, help="seconds the predictor holds")
     parser.add_argument("--burst", type=int, default=0, help="JSON edits to send at once")
+    parser.add_argument(
+        "--answer-images", type=int, default=0, help="measure generations of this many images"
+    )
+    parser.add_argument("--answer-mib", type=float, default=8, help="each answer image's size")
     args = parser.parse_args()
     upload_bytes = int(args.upload_mib * MIB)
+    answer_bytes = int(args.answer_mib * MIB)
 
     context = multiprocessing.get_context("spawn")
     predictor_port, adapter_port = free_port(), free_port()
     predictor_url = f"http://127.0.0.1:{predictor_port}"
     adapter_url = f"http://127.0.0.1:{adapter_port}"
+    answers_measured = args.answer_images > 0
+    predictor_args = (predictor_port, args.hold, max(1, args.answer_images), answer_bytes)
+    adapter_args = (adapter_port, predictor_url, upload_bytes, not answers_measured)
     processes = [
-        context.Process(target=run_predictor, args=(predictor_port, args.hold), daemon=True),
-        context.Process(
-            target=run_adapter, args=(adapter_port, predictor_url, upload_bytes), daemon=True
-        ),
+        context.Process(target=run_predictor, args=predictor_args, daemon=True),
+        context.Process(target=run_adapter, args=adapter_args, daemon=True),
     ]
     for process in processes:
         process.start()
     try:
         wait_ready(predictor_url + "/v2/models/m/ready", processes[0])
         wait_ready(adapter_url + "/health/live", processes[1])
+        if answers_measured:
+            report_answers(adapter_url, args.answer_images, answer_bytes, args.repeats)
+            return
         bodies = edit_bodies(upload_bytes)
         if args.burst:
             before = peak_rss_mib(processes[1].pid)
@@ -273,6 +322,23 @@ def main() -> None:
         for process in processes:
             process.terminate()
             process.join()
+
+
+def report_answers(adapter_url: str, images: int, image_bytes: int, repeats: int) -> None:
+    """Print the median peak and held memory of ``repeats`` generations of ``images``
+    images, after one more, against the images' bytes."""
+    answer_bytes = images * len(answer_image(image_bytes))
+    measure_answer(adapter_url, images)  # one-time allocations
+    runs = [measure_answer(adapter_url, images) for _ in range(repeats)]
+    peak = statistics.median(run["peak"] for run in runs)
+    held = statistics.median(run["held"] for run in runs)
+    print(
+        f"{images} images of {image_bytes / MIB:.1f} MiB, {answer_bytes / MIB:.1f} MiB in all; "
+        f"median of {repeats} generations after one more, garbage collector off"
+    )
+    print(f"{'':>7} {'MiB':>9} {'x images':>9}")
+    for name, value in (("body", runs[0]["body"]), ("peak", peak), ("held", held)):
+        print(f"{name:>7} {value / MIB:>9.1f} {value / answer_bytes:>9.2f}")
 
 
 if __name__ == "__main__":

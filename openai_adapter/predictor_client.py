@@ -92,17 +92,19 @@ class PredictorClient:
         """
         start = time.perf_counter()
         with self._transport_errors(model):
-            response = await self._inference[model].post(
+            async with self._inference[model].stream(
+                "POST",
                 f"{self._model_url(model)}/infer",
                 content=_in_chunks(body),
                 headers=_headers(body, request_id),
-            )
+            ) as response:
+                content = await _read_body(response)
         _log_status(request_id, model, response, start)
         if response.status_code != 200:
-            message = _error_message(response)
+            message = _error_message(response, content)
             raise self._status_error(model, response.status_code, message, param_names)
         with _invalid_answer(model):
-            return _parse_results(response)
+            return _parse_results(response.headers, content)
 
     async def infer_stream(
         self,
@@ -124,8 +126,7 @@ class PredictorClient:
             ) as response:
                 _log_status(request_id, model, response, start)
                 if response.status_code != 200:
-                    await response.aread()
-                    message = _error_message(response)
+                    message = _error_message(response, await _read_body(response))
                     raise self._status_error(model, response.status_code, message, param_names)
                 async with contextlib.aclosing(_server_sent_events(response)) as events:
                     async for event, data in events:
@@ -314,18 +315,31 @@ async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
         yield b"".join(pending).removesuffix(b"\r")
 
 
-def _parse_results(response: httpx.Response) -> list[ImageResult]:
+async def _read_body(response: httpx.Response) -> bytearray:
+    """A streamed response's body, read here rather than with ``aread``: httpx's response
+    and its stream refer to each other, so a body that ``aread`` keeps on the response (ten
+    images: hundreds of MB) would outlive the request until the garbage collector's next
+    full pass."""
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+    return content
+
+
+def _parse_results(headers: httpx.Headers, content: bytearray) -> list[ImageResult]:
     """The images of a successful answer, with binary outputs or all in JSON."""
-    header_length = response.headers.get(BINARY_HEADER_LENGTH)
+    header_length = headers.get(BINARY_HEADER_LENGTH)
     if header_length is not None:
-        return parse_rest_binary_response(response.content, int(header_length))
-    return parse_rest_response(pydantic_core.from_json(response.content))
+        return parse_rest_binary_response(content, int(header_length))
+    return parse_rest_response(pydantic_core.from_json(content))
 
 
-def _error_message(response: httpx.Response) -> str:
-    """KServe's ``{"error": "..."}`` text, or the start of whatever else came back."""
+def _error_message(response: httpx.Response, content: bytearray) -> str:
+    """KServe's ``{"error": "..."}`` text in an error answer's body (``content``), or the
+    start of whatever else came back."""
     try:
-        error = response.json().get("error")
+        error = pydantic_core.from_json(content).get("error")
     except (ValueError, AttributeError):
         error = None
-    return str(error) if error else response.text[:500] or response.reason_phrase
+    text = content[:500].decode(response.encoding or "utf-8", errors="replace")
+    return str(error) if error else text or response.reason_phrase

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +44,7 @@ from predictors.disconnect import EventStreamResponse, server_sent_events
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
+_IMAGES_RESPONSE = TypeAdapter(ImagesResponse)
 _bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -89,11 +90,15 @@ Service = Annotated[ImageService, Depends(get_service)]
 
 
 async def _answer(answer: Answer, request_id: str) -> Response:
-    """One JSON body (serialized in one pass: it is large, base64-laden), or for ``stream:
-    true`` server-sent events. A stream's first event is awaited here, so that a request
-    that fails before it gets its error status and body rather than a stream."""
+    """One JSON body, or for ``stream: true`` server-sent events. A stream's first event is
+    awaited here, so that a request that fails before it gets its error status and body
+    rather than a stream.
+
+    The body is large (the images' base64), so it is serialized in one pass straight to
+    bytes: ``model_dump_json`` makes a str, which the response would encode once more."""
     if isinstance(answer, ImagesResponse):
-        return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+        body = _IMAGES_RESPONSE.dump_json(answer, exclude_none=True)
+        return Response(body, media_type="application/json")
     first = await anext(answer)
 
     def error_event(error: Exception) -> str:  # after the first event: the SDK raises it

@@ -488,13 +488,15 @@ def parse_rest_response(body: dict[str, Any]) -> list[ImageResult]:
     return _results(images, outputs[SEEDS]["data"])
 
 
-def parse_rest_binary_response(content: bytes, header_length: int) -> list[ImageResult]:
+def parse_rest_binary_response(content: bytes | bytearray, header_length: int) -> list[ImageResult]:
     """The images and seeds of a v2 REST response with binary outputs.
 
     ``header_length`` is the ``inference-header-content-length`` HTTP header: the JSON
     header's size, after which the raw tensors follow in the order the header lists them.
+    Each image is copied out of ``content`` once.
     """
-    header = json.loads(content[:header_length])
+    view = memoryview(content)
+    header = json.loads(view[:header_length].tobytes())
     offset = header_length
     tensors: dict[str, Any] = {}
     for output in header.get("outputs", []):
@@ -502,22 +504,29 @@ def parse_rest_binary_response(content: bytes, header_length: int) -> list[Image
             tensors[output["name"]] = output["data"]
             continue
         size = output["parameters"]["binary_data_size"]
-        tensors[output["name"]] = content[offset : offset + size]
+        tensors[output["name"]] = _binary_slice(view, offset, size)
         offset += size
     if IMAGES not in tensors or SEEDS not in tensors:
         raise ValueError(f"response lacks the '{IMAGES}' and '{SEEDS}' outputs")
     seeds = tensors[SEEDS]
-    if isinstance(seeds, bytes):
+    if isinstance(seeds, memoryview):
         seeds = [int(seed) for seed in np.frombuffer(seeds, dtype="<i8")]
     return _results(_split_bytes_tensor(tensors[IMAGES]), seeds)
 
 
-def _split_bytes_tensor(raw: bytes) -> list[bytes]:
+def _binary_slice(view: memoryview, offset: int, size: int) -> memoryview:
+    """``size`` bytes of ``view`` from ``offset``, no copy; ValueError where it ends sooner."""
+    if offset + size > len(view):
+        raise ValueError(f"response is cut short: {len(view)} bytes, {offset + size} expected")
+    return view[offset : offset + size]
+
+
+def _split_bytes_tensor(raw: memoryview) -> list[bytes]:
     """The elements of a serialized BYTES tensor: each a 4-byte little-endian length + data."""
     elements, offset = [], 0
     while offset < len(raw):
-        size = int.from_bytes(raw[offset : offset + 4], "little")
-        elements.append(raw[offset + 4 : offset + 4 + size])
+        size = int.from_bytes(_binary_slice(raw, offset, 4), "little")
+        elements.append(_binary_slice(raw, offset + 4, size).tobytes())
         offset += 4 + size
     return elements
 

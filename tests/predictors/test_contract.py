@@ -142,17 +142,32 @@ def test_grpc_parameters_carry_floats_as_strings():
     assert contract.build_parameters(true_cfg_scale=4.0, for_grpc=True) == {"true_cfg_scale": "4.0"}
 
 
-def test_binary_responses_parse_what_kserve_serialises():
-    images = [b"\x89PNG first \x00\xff", b"\xff\xd8 second"]
+def kserve_binary_response(images: list[bytes], seeds: list[int]) -> tuple[bytes, int]:
+    """A v2 REST response with binary outputs as KServe serialises it, and its header length."""
     response = InferResponse(
         response_id="r1",
         model_name="qwen-image",
         infer_outputs=[
-            InferOutput(contract.IMAGES, [2], "BYTES", data=images),
-            InferOutput(contract.SEEDS, [2], "INT64", data=[11, 12]),
+            InferOutput(contract.IMAGES, [len(images)], "BYTES", data=images),
+            InferOutput(contract.SEEDS, [len(seeds)], "INT64", data=seeds),
         ],
         use_binary_outputs=True,
     )
-    content, header_length = response.to_rest()
-    results = contract.parse_rest_binary_response(content, header_length)
+    return response.to_rest()
+
+
+@pytest.mark.parametrize("buffer", [bytes, bytearray], ids=["bytes", "bytearray"])
+def test_binary_responses_parse_what_kserve_serialises(buffer):
+    """As the adapter reads an answer (a bytearray) too, the seeds' raw INT64s included."""
+    images = [b"\x89PNG first \x00\xff", b"\xff\xd8 second"]
+    content, header_length = kserve_binary_response(images, [11, 12])
+    assert b'"binary_data_size"' in content[:header_length]
+    results = contract.parse_rest_binary_response(buffer(content), header_length)
     assert [(r.data, r.seed) for r in results] == [(images[0], 11), (images[1], 12)]
+    assert all(type(r.data) is bytes for r in results)
+
+
+def test_a_binary_response_cut_short_is_refused():
+    content, header_length = kserve_binary_response([b"\x89PNG" + bytes(100)], [7])
+    with pytest.raises(ValueError, match="cut short"):
+        contract.parse_rest_binary_response(content[:-30], header_length)
