@@ -24,6 +24,9 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 # What a request may ask for: OpenAI's formats, of which this service makes the first three.
 RequestedOutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 Quality = Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"]
+# The quality an answer reports: the level of the quality table whose steps made its images.
+# OpenAI's answers name these levels only (its events also "auto").
+ImageQuality = Literal["low", "medium", "high", "xhigh", "max"]
 # What an answer says of its images' background: this service makes no transparent ones.
 Background = Literal["opaque"]
 
@@ -34,7 +37,11 @@ _MASK_DESCRIPTION = (
     "A PNG or WebP of the first image's size whose fully transparent pixels mark the area to "
     "repaint; the rest of that image is kept."
 )
-_QUALITY_DESCRIPTION = "The request's quality ('auto' when not sent)."
+_QUALITY_DESCRIPTION = (
+    "The level of the adapter's quality table whose steps made the images (hd: high); "
+    "{absent} when the steps match no level (the predictor's default, or a "
+    "num_inference_steps of no level)."
+)
 _BACKGROUND_DESCRIPTION = "The images' background: always opaque."
 _SAFETY_IDENTIFIER_DESCRIPTION = (
     "The request's safety_identifier, or else its user; left out when it sent neither."
@@ -255,7 +262,9 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str = Field(description="'WIDTHxHEIGHT' of the images.", examples=["1664x928"])
-    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
+    quality: ImageQuality | None = Field(
+        None, description=_QUALITY_DESCRIPTION.format(absent="left out")
+    )
     background: Background = Field(description=_BACKGROUND_DESCRIPTION)
     safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
@@ -267,7 +276,9 @@ class ImageEvent(BaseModel):
     b64_json: str = Field(description="The encoded image, base64.")
     created_at: int = Field(description="Unix time of the event.")
     size: str = Field(description="'WIDTHxHEIGHT' of the image.")
-    quality: Quality = Field(description=_QUALITY_DESCRIPTION)
+    quality: ImageQuality | Literal["auto"] = Field(
+        description=_QUALITY_DESCRIPTION.format(absent="'auto'")
+    )
     background: Background = Field(description=_BACKGROUND_DESCRIPTION)
     output_format: OutputFormat
     seed: int = Field(description="The seed the image is made with (an extension).")
@@ -281,12 +292,32 @@ class ImagePartialEvent(ImageEvent):
     partial_image_index: int = Field(description="0, 1, ... for each image's previews.")
 
 
+class InputTokensDetails(BaseModel):
+    """OpenAI's input tokens by kind."""
+
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class TokenUsage(BaseModel):
+    """OpenAI's token usage of an image: this service counts no tokens, so all zeros."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
 class ImageCompletedEvent(ImageEvent):
     """One image, after its previews if any: OpenAI's ``image_generation.completed`` or
-    ``image_edit.completed`` server-sent event. OpenAI's token ``usage`` has no counterpart
-    here and is left out."""
+    ``image_edit.completed`` server-sent event."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
+    usage: TokenUsage = Field(
+        default_factory=TokenUsage,
+        description="OpenAI's token usage, which its events require: zeros (no tokens are "
+        "counted).",
+    )
     safety_identifier: str | None = Field(None, description=_SAFETY_IDENTIFIER_DESCRIPTION)
 
 

@@ -108,8 +108,10 @@ async def _answer(answer: Answer, request_id: str) -> Response:
 
 
 def _server_sent_event(event: ImageEvent | StreamErrorEvent) -> str:
-    """``event: <type>`` and ``data: <JSON>``."""
-    return f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
+    """``event: <type>`` and ``data: <JSON>``. An error keeps its null fields, as error
+    bodies do (``{"message", "type", "param", "code"}``)."""
+    data = event.model_dump_json(exclude_none=not isinstance(event, StreamErrorEvent))
+    return f"event: {event.type}\ndata: {data}\n\n"
 
 
 _V1 = "/v1"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import pybase64
 from starlette.datastructures import UploadFile
@@ -36,6 +37,7 @@ from openai_adapter.protocol import (
     ImageEvent,
     ImageGenerationRequest,
     ImagePartialEvent,
+    ImageQuality,
     ImageReference,
     ImageRequest,
     ImagesResponse,
@@ -76,6 +78,7 @@ class PredictorCall:
     body: list[bytes]
     param_names: dict[str, str]
     previews: bool  # made through the predictor's ``infer_stream``
+    quality: ImageQuality | None  # what the answer reports (``reported_quality``)
 
 
 class ImageService:
@@ -252,7 +255,8 @@ class ImageService:
         """The v2 infer call to ``model`` for the request's fields; ``images_param`` is the
         client's field that carried the images."""
         size = request.size_pixels or (None, None)
-        quality_steps = self._settings.quality_table(model).get(request.quality or "auto")
+        quality_table = self._settings.quality_table(model)
+        quality_steps = quality_table.get(request.quality or "auto")
         width = _first(request.width, size[0])
         height = _first(request.height, size[1])
         steps = _first(request.num_inference_steps, quality_steps)
@@ -285,7 +289,8 @@ class ImageService:
             output_compression=request.output_compression,
             partial_images=request.partial_images if previews else None,
         )
-        return PredictorCall(model, request_id, body, param_names, previews)
+        quality = reported_quality(quality_table, steps, request.quality)
+        return PredictorCall(model, request_id, body, param_names, previews, quality)
 
     async def _run(self, call: PredictorCall, request: ImageRequest, events: str) -> Answer:
         """Make the predictor call and answer in OpenAI's shape: one body, or for ``stream:
@@ -293,16 +298,13 @@ class ImageService:
         if request.stream:
             return self._events(call, request, events)
         results = await self._client.infer(call.model, call.body, call.request_id, call.param_names)
-        return _images_response(
-            results, request.quality or "auto", request.effective_safety_identifier
-        )
+        return _images_response(results, call.quality, request.effective_safety_identifier)
 
     async def _events(
         self, call: PredictorCall, request: ImageRequest, events: str
     ) -> AsyncIterator[ImageEvent]:
         """A streamed answer: the previews that ``partial_images`` asks for as the predictor
         makes them, then one completed event per image."""
-        quality = request.quality or "auto"
         args = (call.model, call.body, call.request_id, call.param_names)
         if call.previews:
             answers = self._client.infer_stream(*args)
@@ -312,11 +314,24 @@ class ImageService:
         async with contextlib.aclosing(answers):
             async for answer in answers:
                 if isinstance(answer, PartialImage):
-                    yield _partial_event(answer, f"{events}.partial_image", quality)
+                    yield _partial_event(answer, f"{events}.partial_image", call.quality)
                     continue
-                response = _images_response(answer, quality, request.effective_safety_identifier)
+                response = _images_response(
+                    answer, call.quality, request.effective_safety_identifier
+                )
                 for event in _completed_events(response, f"{events}.completed"):
                     yield event
+
+
+def reported_quality(
+    table: Mapping[str, int], steps: int | None, requested: Quality | None
+) -> ImageQuality | None:
+    """The quality an answer reports: the level of the quality ``table`` (quality -> steps)
+    whose steps made its images, the ``requested`` one where several have them; None where
+    the steps are the predictor's default (not known here) or no level's."""
+    levels: tuple[ImageQuality, ...] = get_args(ImageQuality)
+    matching = [level for level in levels if steps is not None and table.get(level) == steps]
+    return requested if requested in matching else next(iter(matching), None)
 
 
 def _reject_unsupported(request: ImageRequest) -> None:
@@ -362,7 +377,7 @@ def _completed_events(response: ImagesResponse, event_type: str) -> list[ImageCo
             b64_json=image.b64_json,
             created_at=response.created,
             size=response.size,
-            quality=response.quality,
+            quality=response.quality or "auto",
             background=response.background,
             output_format=response.output_format,
             seed=image.seed,
@@ -372,7 +387,9 @@ def _completed_events(response: ImagesResponse, event_type: str) -> list[ImageCo
     ]
 
 
-def _partial_event(preview: PartialImage, event_type: str, quality: Quality) -> ImagePartialEvent:
+def _partial_event(
+    preview: PartialImage, event_type: str, quality: ImageQuality | None
+) -> ImagePartialEvent:
     described = describe_image(preview.data)
     if described is None:
         raise unusable_answer("The predictor returned no usable preview")
@@ -382,7 +399,7 @@ def _partial_event(preview: PartialImage, event_type: str, quality: Quality) -> 
         b64_json=pybase64.b64encode_as_string(preview.data),
         created_at=int(time.time()),
         size=f"{width}x{height}",
-        quality=quality,
+        quality=quality or "auto",
         background="opaque",
         output_format=output_format,
         partial_image_index=preview.partial_image_index,
@@ -399,7 +416,7 @@ def _first(*values: int | None) -> int | None:
 
 
 def _images_response(
-    results: list[ImageResult], quality: Quality, safety_identifier: str | None
+    results: list[ImageResult], quality: ImageQuality | None, safety_identifier: str | None
 ) -> ImagesResponse:
     described = describe_image(results[0].data) if results else None
     if described is None:

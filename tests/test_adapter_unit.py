@@ -24,6 +24,7 @@ from typing import Any, get_args
 
 import httpx
 import openai
+import pydantic
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -176,7 +177,8 @@ def test_generation_translates_openai_fields(client: TestClient, predictor: Fake
     assert (answer["quality"], answer["background"]) == ("low", "opaque")
     assert [item["seed"] for item in answer["data"]] == [9, 10]
     plain = client.post("/v1/images/generations", json={"prompt": "a cat"}).json()
-    assert (plain["quality"], plain["background"]) == ("auto", "opaque")
+    assert "quality" not in plain  # the predictor's default steps: no level's
+    assert plain["background"] == "opaque"
 
 
 def test_defaults_are_left_to_the_predictor(client: TestClient, predictor: FakePredictor):
@@ -467,6 +469,58 @@ def sse_events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+# (request fields, the quality the answer reports) with the default quality table:
+# low 20, medium 30, high 50, hd 50, xhigh 75, max 100 steps; auto and standard unlisted.
+REPORTED_QUALITIES = [
+    ({}, None),
+    ({"quality": "auto"}, None),
+    ({"quality": "standard"}, None),
+    ({"quality": "low"}, "low"),
+    ({"quality": "medium"}, "medium"),
+    ({"quality": "high"}, "high"),
+    ({"quality": "hd"}, "high"),
+    ({"quality": "xhigh"}, "xhigh"),
+    ({"quality": "max"}, "max"),
+    ({"num_inference_steps": 30}, "medium"),
+    ({"quality": "low", "num_inference_steps": 50}, "high"),
+    ({"num_inference_steps": 37}, None),
+]
+
+
+@pytest.mark.parametrize(("fields", "reported"), REPORTED_QUALITIES)
+def test_answers_and_events_are_what_the_openai_sdk_types_say(client, predictor, fields, reported):
+    """Validated with the SDK's own models, which its clients' code is typed against (the
+    SDK builds them unchecked). An answer's ``quality`` is the level whose steps made the
+    images, left out where none is (OpenAI's answers allow no 'auto', 'standard' or 'hd');
+    an event's is 'auto' there. Completed events carry the ``usage`` the SDK requires."""
+    request = {"prompt": "a cat", **fields}
+    answer = client.post("/v1/images/generations", json=request).json()
+    assert openai.types.ImagesResponse.model_validate(answer).quality == reported
+    assert ("quality" in answer) == (reported is not None)
+
+    predictor.handler = streaming_predictor(v2_preview(0, 0, 42))
+    streamed = client.post(
+        "/v1/images/generations", json={**request, "stream": True, "partial_images": 1}
+    )
+    predictor.handler = v2_answer
+    edited = client.post(
+        "/v1/images/edits",
+        data={**{name: str(value) for name, value in request.items()}, "stream": "true"},
+        files={"image": ("cat.png", encode(), "image/png")},
+    )
+    for response, event_types in (
+        (streamed, openai.types.ImageGenStreamEvent),
+        (edited, openai.types.ImageEditStreamEvent),
+    ):
+        events = sse_events(response)
+        assert events
+        for _, data in events:
+            event = pydantic.TypeAdapter(event_types).validate_python(data)
+            assert event.quality == (reported or "auto")
+            if event.type.endswith(".completed"):
+                assert event.usage.total_tokens == 0
+
+
 def test_partial_images_come_from_the_predictors_stream(client, predictor):
     """``partial_images`` in a stream: the call goes to the predictor's ``infer_stream``
     with the count (and no binary outputs, which its events cannot carry), each preview
@@ -556,6 +610,7 @@ def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
     assert [name for name, _ in events_sent] == ["image_generation.partial_image", "error"]
     error = events_sent[-1][1]
     assert error["type"] == "error"
+    assert set(error["error"]) == {"message", "type", "param", "code"}  # as error bodies
     assert error["error"]["code"] == code
     assert message in error["error"]["message"]
     after = REGISTRY.get_sample_value("qwen_image_adapter_stream_errors_total", errors)
