@@ -17,6 +17,12 @@ ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 # the pixels.
 DECODING_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 PIL_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# The most scans (SOS markers) a JPEG may have. A progressive JPEG's decoder walks all its
+# blocks again for each scan, so a few bytes a scan repeated make a file of 20 MB decode for
+# minutes. Encoders write about 10 a picture (a thumbnail, or an MPO's second picture, adds
+# as many); the marker cannot occur inside a scan's data, where a 0xFF byte is followed by 0.
+MAX_JPEG_SCANS = 100
+_JPEG_SCAN_MARKER = b"\xff\xda"
 
 
 def raise_decoder_pixel_limit(max_pixels: int) -> None:
@@ -70,8 +76,8 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
     """A decoded PNG, JPEG or WebP image, in its own mode and turned upright as its EXIF
     orientation says (as viewers show it); ``ContractError`` about ``param`` for anything else.
 
-    The pixel count is checked from the header, before any pixel is decoded, so a
-    decompression bomb costs nothing.
+    The pixel count (and a JPEG's number of scans) is checked before any pixel is decoded,
+    so a decompression bomb costs nothing.
     """
     try:
         with warnings.catch_warnings():
@@ -91,6 +97,14 @@ def _open(data: bytes, max_pixels: int, param: str, label: str) -> Image.Image:
             param,
             f"{label} is {width}x{height} ({width * height} pixels), "
             f"more than the {max_pixels} pixels this server accepts",
+        )
+    if image.format in ("JPEG", "MPO") and (scans := data.count(_JPEG_SCAN_MARKER)) > (
+        MAX_JPEG_SCANS
+    ):
+        raise ContractError(
+            param,
+            f"{label} is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this server "
+            "decodes",
         )
     try:
         image.load()
