@@ -167,6 +167,24 @@ class Slot(Generic[JobT, ResultT]):
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
+    async def prepare(self, make_job: Callable[[], JobT]) -> JobT:
+        """``make_job()`` on a thread (an edit's images decoded), in this place. A thread
+        cannot be stopped: if the caller is cancelled meanwhile, the place stays taken until
+        the thread has finished, so that the capacity counts the work still under way."""
+        preparing = asyncio.ensure_future(asyncio.to_thread(make_job))
+        try:
+            return await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            if self.held and not preparing.done():
+                self.held = False  # the thread's end frees it instead of the ``with`` block
+                preparing.add_done_callback(self._release_prepared)
+            raise
+
+    def _release_prepared(self, preparing: asyncio.Future[JobT]) -> None:
+        if not preparing.cancelled():
+            preparing.exception()  # retrieved: the request is gone, nobody else reads it
+        self._runner._release_unqueued()
+
     async def run(self, job: JobT) -> ResultT:
         """Queue ``job`` in this place and wait for its result (``PipelineRunner.run``)."""
         return await self._runner._run(job, self)

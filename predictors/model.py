@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -254,7 +255,7 @@ class QwenImageModel(Model):
             # A place is taken before edit images are decoded, so that concurrent requests
             # beyond the capacity are refused before that work, not after.
             with self.runner.reserve() as slot:
-                job = await asyncio.to_thread(self.prepare, request)
+                job = await slot.prepare(partial(self.prepare, request))
                 if on_partial is not None and request.partial_images:
                     job = replace(job, on_partial=_previews_to(on_partial, request))
                 images = await slot.run(job)

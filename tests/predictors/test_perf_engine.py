@@ -409,6 +409,44 @@ def test_a_place_is_held_from_its_reservation_until_its_job_ends():
     runner.close()
 
 
+def test_a_request_cancelled_while_its_job_is_prepared_keeps_its_place_until_that_ends():
+    """An edit whose client leaves while its images are decoded: the decoding thread cannot
+    be stopped, so the place stays taken until it ends. Freed at once, a client could start
+    slow decodes and leave, again and again, past the capacity."""
+    decoding = threading.Event()
+    decoded = threading.Event()
+    runner = PipelineRunner("m", FakePipeline(), 0, BatchPolicy(max_batch_size=1))
+
+    def decode() -> FakeJob:
+        decoding.set()
+        decoded.wait(5)
+        raise ValueError("a broken image, read by nobody")
+
+    async def request() -> str:
+        with runner.reserve() as slot:
+            return await slot.run(await slot.prepare(decode))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(request())
+        assert await asyncio.to_thread(decoding.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert runner.pending == 1
+        with pytest.raises(ServerBusy):
+            runner.reserve()
+        decoded.set()
+        deadline = time.monotonic() + 5
+        while runner.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert runner.pending == 0
+        with runner.reserve() as slot:  # the place is free again
+            assert await slot.run(await slot.prepare(lambda: FakeJob("next"))) == "done next"
+
+    asyncio.run(scenario())
+    runner.close()
+
+
 @pytest.mark.parametrize("wait_ms", [math.nan, math.inf, -1, 10_001])
 def test_a_batch_wait_that_is_not_a_sane_number_of_milliseconds_is_refused(wait_ms):
     with pytest.raises(ValueError, match="batch_wait_ms must be a number of milliseconds"):
