@@ -9,6 +9,12 @@ import uvicorn
 
 from openai_adapter.app import create_app
 
+# The most bytes of a request's line and headers (nginx's 4 buffers of 8 KiB): uvicorn's
+# default parser (httptools) keeps headers without limit, so a client could send one
+# connection's headers until the pod runs out of memory, before any authentication. Larger
+# ones get a 400 and their connection is closed.
+MAX_HEADER_BYTES = 32 * 1024
+
 
 def configure_logging(level: str) -> None:
     """Log at ``level``; httpx's line for each call only at debug level, as it names the
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
         timeout_keep_alive=args.timeout_keep_alive,
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 

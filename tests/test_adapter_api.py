@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import io
 import re
+import socket
 from typing import Any
 
 import httpx
@@ -483,6 +484,22 @@ def test_predictor_down_is_503(down_adapter: str):
     assert caught.value.status_code == 503
     ready = httpx.get(down_adapter.removesuffix("/v1") + "/health/ready")
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+
+
+def test_endless_request_headers_get_a_400_and_a_closed_connection(down_adapter: str):
+    """Before any authentication: uvicorn's default parser kept every header it was sent,
+    so one connection's endless headers grew the adapter's memory without bound (and no
+    answer came). Past 32 KiB of headers still incomplete, a 400; 20 KB of headers pass."""
+    port = int(down_adapter.removesuffix("/v1").rsplit(":", 1)[1])
+    request_line = b"GET /health/live HTTP/1.1\r\nHost: adapter\r\n"
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 990) for i in range(20))
+    for ending, status in ((b"Connection: close\r\n\r\n", b"200"), (headers * 2, b"400")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request_line + headers + ending)  # the second never ends
+            answer = b""
+            while part := sock.recv(65536):
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
 
 
 def test_api_key_is_required_when_set(down_adapter: str):
