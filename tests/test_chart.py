@@ -280,7 +280,9 @@ def test_predictor_probes_and_ports(case: str) -> None:
             "path": f"/v2/models/{model}/ready",
             "port": 8080,
         }
-        assert main["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        # readiness fails for a predictor whose pipeline worker stopped (restart it);
+        # KServe's /v2/health/live would answer it alive
+        assert main["livenessProbe"]["httpGet"] == main["readinessProbe"]["httpGet"]
         assert main["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
         startup = main["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "loads take minutes"
@@ -772,6 +774,44 @@ def test_readiness_on_the_predictors_is_a_choice() -> None:
 def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmError, match=message):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def route_timeouts(request: str, backend_request: str) -> dict[str, Any]:
+    route = {"enabled": True, "parentRefs": [{"name": "gateway"}]}
+    return {
+        "httpRoute": {**route, "timeouts": {"request": request, "backendRequest": backend_request}}
+    }
+
+
+@pytest.mark.parametrize(
+    ("request_timeout", "backend_request_timeout"),
+    [("600s", "700s"), ("10m", "10m1s"), ("1h", "1h500ms"), ("999ms", "1s")],
+)
+def test_an_httproute_try_longer_than_its_request_is_refused(
+    request_timeout: str, backend_request_timeout: str
+) -> None:
+    """The HTTPRoute CRD's own rule (CEL, which JSON schemas cannot express): the API server
+    would refuse the release at install."""
+    values = route_timeouts(request_timeout, backend_request_timeout)
+    message = f"httpRoute.timeouts.backendRequest \\({backend_request_timeout}\\) is longer"
+    with pytest.raises(helm_python.HelmError, match=message):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("request_timeout", "backend_request_timeout"),
+    [("700s", "600s"), ("10m", "600s"), ("1h", "59m59s999ms"), ("0s", "700s")],
+)
+def test_an_httproute_try_within_its_request_renders(
+    request_timeout: str, backend_request_timeout: str
+) -> None:
+    """Equal, shorter, or under no request timeout at all (0s)."""
+    values = route_timeouts(request_timeout, backend_request_timeout)
+    (route,) = [doc for doc in render_values(values) if doc["kind"] == "HTTPRoute"]
+    assert route["spec"]["rules"][0]["timeouts"] == {
+        "request": request_timeout,
+        "backendRequest": backend_request_timeout,
+    }
 
 
 def test_pods_stop_only_after_the_requests_they_hold() -> None:

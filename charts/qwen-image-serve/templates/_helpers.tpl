@@ -274,3 +274,17 @@ URI makes a new cache. At most 33 characters: KServe names each node's download 
 {{- $prefix := printf "%s-%s" (include "qwen-image-serve.fullname" .root) .component | trunc 24 | trimSuffix "-" }}
 {{- printf "%s-%s" $prefix (sha256sum $uri | trunc 8) }}
 {{- end }}
+
+{{/*
+Milliseconds of a Gateway API duration ("1h30m", "630s", "500ms": values.schema.json checks
+its form).
+*/}}
+{{- define "qwen-image-serve.durationMilliseconds" -}}
+{{- $milliseconds := dict "h" 3600000 "m" 60000 "s" 1000 "ms" 1 -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" . -1 -}}
+{{- $number := regexFind "^[0-9]+" . -}}
+{{- $total = add $total (mul (int $number) (get $milliseconds (trimPrefix $number .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end }}
