@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -40,11 +41,20 @@ from openai_adapter.protocol import (
     StreamErrorEvent,
 )
 from openai_adapter.serving import Answer, ImageService
+from predictors.contract import MAX_PROMPT_CHARACTERS
 from predictors.disconnect import EventStreamResponse, server_sent_events
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _Route = TypeVar("_Route", bound=Callable[..., Any])
 _IMAGES_RESPONSE = TypeAdapter(ImagesResponse)
+# The most '{' and '[' bytes (in strings too) a JSON edit body may hold. An edit has a few
+# objects and arrays, and its texts up to 2 x MAX_PROMPT_CHARACTERS characters; but a body of
+# 29 MB as a list of 1.8 million small objects took 5 s and 1.2 GB of memory to parse.
+MAX_EDIT_JSON_STRUCTURES = 4 * MAX_PROMPT_CHARACTERS
+_TOO_MANY_STRUCTURES = (
+    f"The JSON body holds more than {MAX_EDIT_JSON_STRUCTURES} '{{' and '[': an edit has its "
+    "prompt and a few images"
+)
 _bearer = HTTPBearer(auto_error=False, description="The adapter's API key, when one is set.")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -281,7 +291,11 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
     the openai SDK sends it, or a JSON object with the images by URL."""
     media_type = _media_type(request)
     if media_type == _JSON:
-        yield _json_body(ImageEditJsonRequest, await _uncached_body(request))
+        body = await _uncached_body(request)
+        if body.count(b"{") + body.count(b"[") > MAX_EDIT_JSON_STRUCTURES:
+            raise OpenAIError(400, _TOO_MANY_STRUCTURES, code=INVALID_JSON)
+        # Off the event loop: up to tens of MB of JSON, whose data URLs take a while.
+        yield await asyncio.to_thread(_json_body, ImageEditJsonRequest, body)
         return
     if media_type not in _FORMS:
         raise OpenAIError(
