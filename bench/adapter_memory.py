@@ -273,7 +273,9 @@ def main() -> None:
     predictor_url = f"http://127.0.0.1:{predictor_port}"
     adapter_url = f"http://127.0.0.1:{adapter_port}"
     answers_measured = args.answer_images > 0
-    predictor_args = (predictor_port, args.hold, max(1, args.answer_images), answer_bytes)
+    # Edits are answered with one small image, so that their figures are the upload's.
+    answer = (args.answer_images, answer_bytes) if answers_measured else (1, 0)
+    predictor_args = (predictor_port, args.hold, *answer)
     adapter_args = (adapter_port, predictor_url, upload_bytes, not answers_measured)
     processes = [
         context.Process(target=run_predictor, args=predictor_args, daemon=True),

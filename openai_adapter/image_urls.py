@@ -93,7 +93,6 @@ class ImageUrlReader:
             raise
         metrics.IMAGE_URLS.labels(outcome="fetched").inc()
         metrics.IMAGE_URL_FETCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
-        hold_upload_bytes(len(data))  # held until the request ends, as an uploaded file is
         return data
 
     async def _fetch_listed(self, url: str, scheme: str, max_bytes: int, deadline: float) -> bytes:
@@ -148,10 +147,14 @@ class ImageUrlReader:
                     )
                 data = bytearray()
                 async for chunk in response.aiter_raw():
+                    # Held as it arrives, until the request ends, as an uploaded file is:
+                    # fetches under way count against the upload budget too.
+                    hold_upload_bytes(len(chunk))
                     data += chunk
                     if len(data) >= max_bytes:
                         break
-                return bytes(data[:max_bytes])
+                del data[max_bytes:]
+                return bytes(data)
         except httpx.HTTPError as problem:
             reason = str(problem) or type(problem).__name__
             raise ImageUrlUnreadable(f"could not be fetched: {reason}") from None

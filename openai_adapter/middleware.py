@@ -254,7 +254,7 @@ class UploadBudgetMiddleware(HttpMiddleware):
     """Hold at most ``budget_bytes`` of request bodies to ``paths`` at once (their
     ``Content-Length``, or ``unknown_length_bytes`` for a body sent without one, and the
     images a request fetches: ``hold_upload_bytes``): a request that would pass it, while
-    others hold some, gets a retryable 503 (before its body is read, or after its fetch:
+    others hold some, gets a retryable 503 (before its body is read, or while it fetches:
     ``UploadBudgetExceeded``). A burst of large
     uploads then cannot exhaust the process's memory, and with it every request it holds.
     A request alone always fits, whatever its size."""

@@ -295,7 +295,9 @@ async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | Ima
         if body.count(b"{") + body.count(b"[") > MAX_EDIT_JSON_STRUCTURES:
             raise OpenAIError(400, _TOO_MANY_STRUCTURES, code=INVALID_JSON)
         # Off the event loop: up to tens of MB of JSON, whose data URLs take a while.
-        yield await asyncio.to_thread(_json_body, ImageEditJsonRequest, body)
+        edit = await asyncio.to_thread(_json_body, ImageEditJsonRequest, body)
+        del body  # not held while the edit runs: its images are in ``edit``
+        yield edit
         return
     if media_type not in _FORMS:
         raise OpenAIError(

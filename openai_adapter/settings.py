@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Most bytes of edit bodies held at once (their Content-Length, and the "
         "images fetched from URLs); an edit that would pass it, while others are held, gets a "
-        "retryable 503 (before its body is read, or after its fetch).",
+        "retryable 503 (before its body is read, or while it fetches).",
     )
     image_url_hosts: list[str] = Field(
         [],

@@ -1233,6 +1233,7 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
 
     PNG = encode((96, 64))
     asked: list[str] = []
+    resume = threading.Event()  # /stalled.png sends its second half once this is set
 
     def do_GET(self) -> None:
         self.asked.append(self.path)
@@ -1252,6 +1253,7 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
             "/trickle.png": self.PNG[:10],
             "/gzip.png": gzip.compress(self.PNG),
             "/big.png": b"\x89PNG\r\n\x1a\n" + bytes(200_000),
+            "/stalled.png": b"\x89PNG\r\n\x1a\n" + bytes(400_000),
         }.get(self.path)
         self.send_response(200 if body else 404)
         self.send_header("Content-Length", str(len(body or b"")))
@@ -1265,6 +1267,11 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     time.sleep(0.2)
                 return
+            if self.path == "/stalled.png":
+                self.wfile.write(body[:200_000])
+                self.wfile.flush()
+                self.resume.wait(10)
+                body = body[200_000:]
             self.wfile.write(body or b"")
 
     def log_message(self, *args: Any) -> None:
@@ -1617,6 +1624,15 @@ def test_images_fetched_from_urls_count_against_the_upload_budget(image_host):
             error = assert_error(refused, 503, "server_busy", None)
             assert "busy receiving other uploads" in error["message"]
             assert refused.headers["retry-after"] == "7"
+            # Counted as they arrive: refused halfway through its fetch, not at its end.
+            stalled = {"prompt": "x", "images": [{"image_url": f"{image_host}/stalled.png"}]}
+            ImageHost.resume.clear()
+            try:
+                halfway = await asyncio.wait_for(http.post("/v1/images/edits", json=stalled), 5)
+                assert not ImageHost.resume.is_set()
+                assert_error(halfway, 503, "server_busy", None)
+            finally:
+                ImageHost.resume.set()
             slow_predictor.release.set()
             assert (await first).status_code == 200
             # The room came back: the fetched bytes were let go with the first edit.

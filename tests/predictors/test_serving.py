@@ -242,7 +242,8 @@ def test_an_encoding_failure_is_logged_and_counted_like_other_errors(monkeypatch
 def test_requests_past_the_capacity_are_refused_before_their_preparation():
     """A request takes its place before its preparation (decoding edit images, here a
     sleep): of ten at once with room for one, one is prepared and runs, nine are refused at
-    once. A place whose preparation fails or is cancelled is freed."""
+    once. A place whose preparation fails is freed, and one whose request is cancelled meanwhile
+    once the preparation's thread has ended."""
     model = QwenImageGenerationModel("capacity", PredictorOptions(device="cpu", max_queue_size=0))
     model.runner.process = lambda jobs: [[Image.new("RGB", (256, 256))] for _ in jobs]
     model.ready = True
@@ -273,6 +274,8 @@ def test_requests_past_the_capacity_are_refused_before_their_preparation():
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
+        assert model.runner.pending == 1, "held until its preparation's thread ends"
+        await asyncio.sleep(0.5)
         assert model.runner.pending == 0
         await model.predict(prompt_request("room again"))
 
