@@ -31,7 +31,7 @@ CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
-_VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def loggable_path(scope: Scope) -> str:
@@ -78,7 +78,7 @@ class AccessMiddleware(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
-        request_id = sent if _VALID_ID.match(sent) else uuid.uuid4().hex
+        request_id = sent if _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})[_STATE_KEY] = request_id
         metrics.IN_PROGRESS.inc()
         start = time.perf_counter()

@@ -134,7 +134,7 @@ EDITS_PATH = _V1 + _EDITS
 v1 = APIRouter(prefix=_V1, dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
 # A form field's name with keys in brackets: ``svg[model]``, ``svg[reasoning][effort]``.
-_NESTED_FORM_FIELD = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]+\])+)$")
+_NESTED_FORM_FIELD = re.compile(r"([^\[\]]+)((?:\[[^\[\]]+\])+)")
 _FORM_KEY = re.compile(r"\[([^\[\]]+)\]")
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 _JSON = "application/json"
@@ -229,7 +229,7 @@ def _form_body(model: type[_Body], form: FormData, list_fields: tuple[str, ...])
 def _set_form_field(fields: dict[str, Any], name: str, value: Any) -> None:
     """Set a form field in ``fields``; a name with keys in brackets (``svg[reasoning][effort]``,
     as the openai SDK sends an object's fields in a form) sets a value in nested objects."""
-    match = _NESTED_FORM_FIELD.match(name)
+    match = _NESTED_FORM_FIELD.fullmatch(name)
     keys = [match[1], *_FORM_KEY.findall(match[2])] if match else [name]
     target = fields
     for key in keys[:-1]:

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from predictors.contract import EDIT_MODEL_NAME, GENERATION_MODEL_NAME
 
 # An entry of image_url_hosts: a host name or IPv4 address, or "*." and a domain.
-_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_HOST = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class Settings(BaseSettings):
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     @classmethod
     def _are_hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            if not _HOST.match(host):
+            if not _HOST.fullmatch(host):
                 raise ValueError(
                     f"{host!r} is not a host name, an IPv4 address or '*.' and a domain"
                 )

@@ -17,7 +17,7 @@ from predictors.tiny import TinyKind, tiny_pipeline_dir
 
 logger = logging.getLogger(__name__)
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -81,7 +81,7 @@ def resolve_location(location: str | None, tiny_kind: TinyKind, tiny_cache_dir: 
                 f"{path} is not a diffusers pipeline directory: it has no model_index.json"
             )
         return str(path)
-    if location.startswith((".", "/", "~")) or not _REPO_ID.match(location):
+    if location.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(location):
         raise ModelLocationError(
             f"model location {location!r} does not exist: give a local pipeline directory "
             "or a Hugging Face repo id such as Qwen/Qwen-Image"

@@ -284,6 +284,39 @@ def test_request_id_is_echoed_and_forwarded(client: TestClient, predictor: FakeP
     assert client.get("/nowhere").headers["x-request-id"]
 
 
+def test_a_request_id_ending_in_a_newline_is_replaced():
+    """Sent straight to the app: HTTP parsers strip it today, but a newline must never
+    reach a log line or the predictor (a regex's ``$`` also matches before a final one)."""
+    app = create_app(Settings(), transport=httpx.MockTransport(v2_answer))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/health/live",
+        "raw_path": b"/health/live",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"adapter"), (b"x-request-id", b"abc\n")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    (start,) = [message for message in sent if message["type"] == "http.response.start"]
+    assert start["status"] == 200
+    request_id = dict(start["headers"])[b"x-request-id"]
+    assert len(request_id) == 32 and b"abc" not in request_id
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "code"),
     [
@@ -1445,7 +1478,13 @@ def test_listed_image_hosts():
     allowed = ["a.example.com", "b.a.example.com", "images.test", "IMAGES.test"]
     refused = ["example.com", "evil-example.com", "example.com.evil", "x.images.test"]
     assert [host_allowed(host, listed) for host in allowed + refused] == [True] * 4 + [False] * 4
-    for entry in ("https://images.example.com", "images.example.com:8080", "*", "[::1]"):
+    for entry in (
+        "https://images.example.com",
+        "images.example.com:8080",
+        "*",
+        "[::1]",
+        "images.example.com\n",
+    ):
         with pytest.raises(ValueError, match="is not a host name"):
             Settings(image_url_hosts=[entry])
 

@@ -63,6 +63,19 @@ def test_each_predictor_loads_the_pipeline_class_its_location_names(tmp_path):
     )
 
 
+@pytest.mark.parametrize("location", ["Qwen/Qwen-Image", "org.name/model_v1.5"])
+def test_a_repo_id_is_taken_as_it_is(location, tmp_path):
+    assert resolve_location(location, "generation", tmp_path) == location
+
+
+@pytest.mark.parametrize(
+    "location", ["Qwen/Qwen-Image\n", "Qwen/Qwen/Image", "./Qwen/Qwen-Image", "Qwen", "/no/such"]
+)
+def test_a_location_that_is_neither_a_directory_nor_a_repo_id_is_refused(location, tmp_path):
+    with pytest.raises(ModelLocationError, match="give a local pipeline directory or a Hugging"):
+        resolve_location(location, "generation", tmp_path)
+
+
 def test_a_model_index_that_is_not_an_object_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text("[]")
     with pytest.raises(ModelLocationError, match="holds a pipeline of no class"):
