@@ -769,6 +769,14 @@ def test_readiness_on_the_predictors_is_a_choice() -> None:
             {"adapter": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
             "adapter.autoscaling.minReplicas \\(5\\) is larger than maxReplicas \\(2\\)",
         ),
+        (  # KEDA could scale to zero, and then never back: no pod exports the queue depth
+            {
+                "predictor": {
+                    "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "autoscalerClass": "keda"}
+                }
+            },
+            "predictor.autoscaling.minReplicas 0 for generation needs deploymentMode Knative",
+        ),
     ],
 )
 def test_min_replicas_above_max_is_refused(values: dict[str, Any], message: str) -> None:
