@@ -1204,6 +1204,14 @@ def test_a_local_model_cache_keeps_the_weights_on_the_nodes() -> None:
         "modelSize": "60Gi",
         "nodeGroups": ["gpu-nvme"],
     }
+    # KServe links an InferenceService to a cache as it admits it, and Helm would create
+    # this kind after the InferenceServices: a hook before them, kept by Helm's hook policy
+    # (its default would delete the cache in use before creating it again)
+    assert cache["metadata"]["annotations"] == {
+        "helm.sh/hook": "pre-install,pre-upgrade",
+        "helm.sh/hook-weight": "-10",
+        "helm.sh/hook-delete-policy": "hook-failed",
+    }
     name = cache["metadata"]["name"]
     assert name.startswith("qis-qwen-image-serve-gen") and len(name) <= 33, name
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
