@@ -17,7 +17,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -297,7 +297,7 @@ class QwenImageModel(Model):
         logger.info(
             "request_id=%s model=%s size=%dx%d images=%d steps=%d cfg=%.2f seed=%d inputs=%d "
             "mask=%s seconds=%.2f",
-            _loggable(request_id),
+            loggable(request_id),
             self.name,
             width,
             height,
@@ -333,15 +333,22 @@ class QwenImageModel(Model):
             },
         )
 
+    def refuse_body(self, body_id: object, headers: Mapping[str, str], message: str) -> None:
+        """Count and log a request whose body is refused before it reaches ``predict`` (KServe's
+        v2 request model refuses it), as ``predict`` counts and logs an invalid one."""
+        request_id = str(body_id or headers.get("x-request-id") or uuid.uuid4().hex)
+        REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
+        self.log_refusal(request_id, "invalid", time.perf_counter(), message)
+
     def log_refusal(self, request_id: str, outcome: str, started: float, reason: str) -> None:
         """The log line of a request that ends without images, with its id like the others."""
         logger.warning(
             "request_id=%s model=%s outcome=%s seconds=%.2f reason=%s",
-            _loggable(request_id),
+            loggable(request_id),
             self.name,
             outcome,
             time.perf_counter() - started,
-            _loggable(reason),
+            loggable(reason),
         )
 
     def parse(self, payload: InferRequest) -> ImageRequest:
@@ -447,7 +454,7 @@ def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
 _LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _loggable(text: str) -> str:
+def loggable(text: str) -> str:
     """``text`` with its line-breaking characters escaped (``\\n``): a client's id or
     value cannot forge lines of the log."""
     return _LINE_BREAKING.sub(lambda match: ascii(match.group())[1:-1], text)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
 from kserve import model_server as kserve_server
 from kserve.errors import InvalidInput, ServerNotReady
-from kserve.logging import KSERVE_LOGGER_NAME
+from kserve.logging import KSERVE_LOGGER_NAME, KSERVE_TRACE_LOGGER_NAME
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,7 +31,7 @@ from predictors.denoise import AttentionBackends
 from predictors.disconnect import CancelOnDisconnect
 from predictors.engine import BatchPolicy
 from predictors.loading import ModelLocationError, PlacementError
-from predictors.model import PredictorOptions, QwenImageModel
+from predictors.model import PredictorOptions, QwenImageModel, loggable
 from predictors.streaming import add_stream_route
 
 logger = logging.getLogger(__name__)
@@ -338,6 +338,18 @@ class QuietRefusals(logging.Filter):
         return not isinstance(error, self.REFUSALS)
 
 
+class EscapedLineBreaks(logging.Filter):
+    """Escapes the line breaks of a record's message (``\\n``): KServe's records name the
+    request's path, percent-decoded, so that a path with ``%0A`` would forge log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = loggable(message)
+        if escaped != message:
+            record.msg, record.args = escaped, ()
+        return True
+
+
 class RefuseBinaryInputs:
     """A 400 for a REST request whose inputs come as binary data (KServe's binary tensor
     extension, announced by the ``inference-header-content-length`` header). KServe's REST
@@ -356,16 +368,28 @@ class RefuseBinaryInputs:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         binary = BINARY_HEADER_LENGTH.encode()  # ASGI gives header names in lower case
         if scope["type"] == "http" and any(name == binary for name, _ in scope["headers"]):
-            logger.info("Refused a request to %s: its inputs came as binary data", scope["path"])
+            logger.info(
+                "Refused a request to %s: its inputs came as binary data", loggable(scope["path"])
+            )
             await JSONResponse({"error": self.MESSAGE}, status_code=400)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """A 400 in KServe's error shape for a body its v2 request model refuses (a parameter
-    that is null, a list or an object, say), where FastAPI would answer 422."""
-    return JSONResponse({"error": describe_invalid_body(exc.errors())}, status_code=400)
+def invalid_body_handler(
+    model: QwenImageModel,
+) -> Callable[[Request, RequestValidationError], Awaitable[JSONResponse]]:
+    """The handler of a body KServe's v2 request model refuses (a parameter that is null, a
+    list or an object, say): a 400 in KServe's error shape, where FastAPI would answer 422,
+    counted and logged by ``model`` as any invalid request."""
+
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = describe_invalid_body(exc.errors())
+        body_id = exc.body.get("id") if isinstance(exc.body, dict) else None
+        model.refuse_body(body_id, request.headers, message)
+        return JSONResponse({"error": message}, status_code=400)
+
+    return invalid_body
 
 
 class PredictorServer(ModelServer):
@@ -437,9 +461,11 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
     kserve_server.app.add_middleware(RefuseBinaryInputs)
-    kserve_server.app.add_exception_handler(RequestValidationError, _invalid_body)
+    kserve_server.app.add_exception_handler(RequestValidationError, invalid_body_handler(model))
     add_stream_route(kserve_server.app, model)
     logging.getLogger(KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
+    for name in (KSERVE_LOGGER_NAME, KSERVE_TRACE_LOGGER_NAME):
+        logging.getLogger(name).addFilter(EscapedLineBreaks())
     PredictorServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,

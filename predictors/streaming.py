@@ -14,6 +14,7 @@ import logging
 
 import orjson
 import pydantic
+import pydantic_core
 from fastapi import FastAPI, Request
 from kserve import InferRequest, InferResponse
 from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
@@ -35,7 +36,12 @@ def add_stream_route(app: FastAPI, model: QwenImageModel) -> None:
 
     async def infer_stream(request: Request) -> EventStreamResponse:
         """A v2 infer request, answered as server-sent events (``predictors.streaming``)."""
-        payload = _infer_request(await request.body(), model.name)
+        body = await request.body()
+        try:
+            payload = _infer_request(body, model.name)
+        except InvalidInput as refused:
+            model.refuse_body(_body_id(body), request.headers, str(refused))
+            raise
         events = model.predict_stream(payload, dict(request.headers))
         # Awaited here, so that a refusal gets its own status rather than a stream's 200.
         first = await anext(events)
@@ -60,6 +66,15 @@ def _infer_request(body: bytes, model_name: str) -> InferRequest:
     if request.parameters:
         request.parameters.pop(contract.BINARY_DATA_OUTPUT, None)
     return InferRequest.from_inference_request(request, model_name)
+
+
+def _body_id(body: bytes) -> object:
+    """The ``id`` of a JSON body that the v2 request model refused, if it has one."""
+    try:
+        parsed = pydantic_core.from_json(body)
+    except ValueError:
+        return None
+    return parsed.get("id") if isinstance(parsed, dict) else None
 
 
 def _error_event(error: Exception) -> bytes:

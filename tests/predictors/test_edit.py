@@ -494,4 +494,10 @@ def test_rest_inputs_as_binary_data_get_a_clear_400(edit_predictor):
     assert response.status_code == 400
     assert response.json()["error"].startswith("This server takes no REST inputs as binary data")
     assert len(response.content) < 300
+    # Its log lines (its refusal, KServe's trace) show the path with its line break escaped.
+    forged = edit_predictor.infer_url.replace("/infer", "%0AFORGED/infer")
+    headers = {contract.BINARY_HEADER_LENGTH: "1"}
+    assert httpx.post(forged, content=b"x", headers=headers).status_code == 400
+    assert "\nFORGED" not in edit_predictor.log()
+    assert "qwen-image-edit\\nFORGED/infer: its inputs came as binary data" in edit_predictor.log()
     assert edit(edit_predictor, image, **FAST).status_code == 200

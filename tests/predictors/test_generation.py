@@ -163,15 +163,34 @@ def test_malformed_tensors_and_numbers_get_a_clear_400(
     ],
     ids=["null", "list", "not-an-object"],
 )
-def test_bodies_kserves_request_model_refuses_get_a_clear_400(generation_predictor, body, message):
-    """What KServe's v2 request model refuses got FastAPI's 422 (``{"detail": ...}``)."""
+def test_bodies_kserves_request_model_refuses_get_a_clear_400(
+    request, generation_predictor, body, message
+):
+    """What KServe's v2 request model refuses got FastAPI's 422 (``{"detail": ...}``). Such a
+    request is counted and logged with its id as any invalid one (it was neither)."""
+    rejected = rejected_invalid(generation_predictor)
     text = '{"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}], '
     for url in (generation_predictor.infer_url, generation_predictor.infer_url + "_stream"):
+        request_id = f"refused-{request.node.callspec.id}-{url.rsplit('/', 1)[1]}"
         response = httpx.post(
-            url, content=text + body + "}", headers={"content-type": "application/json"}
+            url,
+            content=f'{text}"id": "{request_id}", {body}}}',
+            headers={"content-type": "application/json"},
         )
         assert response.status_code == 400, response.text
         assert message in response.json()["error"]
+        assert f"request_id={request_id} model=qwen-image outcome=invalid" in (
+            generation_predictor.log()
+        )
+    assert rejected_invalid(generation_predictor) == rejected + 2
+
+
+def rejected_invalid(predictor) -> float:
+    """The predictor's count of requests refused as invalid."""
+    metrics = httpx.get(f"{predictor.url}/metrics").text
+    name = 'qwen_image_requests_rejected_total{model_name="qwen-image",reason="invalid"}'
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def test_an_image_input_is_refused_by_the_generation_model(generation_predictor):
