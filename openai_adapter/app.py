@@ -90,6 +90,7 @@ def create_app(
         BodySizeLimitMiddleware,
         max_bytes=max_body_bytes(settings.max_upload_bytes),
         path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
+        routes=[GENERATIONS_PATH, EDITS_PATH],
         idle_timeout_seconds=settings.body_idle_timeout_seconds,
         min_rate_bytes_per_second=settings.body_min_rate_bytes_per_second,
     )

@@ -11,10 +11,13 @@ LABELS = ["route", "method"]
 # label set.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The route of requests answered without reaching one: unknown paths (so that they cannot
-# grow the label set), bodies refused by their Content-Length (413) and CORS preflights.
+# grow the label set), bodies to other paths than the images' refused by their
+# Content-Length (413), and CORS preflights.
 UNROUTED = "unrouted"
+API_PREFIX = "/v1/"
 # The scope key where a middleware that answers a route's requests before routing (the
-# upload budget's 503) names that route's path, so that its answers count under the route.
+# upload budget's 503, the size check's 413) names that route's path, so that its answers
+# count under the route.
 ANSWERED_ROUTE = "qwen_image_answered_route"
 
 REQUESTS = Counter(
@@ -28,7 +31,10 @@ REQUEST_LATENCY = Histogram(
     LABELS,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
 )
-IN_PROGRESS = Gauge("qwen_image_adapter_requests_in_progress", "Requests not answered yet.")
+IN_PROGRESS = Gauge(
+    "qwen_image_adapter_requests_in_progress",
+    "API requests (/v1) not answered yet; not probes or scrapes.",
+)
 STREAM_ERRORS = Counter(
     "qwen_image_adapter_stream_errors_total",
     "Streams (stream: true) ended by an error event after their first event, whose status "
@@ -46,6 +52,13 @@ IMAGE_URL_FETCH_SECONDS = Histogram(
     "Time to fetch an image URL, of those fetched.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+def in_progress_counted(scope: Scope) -> bool:
+    """Whether ``IN_PROGRESS`` counts ``scope``'s request: the API's (/v1) are, health
+    checks, scrapes and docs are not (a scrape would count itself, so the gauge would never
+    read 0)."""
+    return scope["path"].startswith(API_PREFIX)
 
 
 def record(scope: Scope, status: int, seconds: float) -> None:

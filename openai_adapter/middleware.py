@@ -11,7 +11,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -80,7 +80,9 @@ class AccessMiddleware(HttpMiddleware):
         sent = Request(scope).headers.get(REQUEST_ID_HEADER, "")
         request_id = sent if _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})[_STATE_KEY] = request_id
-        metrics.IN_PROGRESS.inc()
+        counted = metrics.in_progress_counted(scope)
+        if counted:
+            metrics.IN_PROGRESS.inc()
         start = time.perf_counter()
         status = 500
         answer_started = answer_ended = False
@@ -105,7 +107,8 @@ class AccessMiddleware(HttpMiddleware):
             raise
         finally:
             seconds = time.perf_counter() - start
-            metrics.IN_PROGRESS.dec()
+            if counted:
+                metrics.IN_PROGRESS.dec()
             metrics.record(scope, status, seconds)
             logger.info(
                 "request_id=%s %s %s %d %.1fms",
@@ -142,10 +145,12 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         path_limits: Mapping[str, int],
         idle_timeout_seconds: float,
         min_rate_bytes_per_second: float = 0,
+        routes: Collection[str] = (),
     ):
         super().__init__(app)
         self.max_bytes = max_bytes
         self.path_limits = dict(path_limits)
+        self.routes = frozenset(routes)
         self.idle_timeout_seconds = idle_timeout_seconds
         self.min_rate_bytes_per_second = min_rate_bytes_per_second
 
@@ -182,6 +187,8 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
+            if scope["path"] in self.routes:  # counted under its route, not ``unrouted``
+                scope[metrics.ANSWERED_ROUTE] = scope["path"]
             await self.too_large(max_bytes)(scope, receive, send)
             return
         received = 0
