@@ -78,7 +78,7 @@ class PredictorCall:
     body: list[bytes]
     param_names: dict[str, str]
     previews: bool  # made through the predictor's ``infer_stream``
-    quality: ImageQuality | None  # what the answer reports (``reported_quality``)
+    quality: ImageQuality | None  # what the answer reports (``_reported_quality``)
 
 
 class ImageService:
@@ -289,7 +289,7 @@ class ImageService:
             output_compression=request.output_compression,
             partial_images=request.partial_images if previews else None,
         )
-        quality = reported_quality(quality_table, steps, request.quality)
+        quality = _reported_quality(quality_table, steps, request.quality)
         return PredictorCall(model, request_id, body, param_names, previews, quality)
 
     async def _run(self, call: PredictorCall, request: ImageRequest, events: str) -> Answer:
@@ -323,7 +323,7 @@ class ImageService:
                     yield event
 
 
-def reported_quality(
+def _reported_quality(
     table: Mapping[str, int], steps: int | None, requested: Quality | None
 ) -> ImageQuality | None:
     """The quality an answer reports: the level of the quality ``table`` (quality -> steps)
