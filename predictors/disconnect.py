@@ -77,6 +77,9 @@ class CancelOnDisconnect:
                 raise
         finally:
             watcher.cancel()
+            # The closures' cells: a failed handler's error holds their frames in its
+            # traceback, and the handler task the error, a cycle through the request.
+            handler = watcher = None
 
 
 async def server_sent_events(
@@ -115,8 +118,36 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if _asgi_spec_version(scope) >= (2, 4):  # a client's leaving fails ``send``
+                await super().__call__(scope, receive, send)
+            else:
+                await self._send_until_disconnect(receive, send)
         finally:
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
+
+    async def _send_until_disconnect(self, receive: Receive, send: Send) -> None:
+        """Starlette's way for servers of ASGI before 2.4 (uvicorn): the events are sent
+        until they end or the client leaves, whichever comes first. In asyncio tasks, not
+        Starlette's anyio task group, whose callback keeps a send cancelled by the client's
+        leaving (its frames, the event being sent: megabytes of a preview) in a reference
+        cycle until the garbage collector's pass."""
+        sending = asyncio.ensure_future(self.stream_response(send))
+        listening = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sending.cancel()
+            listening.cancel()
+            await asyncio.wait((sending, listening))
+        error = None if sending.cancelled() else sending.exception()
+        if error is not None:
+            try:
+                raise error
+            finally:  # the error's traceback holds this frame: no cycle through it
+                error = sending = listening = None
+
+
+def _asgi_spec_version(scope: Scope) -> tuple[int, ...]:
+    return tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))

@@ -138,6 +138,18 @@ class _Call:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
+def _drop_batch_frames(error: BaseException) -> None:
+    """Let ``error``, caught in ``_execute`` to be handed to the batch's requests, hold no
+    frame: its traceback's frames (the batch's tensors among their locals) and their callers
+    (``_execute``'s, which holds the batch, its requests' futures, and so the error) would
+    form a cycle, kept until the garbage collector's pass. Where it was raised stays, as a
+    note that its log shows."""
+    if error.__traceback__ is not None:
+        lines = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+        error.add_note(f"Raised in the pipeline worker:\n{lines}")
+        error.__traceback__ = None
+
+
 def _settle(
     future: concurrent.futures.Future, result: object = None, error: BaseException | None = None
 ) -> None:
@@ -179,6 +191,8 @@ class Slot(Generic[JobT, ResultT]):
                 self.held = False  # the thread's end frees it instead of the ``with`` block
                 preparing.add_done_callback(self._release_prepared)
             raise
+        finally:
+            preparing = None  # its error's traceback holds this frame: no cycle through it
 
     def _release_prepared(self, preparing: asyncio.Future[JobT]) -> None:
         if not preparing.cancelled():
@@ -299,6 +313,10 @@ class PipelineRunner(Generic[JobT, ResultT]):
         except asyncio.CancelledError:
             self._abandon(waiting)
             raise
+        finally:
+            # The job's error holds this frame in its traceback, and the future the error:
+            # a cycle, which would keep the request until the garbage collector's pass.
+            waiting = None
 
     def stop_if_abandoned(self, where: str) -> None:
         """Raise ``BatchAbandoned`` when every request of the running batch has been given up
@@ -490,10 +508,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
                 _settle(item.future, error=exc)
             return
         except Exception as exc:
-            # The locals of the finished frames, the batch's tensors among them, would live
-            # as long as the traceback: through the retries, then in a cycle (traceback, this
-            # frame, the batch's futures, the exception) until the garbage collector's pass.
-            traceback.clear_frames(exc.__traceback__)
+            _drop_batch_frames(exc)
             if len(batch) == 1:
                 _settle(batch[0].future, error=exc)
                 return
@@ -511,6 +526,7 @@ class PipelineRunner(Generic[JobT, ResultT]):
             for item, result in zip(batch, results, strict=True):
                 _settle(item.future, result)
         except Exception as exc:
+            _drop_batch_frames(exc)
             for item in batch:
                 _settle(item.future, error=exc)
 

@@ -8,6 +8,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -20,6 +21,7 @@ from predictors.engine import (
     ServerStopping,
     ShutdownTimeout,
 )
+from tests.cycles import collector_off, cyclic_garbage, frames_holding
 
 
 @dataclass(frozen=True)
@@ -444,6 +446,61 @@ def test_a_request_cancelled_while_its_job_is_prepared_keeps_its_place_until_tha
             assert await slot.run(await slot.prepare(lambda: FakeJob("next"))) == "done next"
 
     asyncio.run(scenario())
+    runner.close()
+
+
+def test_a_failed_or_abandoned_request_leaves_nothing_in_reference_cycles():
+    """The error handed to a batch's requests held, through its traceback, the frames that
+    hold the batch (``_execute``'s, ``_run``'s, ``Slot.prepare``'s): a cycle back to the
+    error through the requests' futures, which kept every request (its tensors, its decoded
+    images) until the garbage collector's pass."""
+    started = threading.Event()
+
+    def process(jobs: list[FakeJob]) -> list[str]:
+        if jobs[0].fail:
+            raise RuntimeError("bad job")
+        started.set()
+        for _ in range(500):
+            time.sleep(0.01)
+            runner.stop_if_abandoned("between steps")
+        return [f"done {job.name}" for job in jobs]
+
+    runner = PipelineRunner("m", process, 4, BatchPolicy(max_batch_size=1))
+
+    def unreadable() -> FakeJob:
+        raise ValueError("an image that cannot be read")
+
+    async def failing(make_job: Callable[[], FakeJob]) -> None:
+        upload = bytes(1_000_000)  # what a request holds while it is served  # noqa: F841
+        with runner.reserve() as slot:
+            await slot.run(await slot.prepare(make_job))
+
+    async def refusal(make_job: Callable[[], FakeJob]) -> str:
+        # Not pytest.raises: its record of the error would hold the frames itself.
+        try:
+            await failing(make_job)
+        except (RuntimeError, ValueError) as error:
+            return str(error)
+        return "served"
+
+    async def scenario() -> list[str]:
+        refusals = [
+            await refusal(lambda: FakeJob("failed", fail=True)),
+            await refusal(unreadable),
+        ]
+        abandoned = asyncio.create_task(failing(lambda: FakeJob("abandoned")))
+        await asyncio.to_thread(started.wait, 5)
+        abandoned.cancel()
+        await asyncio.wait([abandoned])
+        while runner.pending:
+            await asyncio.sleep(0.01)
+        return refusals
+
+    with collector_off():
+        assert asyncio.run(scenario()) == ["bad job", "an image that cannot be read"]
+        garbage = cyclic_garbage()
+        assert [job for job in garbage if isinstance(job, FakeJob)] == []
+        assert frames_holding(garbage, 1_000_000) == []
     runner.close()
 
 
