@@ -169,6 +169,22 @@ def test_a_retried_request_does_not_repeat_its_previews():
     assert [event.parameters[contract.PARTIAL_IMAGE_INDEX] for _, event in events[:2]] == [0, 1]
 
 
+# uvicorn's ASGI version: Starlette then watches for the client's leaving beside the sending.
+UVICORN_SCOPE = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
+
+
+async def reads_nothing_more(message: dict) -> None:
+    """The ``send`` of a client that stops reading once the response has started."""
+    if message["type"] == "http.response.body":
+        await asyncio.Event().wait()
+
+
+async def leaves_soon() -> dict:
+    """The ``receive`` of a client that leaves a moment after its request."""
+    await asyncio.sleep(0.05)
+    return {"type": "http.disconnect"}
+
+
 def test_a_client_that_leaves_during_a_send_closes_the_streams_body():
     """A client that stops reading and leaves while an event is being sent: Starlette
     cancels the send, and the response closes its body, whose ``finally`` (giving the
@@ -182,17 +198,8 @@ def test_a_client_that_leaves_during_a_send_closes_the_streams_body():
         finally:
             closed.append("closed")
 
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            await asyncio.Event().wait()  # a client that reads nothing more
-
-    async def receive() -> dict:
-        await asyncio.sleep(0.05)
-        return {"type": "http.disconnect"}
-
     async def scenario() -> list[str]:
-        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
-        await EventStreamResponse(body())(scope, receive, send)
+        await EventStreamResponse(body())(UVICORN_SCOPE, leaves_soon, reads_nothing_more)
         return list(closed)  # before asyncio.run finalizes what is left
 
     assert asyncio.run(scenario()) == ["closed"]
@@ -208,21 +215,11 @@ def test_a_stream_its_client_left_during_a_send_leaves_nothing_in_reference_cycl
         yield b"x" * 1_000_000  # an event: a preview's base64
         yield b"event: completed\n\n"
 
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            await asyncio.Event().wait()  # a client that reads nothing more
-
-    async def receive() -> dict:
-        await asyncio.sleep(0.01)
-        return {"type": "http.disconnect"}
-
-    async def scenario() -> None:
-        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
-        await EventStreamResponse(body())(scope, receive, send)
-
     with collector_off():
         for _ in range(3):
-            asyncio.run(scenario())
+            response = EventStreamResponse(body())
+            asyncio.run(response(UVICORN_SCOPE, leaves_soon, reads_nothing_more))
+        del response
         assert frames_holding(cyclic_garbage(), 1_000_000) == []
 
 
@@ -234,13 +231,12 @@ def test_a_stream_whose_sending_fails_raises_the_failure():
         if message["type"] == "http.response.body":
             raise OSError("the connection broke")
 
-    async def receive() -> dict:
+    async def stays() -> dict:
         await asyncio.Event().wait()  # the client never says it left
         return {"type": "http.disconnect"}
 
     async def scenario() -> None:
-        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
-        await EventStreamResponse(body())(scope, receive, send)
+        await EventStreamResponse(body())(UVICORN_SCOPE, stays, send)
 
     with pytest.raises(OSError, match="the connection broke"):
         asyncio.run(asyncio.wait_for(scenario(), 5))
