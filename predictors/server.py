@@ -18,11 +18,11 @@ from types import FrameType
 from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
 from kserve import model_server as kserve_server
-from kserve.errors import InvalidInput, ServerNotReady
+from kserve.errors import InvalidInput, ServerNotReady, generic_exception_handler
 from kserve.logging import KSERVE_LOGGER_NAME, KSERVE_TRACE_LOGGER_NAME
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
@@ -350,6 +350,36 @@ class EscapedLineBreaks(logging.Filter):
         return True
 
 
+class AnswerUnexpectedErrors:
+    """Answers an unexpected error of the app (a failed inference) with KServe's own 500,
+    inside Starlette's outermost middleware. That one would answer it the same, then raise
+    it again, for uvicorn to log a second time and to close the connection: the adapter's
+    next call on that pooled connection could fail. An error after the response has started
+    goes on up. ASGI middleware."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_response(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_response)
+        except Exception as exc:
+            if response_started:
+                raise
+            answer = await generic_exception_handler(Request(scope), exc)
+            await answer(scope, receive, send)
+
+
 class RefuseBinaryInputs:
     """A 400 for a REST request whose inputs come as binary data (KServe's binary tensor
     extension, announced by the ``inference-header-content-length`` header). KServe's REST
@@ -460,6 +490,7 @@ def serve(model_class: type[QwenImageModel], argv: Sequence[str] | None = None) 
     # KServe's REST app, which its ModelServer serves: a client's disconnect cancels the
     # handler, and with it a request waiting in the queue.
     kserve_server.app.add_middleware(CancelOnDisconnect)
+    kserve_server.app.add_middleware(AnswerUnexpectedErrors)
     kserve_server.app.add_middleware(RefuseBinaryInputs)
     kserve_server.app.add_exception_handler(RequestValidationError, invalid_body_handler(model))
     add_stream_route(kserve_server.app, model)

@@ -26,7 +26,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
@@ -42,7 +41,7 @@ from openai_adapter.middleware import loggable_path
 from openai_adapter.protocol import ImageEditRequest, ImageGenerationRequest, OutputFormat
 from openai_adapter.settings import Settings
 from predictors import contract
-from tests.servers import PROJECT_ROOT, free_port
+from tests.servers import PROJECT_ROOT, uvicorn_server
 
 Handler = Callable[[httpx.Request], httpx.Response]
 RETRY_LATER = {"retry-after": "5"}
@@ -1988,26 +1987,6 @@ def test_metrics_count_requests_by_route_and_status(make_client, predictor):
     # API requests only: the scrapes (and health checks) would keep it from ever reading 0
     assert metric(client, "qwen_image_adapter_requests_in_progress") == 0
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
-
-
-@contextlib.contextmanager
-def uvicorn_server(app: Any) -> Iterator[str]:
-    """The base URL of ``app`` served by uvicorn on loopback, in a thread."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=free_port(), log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def raw_connection(url: str, timeout: float) -> socket.socket:

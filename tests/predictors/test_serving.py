@@ -20,8 +20,9 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+from fastapi import FastAPI, Request
 from kserve import InferenceGRPCClient, InferInput, InferRequest, InferResponse
-from kserve.errors import InvalidInput, ServerNotReady
+from kserve.errors import InvalidInput, ServerNotReady, generic_exception_handler
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -30,7 +31,14 @@ from predictors import model as model_module
 from predictors.engine import ServerBusy
 from predictors.generation import QwenImageGenerationModel
 from predictors.model import PredictorOptions
-from tests.servers import PROJECT_ROOT, RunningPredictor, run_predictor, wait_for_queue_depth
+from predictors.server import AnswerUnexpectedErrors
+from tests.servers import (
+    PROJECT_ROOT,
+    RunningPredictor,
+    run_predictor,
+    uvicorn_server,
+    wait_for_queue_depth,
+)
 
 # Slow enough on the tiny CPU pipeline (several seconds) to overlap with other calls.
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 6}
@@ -405,3 +413,34 @@ def test_a_request_id_cannot_forge_log_lines(caplog):
     assert f"request_id={escaped} model=forged-ids outcome=invalid" in caplog.text
     assert not any(line.startswith("request_id=forged") for line in caplog.messages)
     assert all(len(message.splitlines()) == 1 for message in caplog.messages)
+
+
+def test_an_unexpected_error_gets_kserves_500_and_keeps_the_connection(caplog):
+    """KServe's REST app answers an unexpected error (a failed inference) from Starlette's
+    outermost middleware, which then raised it again: uvicorn logged it a second time and
+    closed the connection, so the adapter's next call on it could fail."""
+    app = FastAPI()
+    app.add_exception_handler(Exception, generic_exception_handler)  # as KServe's app does
+    app.add_middleware(AnswerUnexpectedErrors)
+
+    @app.get("/port")
+    async def port(request: Request) -> dict[str, int]:
+        return {"port": request.client.port}
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise RuntimeError("CUDA error: out of memory")
+
+    with (
+        caplog.at_level(logging.ERROR),
+        uvicorn_server(app) as url,
+        httpx.Client(base_url=url) as client,
+    ):
+        first_port = client.get("/port").json()["port"]
+        failed = client.get("/fail")
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "RuntimeError : CUDA error: out of memory"}
+        assert client.get("/port").json()["port"] == first_port, "the same connection"
+    assert "Exception in ASGI application" not in caplog.text
+    logged = [record for record in caplog.records if record.exc_info]
+    assert [record.name for record in logged] == ["kserve"]  # its handler's record, once
