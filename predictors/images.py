@@ -64,7 +64,14 @@ def decode_edit_area(
             MASK,
             "'mask' has no alpha channel: its fully transparent pixels mark the area to edit",
         )
-    area = mask.convert("RGBA").getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+    if mask.mode.startswith("I") and "transparency" in mask.info:
+        # 16-bit grayscale with a transparent level (a tRNS chunk): Pillow's RGBA conversion
+        # drops it, and the mask would mark nothing.
+        transparent = np.asarray(mask) == mask.info["transparency"]
+        area = Image.fromarray(np.where(transparent, 255, 0).astype(np.uint8))
+    else:
+        alpha = mask.convert("RGBA").getchannel("A")
+        area = alpha.point(lambda value: 255 if value == 0 else 0)
     if area.getbbox() is None:
         raise ContractError(
             MASK, "'mask' has no fully transparent pixel, so it leaves nothing to edit"

@@ -15,7 +15,7 @@ from PIL import Image
 from predictors import contract
 from predictors.contract import ContractError, Limits
 from predictors.edit import QwenImageEditModel
-from predictors.images import decode_image
+from predictors.images import decode_edit_area, decode_image
 from predictors.model import PredictorOptions
 from tests.adapter_stack import encode_mask
 from tests.predictors.conftest import EDIT_MAX_INPUT_PIXELS
@@ -174,6 +174,17 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded():
     assert len(bomb) < 100_000
     with pytest.raises(ContractError, match="is a JPEG of 1006 scans, more than the 100 "):
         decode_image(bomb, 4096 * 4096)
+
+
+def test_a_16_bit_grayscale_mask_marks_its_transparent_level():
+    """A tRNS chunk makes one gray level transparent; Pillow's RGBA conversion of 16-bit
+    grayscale drops it, and the mask was refused as marking nothing."""
+    levels = np.array([[0, 1000], [1000, 1000]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG", transparency=1000)
+    image = Image.new("RGB", (2, 2))
+    area = decode_edit_area(buffer.getvalue(), image, "'image'", EDIT_MAX_INPUT_PIXELS)
+    assert np.asarray(area).tolist() == [[0, 255], [255, 255]]
 
 
 def test_a_deployment_may_accept_inputs_past_pillows_own_pixel_limit(monkeypatch):
