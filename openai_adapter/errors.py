@@ -9,11 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive, Scope, Send
 
 from openai_adapter import metrics
-from openai_adapter.middleware import REQUEST_ID_HEADER, HttpMiddleware, error_json, request_id_of
+from openai_adapter.middleware import REQUEST_ID_HEADER, error_json, request_id_of
 from openai_adapter.protocol import ErrorInfo, StreamErrorEvent
+from predictors.asgi import UnexpectedErrorAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -186,28 +186,11 @@ def stream_error(exc: Exception, request_id: str) -> StreamErrorEvent:
     return StreamErrorEvent(error=info)
 
 
-class UnexpectedErrorMiddleware(HttpMiddleware):
-    """Answer an unexpected exception with a 500 in OpenAI's shape, and log it once.
+class UnexpectedErrorMiddleware(UnexpectedErrorAnswer):
+    """Answer an unexpected exception with a 500 in OpenAI's shape, and log it once. Placed
+    inside the CORS middleware, so that the answer has its headers (without them a browser
+    would see a network error instead of the 500)."""
 
-    Starlette answers those in its outermost layer, outside every middleware, so the answer
-    would miss the headers that middleware adds (CORS: a browser would see a network error
-    instead of the 500). Placed inside the CORS middleware, this one answers first. An
-    exception raised once the answer has started is raised on: the status is already sent.
-    """
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def noting_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, noting_send)
-        except Exception:
-            if started:
-                raise
-            request = Request(scope)
-            logger.exception("request_id=%s unexpected error", request_id_of(request))
-            await error_response(request, 500, _INTERNAL_ERROR)(scope, receive, send)
+    async def answer(self, request: Request, exc: Exception) -> JSONResponse:
+        logger.error("request_id=%s unexpected error", request_id_of(request), exc_info=exc)
+        return error_response(request, 500, _INTERNAL_ERROR)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openai_adapter import metrics
 from openai_adapter.protocol import ErrorInfo, ErrorResponse
+from predictors.asgi import HttpMiddleware
 
 logger = logging.getLogger("openai_adapter.access")
 
@@ -51,24 +52,6 @@ def error_json(
 ) -> JSONResponse:
     """An answer with OpenAI's error body."""
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
-
-
-class HttpMiddleware:
-    """A pure ASGI middleware of HTTP requests: ``handle`` gets those, and any other scope
-    (the lifespan) passes through to the app untouched."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self.handle(scope, receive, send)
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one HTTP request, calling ``self.app`` as the middleware sees fit."""
-        raise NotImplementedError
 
 
 class AccessMiddleware(HttpMiddleware):

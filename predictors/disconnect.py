@@ -16,24 +16,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from starlette.responses import StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from predictors.asgi import HttpMiddleware
 
 EventT = TypeVar("EventT")
 Chunk = TypeVar("Chunk", str, bytes)
 
 
-class CancelOnDisconnect:
+class CancelOnDisconnect(HttpMiddleware):
     """Cancel the wrapped app when the client disconnects before any response has started,
     while its body is still arriving or after; a response already under way is left to
     finish."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_received = asyncio.Event()
         response_started = False
         client_left = False

@@ -203,7 +203,7 @@ class QwenImageModel(Model):
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse:
         """Validate, wait for the GPU, generate, encode and answer one infer request."""
-        request_id = _request_id(payload, headers)
+        request_id = _request_id(payload.id, headers)
         request, encoded = await self.make_images(payload, request_id)
         return self.respond(payload, request_id, request, encoded)
 
@@ -214,7 +214,7 @@ class QwenImageModel(Model):
         then the answer ``predict`` gives; as (event name, response) pairs. What ``predict``
         would raise before its answer is raised here; leaving the iteration early gives the
         request up, as a client that leaves ``predict`` does."""
-        request_id = _request_id(payload, headers)
+        request_id = _request_id(payload.id, headers)
         loop = asyncio.get_running_loop()
         # The previews as they come, then the answer once done: the worker thread queues the
         # previews before the job's result, so they always come first.
@@ -336,7 +336,7 @@ class QwenImageModel(Model):
     def refuse_body(self, body_id: object, headers: Mapping[str, str], message: str) -> None:
         """Count and log a request whose body is refused before it reaches ``predict`` (KServe's
         v2 request model refuses it), as ``predict`` counts and logs an invalid one."""
-        request_id = str(body_id or headers.get("x-request-id") or uuid.uuid4().hex)
+        request_id = _request_id(body_id, headers)
         REQUESTS_REJECTED.labels(model_name=self.name, reason="invalid").inc()
         self.log_refusal(request_id, "invalid", time.perf_counter(), message)
 
@@ -445,9 +445,9 @@ def _previews_to(
     return lambda number, index, image: on_partial(_Preview(request, number, index, image))
 
 
-def _request_id(payload: InferRequest, headers: dict[str, str] | None) -> str:
+def _request_id(body_id: object, headers: Mapping[str, str] | None) -> str:
     """The request's id: the v2 body's, else the ``x-request-id`` header, else a new one."""
-    return payload.id or (headers or {}).get("x-request-id") or uuid.uuid4().hex
+    return str(body_id or (headers or {}).get("x-request-id") or uuid.uuid4().hex)
 
 
 # Characters that end or rewrite a line of the log: C0 and C1 controls, Unicode separators.

@@ -21,11 +21,12 @@ from kserve import model_server as kserve_server
 from kserve.errors import InvalidInput, ServerNotReady, generic_exception_handler
 from kserve.logging import KSERVE_LOGGER_NAME, KSERVE_TRACE_LOGGER_NAME
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from predictors import acceleration
 from predictors.acceleration import Acceleration, AccelerationError
+from predictors.asgi import HttpMiddleware, UnexpectedErrorAnswer
 from predictors.contract import BINARY_HEADER_LENGTH, SIZE_MULTIPLE, Limits, describe_invalid_body
 from predictors.denoise import AttentionBackends
 from predictors.disconnect import CancelOnDisconnect
@@ -350,37 +351,17 @@ class EscapedLineBreaks(logging.Filter):
         return True
 
 
-class AnswerUnexpectedErrors:
+class AnswerUnexpectedErrors(UnexpectedErrorAnswer):
     """Answers an unexpected error of the app (a failed inference) with KServe's own 500,
-    inside Starlette's outermost middleware. That one would answer it the same, then raise
-    it again, for uvicorn to log a second time and to close the connection: the adapter's
-    next call on that pooled connection could fail. An error after the response has started
-    goes on up. ASGI middleware."""
+    which logs it once. Starlette's outermost middleware would answer it the same, then
+    raise it again: uvicorn logged it a second time and closed the connection, and the
+    adapter's next call on that pooled connection could fail."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        response_started = False
-
-        async def send_response(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_response)
-        except Exception as exc:
-            if response_started:
-                raise
-            answer = await generic_exception_handler(Request(scope), exc)
-            await answer(scope, receive, send)
+    async def answer(self, request: Request, exc: Exception) -> Response:
+        return await generic_exception_handler(request, exc)
 
 
-class RefuseBinaryInputs:
+class RefuseBinaryInputs(HttpMiddleware):
     """A 400 for a REST request whose inputs come as binary data (KServe's binary tensor
     extension, announced by the ``inference-header-content-length`` header). KServe's REST
     server reads binary BYTES inputs as UTF-8 text, so an image file failed with a 500 whose
@@ -392,12 +373,9 @@ class RefuseBinaryInputs:
         "base64, or raw over gRPC"
     )
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         binary = BINARY_HEADER_LENGTH.encode()  # ASGI gives header names in lower case
-        if scope["type"] == "http" and any(name == binary for name, _ in scope["headers"]):
+        if any(name == binary for name, _ in scope["headers"]):
             logger.info(
                 "Refused a request to %s: its inputs came as binary data", loggable(scope["path"])
             )
