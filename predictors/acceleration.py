@@ -6,7 +6,7 @@
 - the blocks' modulation computed for all of a request's steps at once (exact to rounding);
 - regional compilation of the transformer blocks, warmed up at load time (exact to bf16 noise),
   optionally replayed as CUDA graphs (an experiment: no gain on an H100, with CFG or Lightning)
-  or autotuned (an experiment, not measured on a GPU yet);
+  or autotuned (an experiment: no gain on an H100 at 1328x1328, a compile 3x as long);
 - a step-distilled LoRA such as Qwen-Image-Lightning, fused into the weights, with its
   scheduler settings (fast mode: changes the outputs, meant for 8 steps without CFG);
 - FP8 weights and activations through torchao (fast mode: changes the outputs slightly);

@@ -518,6 +518,35 @@ def test_notes_give_port_forward_and_first_requests() -> None:
     assert "curl -s http://localhost:8000/v1/images/edits" in notes
 
 
+def test_notes_follow_the_models_the_adapter_serves() -> None:
+    """A model whose predictor runs elsewhere (adapter.predictorUrls) is served, listed and
+    given its example; `helm test` is offered only where its Pod is rendered."""
+    elsewhere = {
+        "generation": {"enabled": False},
+        "edit": {"enabled": False},
+        "adapter": {"predictorUrls": {"generation": "http://elsewhere:8080"}},
+        "tests": {"enabled": False},
+    }
+    notes = chart().render(elsewhere, name=RELEASE, namespace=NAMESPACE)[
+        "qwen-image-serve/templates/NOTES.txt"
+    ]
+    assert (
+        'model "qwen-image" from the predictor at http://elsewhere:8080 '
+        "(adapter.predictorUrls.generation)" in notes
+    )
+    assert 'client.images.generate(model="qwen-image"' in notes
+    assert "/v1/images/edits" not in notes
+    assert "serves no model" not in notes
+    assert "helm test" not in notes
+
+    nothing = {"generation": {"enabled": False}, "edit": {"enabled": False}}
+    notes = chart().render(nothing, name=RELEASE, namespace=NAMESPACE)[
+        "qwen-image-serve/templates/NOTES.txt"
+    ]
+    assert "The adapter serves no model" in notes
+    assert "/v1/images/generations" not in notes and "/v1/images/edits" not in notes
+
+
 @pytest.mark.parametrize("release", ["team-ml-platform-prod", "a" * 53])
 def test_names_stay_dns_labels_for_long_release_names(release: str) -> None:
     """KServe names the predictor's Deployment and Service <name>-predictor and labels its
