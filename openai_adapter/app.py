@@ -17,7 +17,7 @@ from openai_adapter.image_urls import ImageUrlReader
 from openai_adapter.middleware import (
     REQUEST_ID_HEADER,
     AccessMiddleware,
-    BodySizeLimitMiddleware,
+    RequestLimitsMiddleware,
     UploadBudgetMiddleware,
 )
 from openai_adapter.predictor_client import PredictorClient
@@ -87,12 +87,13 @@ def create_app(
         retry_after_seconds=settings.retry_after_seconds,
     )
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        RequestLimitsMiddleware,
         max_bytes=max_body_bytes(settings.max_upload_bytes),
         path_limits={GENERATIONS_PATH: GENERATION_MAX_BODY_BYTES},
         routes=[GENERATIONS_PATH, EDITS_PATH],
         idle_timeout_seconds=settings.body_idle_timeout_seconds,
         min_rate_bytes_per_second=settings.body_min_rate_bytes_per_second,
+        timeout_seconds=settings.request_timeout_seconds,
     )
     app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:

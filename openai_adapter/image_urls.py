@@ -114,7 +114,7 @@ class ImageUrlReader:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             return await asyncio.wait_for(self._fetch(request, max_bytes), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ImageUrlTimedOut(
                 f"could not be fetched within {self._timeout:g} s, the time for all of a "
                 "request's image URLs"

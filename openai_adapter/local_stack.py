@@ -24,6 +24,8 @@ from typing import TextIO
 from predictors.contract import EDIT_MODEL_NAME, GENERATION_MODEL_NAME
 
 TAIL_LINES = 40
+# Seconds a stopping stack leaves the adapter to pass on the predictors' last answers.
+_ANSWER_MARGIN_SECONDS = 5
 _print_lock = threading.Lock()
 
 
@@ -92,13 +94,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=900.0,
         help="seconds to wait for readiness (real weights load slowly)",
     )
-    parser.add_argument("--stop-timeout", type=float, default=20.0, help="grace before SIGKILL")
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=20.0,
+        help="seconds between SIGTERM and SIGKILL when stopping; the predictors answer what "
+        f"they still hold with a 503 {_ANSWER_MARGIN_SECONDS} s before",
+    )
     return parser.parse_args(argv)
 
 
 def _commands(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]]:
     """Name, argv and environment of each child."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The predictors' own shutdown ends with a 503 for each request still unfinished, which
+    # the adapter passes on, before the SIGKILL would cut them.
+    grace = max(int(args.stop_timeout) - _ANSWER_MARGIN_SECONDS, 1)
+    predictor_env = {**env, "QWEN_SHUTDOWN_GRACE_SECONDS": str(grace)}
     python = sys.executable
     predictors = [
         ("generation", GENERATION_MODEL_NAME, args.generation_port, args.generation_grpc_port),
@@ -111,7 +123,7 @@ def _commands(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, 
                 *(python, "-m", f"predictors.{kind}", "--model_name", model),
                 *("--http_port", str(port), "--grpc_port", str(grpc_port)),
             ],
-            env,
+            predictor_env,
         )
         for kind, model, port, grpc_port in predictors
     ]

@@ -1,5 +1,5 @@
-"""Request ids, access logs and metrics for every request, and caps on request bodies: each
-body's size, and the upload bytes held at once."""
+"""Request ids, access logs and metrics for every request; each request's deadline; and caps
+on request bodies: each body's size and pace, and the upload bytes held at once."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ SERVER_BUSY = "server_busy"
 CLIENT_CLOSED_REQUEST = 499
 _HEADER = REQUEST_ID_HEADER.encode()
 _STATE_KEY = "request_id"
+_DEADLINE_KEY = "deadline"
 # A client's id is kept when it is short printable ASCII, so that it is safe to log and forward.
 _VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -45,6 +46,12 @@ def loggable_path(scope: Scope) -> str:
 def request_id_of(request: Request) -> str:
     """The id that ``AccessMiddleware`` gave this request."""
     return request.scope.get("state", {}).get(_STATE_KEY, "")
+
+
+def request_deadline(request: Request) -> float:
+    """When ``RequestLimitsMiddleware`` has this request end (event loop time); infinity
+    outside it."""
+    return request.scope.get("state", {}).get(_DEADLINE_KEY, math.inf)
 
 
 def error_json(
@@ -111,15 +118,17 @@ class BodyStalled(Exception):
     """A request body stopped arriving before its end."""
 
 
-class BodySizeLimitMiddleware(HttpMiddleware):
-    """Refuse bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed
-    there, with 413 before they are received: at once when ``Content-Length`` says so, else
-    (chunked uploads) as soon as the bytes pass the limit. A body of which nothing arrives
-    for ``idle_timeout_seconds`` before its end gets a 408, and so does one that has not
-    arrived ``idle_timeout_seconds`` after its start plus one second per
-    ``min_rate_bytes_per_second`` bytes received (0: no such deadline), as Apache's
-    mod_reqtimeout sets one: either would otherwise hold its place, and its share of the
-    upload budget, for as long as its client likes."""
+class RequestLimitsMiddleware(HttpMiddleware):
+    """Give each request its deadline, ``timeout_seconds`` after its arrival
+    (``request_deadline``), by which its body too must have arrived (else a 408), and refuse
+    bodies over ``max_bytes``, or over ``path_limits[path]`` for the paths listed there, with
+    413 before they are received: at once when ``Content-Length`` says so, else (chunked
+    uploads) as soon as the bytes pass the limit. A body of which nothing arrives for
+    ``idle_timeout_seconds`` before its end gets a 408, and so does one that has not arrived
+    ``idle_timeout_seconds`` after its start plus one second per ``min_rate_bytes_per_second``
+    bytes received (0: no such deadline), as Apache's mod_reqtimeout sets one: either would
+    otherwise hold its place, and its share of the upload budget, for as long as its client
+    likes."""
 
     def __init__(
         self,
@@ -129,8 +138,10 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         idle_timeout_seconds: float,
         min_rate_bytes_per_second: float = 0,
         routes: Collection[str] = (),
+        timeout_seconds: float = math.inf,
     ):
         super().__init__(app)
+        self.timeout_seconds = timeout_seconds
         self.max_bytes = max_bytes
         self.path_limits = dict(path_limits)
         self.routes = frozenset(routes)
@@ -159,6 +170,10 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         )
         return self.refusal(408, "request_timeout", message)
 
+    def out_of_time(self) -> JSONResponse:
+        message = f"The request body did not arrive within the request's {self.timeout_seconds:g} s"
+        return self.refusal(408, "request_timeout", message)
+
     def body_deadline(self, started: float, received: int) -> float:
         """When a body first read at ``started`` (loop time) with ``received`` bytes so far
         must have arrived (infinity without a minimum rate)."""
@@ -167,6 +182,9 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         return started + self.idle_timeout_seconds + received / self.min_rate_bytes_per_second
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_seconds
+        scope.setdefault("state", {})[_DEADLINE_KEY] = deadline
         max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         length = Request(scope).headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
@@ -177,7 +195,6 @@ class BodySizeLimitMiddleware(HttpMiddleware):
         received = 0
         body_complete = False
         refusal: JSONResponse | None = None
-        loop = asyncio.get_running_loop()
         started = last_arrival = None  # loop times: the first read's, the last message's
 
         async def counting_receive() -> Message:
@@ -188,12 +205,18 @@ class BodySizeLimitMiddleware(HttpMiddleware):
             if started is None:
                 started = last_arrival = now
             # A message already there is read even past the deadline (a moment to take it).
-            left = max(self.body_deadline(started, received) - now, 0.01)
+            body_deadline = min(self.body_deadline(started, received), deadline)
+            left = max(body_deadline - now, 0.01)
             try:
                 message = await asyncio.wait_for(receive(), min(self.idle_timeout_seconds, left))
-            except asyncio.TimeoutError:
-                stalled = loop.time() - last_arrival >= self.idle_timeout_seconds - 0.01
-                refusal = self.stalled() if stalled else self.too_slow()
+            except TimeoutError:
+                now = loop.time()
+                if now - last_arrival >= self.idle_timeout_seconds - 0.01:
+                    refusal = self.stalled()
+                elif now >= deadline - 0.01:
+                    refusal = self.out_of_time()
+                else:
+                    refusal = self.too_slow()
                 raise BodyStalled from None
             last_arrival = loop.time()
             received += len(message.get("body", b""))

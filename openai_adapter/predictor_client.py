@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 # Connections of the readiness client: one check per model at a time is the usual load.
 _READY_CONNECTIONS = 4
 _SEND_CHUNK_BYTES = 1024 * 1024
+# The client's fields whose value the adapter turns into another field's (``size`` into
+# ``width`` and ``height``, ``quality`` into ``num_inference_steps``): a predictor's refusal
+# of that value names both, as the client never sent the value it quotes.
+_DERIVED_FIELDS = frozenset({"size", "quality"})
 
 
 class PredictorClient:
@@ -83,21 +87,24 @@ class PredictorClient:
         body: Sequence[bytes],
         request_id: str,
         param_names: Mapping[str, str],
+        deadline: float,
     ) -> list[ImageResult]:
         """The images of one v2 infer call whose JSON body is ``body``'s parts joined
-        (``contract.rest_body_parts``); failures become ``OpenAIError``.
+        (``contract.rest_body_parts``), answered by ``deadline`` (event loop time, the
+        request's: ``middleware.request_deadline``); failures become ``OpenAIError``.
 
         ``param_names`` maps the contract's field names to the names the client used, so a
         predictor's 400 points at the client's own field.
         """
         start = time.perf_counter()
         with self._transport_errors(model):
-            async with self._inference[model].stream(
+            call = self._inference[model].stream(
                 "POST",
                 f"{self._model_url(model)}/infer",
                 content=_in_chunks(body),
                 headers=_headers(body, request_id),
-            ) as response:
+            )
+            async with asyncio.timeout_at(deadline), call as response:
                 content = await _read_body(response)
         _log_status(request_id, model, response, start)
         if response.status_code != 200:
@@ -112,31 +119,55 @@ class PredictorClient:
         body: Sequence[bytes],
         request_id: str,
         param_names: Mapping[str, str],
+        deadline: float,
     ) -> AsyncIterator[PartialImage | list[ImageResult]]:
         """``infer``'s call made to the predictor's ``infer_stream``: the previews of its
-        images as they come, then its images. Failures, before the first or after it,
-        become ``OpenAIError`` as ``infer``'s do."""
+        images as they come, then its images, the last of them by ``deadline`` (the whole
+        stream's, not each event's). Failures, before the first or after it, become
+        ``OpenAIError`` as ``infer``'s do."""
         start = time.perf_counter()
         with self._transport_errors(model):
-            async with self._inference[model].stream(
-                "POST",
-                f"{self._model_url(model)}/infer_stream",
-                content=_in_chunks(body),
-                headers=_headers(body, request_id),
-            ) as response:
+            async with contextlib.AsyncExitStack() as stack:
+                call = self._inference[model].stream(
+                    "POST",
+                    f"{self._model_url(model)}/infer_stream",
+                    content=_in_chunks(body),
+                    headers=_headers(body, request_id),
+                )
+                # Each wait is bounded on its own: a timeout cannot span the yields.
+                async with asyncio.timeout_at(deadline):
+                    response = await stack.enter_async_context(call)
                 _log_status(request_id, model, response, start)
                 if response.status_code != 200:
-                    message = _error_message(response, await _read_body(response))
+                    async with asyncio.timeout_at(deadline):
+                        content = await _read_body(response)
+                    message = _error_message(response, content)
                     raise self._status_error(model, response.status_code, message, param_names)
-                async with contextlib.aclosing(_server_sent_events(response)) as events:
-                    async for event, data in events:
-                        answer = self._stream_answer(model, event, data, param_names)
-                        yield answer
-                        if not isinstance(answer, PartialImage):
-                            return
+                events = await stack.enter_async_context(
+                    contextlib.aclosing(_server_sent_events(response))
+                )
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            event, data = await anext(events)
+                    except StopAsyncIteration:
+                        break
+                    answer = self._stream_answer(model, event, data, param_names)
+                    yield answer
+                    if not isinstance(answer, PartialImage):
+                        return
         # Retryable: a stream cut short is more likely a restart than a bad answer.
         raise OpenAIError(
             502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
+        )
+
+    def _timed_out(self, model: str) -> OpenAIError:
+        return OpenAIError(
+            504,
+            f"The '{model}' predictor did not answer within the request's "
+            f"{self._settings.request_timeout_seconds:g} seconds",
+            code=PREDICTOR_TIMEOUT,
+            headers=NO_RETRY,
         )
 
     def _stream_answer(
@@ -157,21 +188,19 @@ class PredictorClient:
 
     @contextlib.contextmanager
     def _transport_errors(self, model: str) -> Iterator[None]:
-        """A call to ``model``'s predictor whose transport failures become ``OpenAIError``."""
+        """A call to ``model``'s predictor whose transport failures, and the end of its
+        request's time (``TimeoutError``, from ``asyncio.timeout_at``), become
+        ``OpenAIError``."""
         try:
             yield
+        except TimeoutError as exc:
+            raise self._timed_out(model) from exc
         except httpx.PoolTimeout as exc:
             raise self._unavailable(model, "has no free connection") from exc
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unavailable(model, "did not accept the connection") from exc
-            raise OpenAIError(
-                504,
-                f"The '{model}' predictor did not answer within "
-                f"{self._settings.request_timeout_seconds:g} seconds",
-                code=PREDICTOR_TIMEOUT,
-                headers=NO_RETRY,
-            ) from exc
+            raise self._timed_out(model) from exc
         except httpx.TransportError as exc:
             raise self._unavailable(model, f"is unreachable ({type(exc).__name__})") from exc
 
@@ -191,7 +220,8 @@ class PredictorClient:
             field = error_param(message)
             param = param_names.get(field, field) if field else None
             if field and param != field:
-                message = f"'{param}'{message[len(field) + 2 :]}"
+                named = f"'{param}' (as '{field}')" if param in _DERIVED_FIELDS else f"'{param}'"
+                message = named + message[len(field) + 2 :]
             return bad_request(message, param)
         if status == 503:
             return OpenAIError(

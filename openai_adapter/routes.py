@@ -26,7 +26,7 @@ from openai_adapter.errors import (
     OpenAIError,
     stream_error,
 )
-from openai_adapter.middleware import request_id_of
+from openai_adapter.middleware import request_deadline, request_id_of
 from openai_adapter.protocol import (
     ErrorResponse,
     ImageCompletedEvent,
@@ -283,7 +283,8 @@ async def create_image(
 ) -> Response:
     """Create images from a prompt (OpenAI ``images.generate``)."""
     request_id = request_id_of(request)
-    return await _answer(await service.generate(body, request_id), request_id)
+    answer = await service.generate(body, request_id, request_deadline(request))
+    return await _answer(answer, request_id)
 
 
 async def edit_request(request: Request) -> AsyncIterator[ImageEditRequest | ImageEditJsonRequest]:
@@ -327,7 +328,8 @@ async def create_image_edit(
     """Edit images following a prompt (OpenAI ``images.edit``): a multipart form, or a JSON
     object whose images are given by URL."""
     request_id = request_id_of(request)
-    return await _answer(await service.edit(edit, request_id), request_id)
+    answer = await service.edit(edit, request_id, request_deadline(request))
+    return await _answer(answer, request_id)
 
 
 @v1.get("/models", tags=["models"])

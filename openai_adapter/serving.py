@@ -70,15 +70,21 @@ Answer = ImagesResponse | AsyncIterator[ImageEvent]
 
 @dataclass(frozen=True)
 class PredictorCall:
-    """A v2 infer call: its model, request id, JSON body in parts
+    """A v2 infer call: its model, request id and deadline, JSON body in parts
     (``contract.rest_body_parts``), and the client's names of the contract's fields."""
 
     model: str
     request_id: str
+    deadline: float  # event loop time (``middleware.request_deadline``)
     body: list[bytes]
     param_names: dict[str, str]
     previews: bool  # made through the predictor's ``infer_stream``
     quality: ImageQuality | None  # what the answer reports (``_reported_quality``)
+
+    @property
+    def infer_args(self) -> tuple[str, list[bytes], str, dict[str, str], float]:
+        """The call as ``PredictorClient.infer``'s (and ``infer_stream``'s) arguments."""
+        return self.model, self.body, self.request_id, self.param_names, self.deadline
 
 
 class ImageService:
@@ -109,21 +115,26 @@ class ImageService:
             raise model_not_found(model)
         return ModelCard(id=model, created=self._created, owned_by=OWNER)
 
-    async def generate(self, request: ImageGenerationRequest, request_id: str) -> Answer:
-        """``POST /v1/images/generations``."""
+    async def generate(
+        self, request: ImageGenerationRequest, request_id: str, deadline: float
+    ) -> Answer:
+        """``POST /v1/images/generations``, answered by ``deadline`` (event loop time)."""
         model = self._resolve_model(request.model, self._settings.generation_model)
         _reject_unsupported(request)
-        call = self._predictor_call(model, request, request_id)
+        call = self._predictor_call(model, request, request_id, deadline)
         return await self._run(call, request, GENERATION_EVENTS)
 
     async def edit(
-        self, request: ImageEditRequest | ImageEditJsonRequest, request_id: str
+        self, request: ImageEditRequest | ImageEditJsonRequest, request_id: str, deadline: float
     ) -> Answer:
-        """``POST /v1/images/edits``: a multipart form or a JSON object."""
+        """``POST /v1/images/edits``: a multipart form or a JSON object, answered by
+        ``deadline`` (event loop time)."""
         model = self._resolve_model(request.model, self._settings.edit_model)
         _reject_unsupported(request)  # before any image URL is fetched
         images, mask = await self._read_edit_inputs(request)
-        call = self._predictor_call(model, request, request_id, images, mask, request.IMAGES_PARAM)
+        call = self._predictor_call(
+            model, request, request_id, deadline, images, mask, request.IMAGES_PARAM
+        )
         # The call holds the files as base64; dropped here, they are not also held while the
         # predictor works (UploadBudgetMiddleware's budget assumes so).
         del images, mask
@@ -248,6 +259,7 @@ class ImageService:
         model: str,
         request: ImageRequest,
         request_id: str,
+        deadline: float,
         images: Sequence[bytes] = (),
         mask: bytes | None = None,
         images_param: str = IMAGE,
@@ -290,14 +302,14 @@ class ImageService:
             partial_images=request.partial_images if previews else None,
         )
         quality = _reported_quality(quality_table, steps, request.quality)
-        return PredictorCall(model, request_id, body, param_names, previews, quality)
+        return PredictorCall(model, request_id, deadline, body, param_names, previews, quality)
 
     async def _run(self, call: PredictorCall, request: ImageRequest, events: str) -> Answer:
         """Make the predictor call and answer in OpenAI's shape: one body, or for ``stream:
         true`` server-sent events of the ``events`` endpoint's types."""
         if request.stream:
             return self._events(call, request, events)
-        results = await self._client.infer(call.model, call.body, call.request_id, call.param_names)
+        results = await self._client.infer(*call.infer_args)
         return _images_response(results, call.quality, request.effective_safety_identifier)
 
     async def _events(
@@ -305,7 +317,7 @@ class ImageService:
     ) -> AsyncIterator[ImageEvent]:
         """A streamed answer: the previews that ``partial_images`` asks for as the predictor
         makes them, then one completed event per image."""
-        args = (call.model, call.body, call.request_id, call.param_names)
+        args = call.infer_args
         if call.previews:
             answers = self._client.infer_stream(*args)
         else:

@@ -53,8 +53,10 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(
         570.0,
         gt=0,
-        description="Longest wait for a predictor's answer (then 504); below the clients' own "
-        "timeout (the openai SDK's is 600 s), or they give up and resend first.",
+        description="Longest time a request takes, from its arrival to its answer's end: a "
+        "body not in by then gets a 408, a predictor's answer not complete a 504 (a stream: "
+        "an error event). Below the clients' own timeout (the openai SDK's is 600 s), or they "
+        "give up and resend first.",
     )
     connect_timeout_seconds: float = Field(
         5.0,

@@ -8,11 +8,14 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.adapter_stack import alive, start_stack, stop
+from tests.adapter_stack import READY_LINE, STARTUP_TIMEOUT, alive, start_stack, stop
 
 CHILDREN = {"generation-predictor", "edit-predictor", "adapter"}
 
@@ -50,3 +53,48 @@ def test_a_signal_during_startup_stops_everything(tmp_path: Path, signum: signal
     pids = stack.child_pids()
     assert set(pids) == CHILDREN
     assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def test_a_stopping_stack_answers_the_requests_it_holds(tmp_path: Path):
+    """Ctrl-C with generations running or queued: the predictors' shutdown answers them with
+    a 503 that the adapter passes on, before the stack's SIGKILL would cut them."""
+    stack = start_stack(tmp_path / "stack.log", "--stop-timeout", "8")
+    try:
+        assert stack.wait_for(lambda log: READY_LINE in log, STARTUP_TIMEOUT), stack.log()[-3000:]
+        answers: list[httpx.Response] = []
+
+        def generate() -> None:  # 60 steps at 1664x928: some 25 s on a CPU
+            body = {"prompt": "a long one", "num_inference_steps": 60}
+            url = f"{stack.base_url}/images/generations"
+            answers.append(httpx.post(url, json=body, timeout=60))
+
+        def accepted() -> float:
+            metrics = httpx.get(f"{stack.generation_url}/metrics").text
+            depth = re.search(r"^qwen_image_queue_depth\{.*\} (\S+)$", metrics, re.M)
+            return float(depth[1]) if depth else 0.0
+
+        clients = [threading.Thread(target=generate) for _ in range(2)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 30
+        while accepted() < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert accepted() == 2  # one running, one queued
+        started = time.monotonic()
+        stack.process.send_signal(signal.SIGINT)
+        status = stack.process.wait(timeout=30)
+        stopped_in = time.monotonic() - started
+        for client in clients:
+            client.join(timeout=30)
+    finally:
+        if stack.process.poll() is None:
+            stop(stack.process, signal.SIGKILL)
+    log = stack.log()
+    assert status == 0 and "did not stop in time" not in log, log[-3000:]
+    assert stopped_in < 8
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "predictor_busy", error
+        assert "shutdown" in error["message"], error

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, get_args
 
 import httpx
@@ -43,7 +43,7 @@ from openai_adapter.settings import Settings
 from predictors import contract
 from tests.servers import PROJECT_ROOT, uvicorn_server
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 RETRY_LATER = {"retry-after": "5"}
 NO_RETRY = {"x-should-retry": "false"}
 BINARY_HEADER_2 = {contract.BINARY_HEADER_LENGTH: "2"}
@@ -650,6 +650,79 @@ def test_a_stream_failing_after_its_first_event_ends_with_an_error_event(
     assert f"request_id=failed-stream stream ended by an error: {code}" in caplog.text
 
 
+def test_a_stream_ends_with_a_timeout_event_at_the_requests_deadline(make_client, predictor):
+    """The request timeout bounds the whole stream, not the wait for each event: a stream
+    whose previews keep coming would otherwise outlast every proxy's timeout and the
+    adapter pod's grace period, and be cut with no error."""
+    client = make_client(request_timeout_seconds=1.0)
+
+    async def previews_every_0_4_s() -> AsyncIterator[bytes]:
+        for index in range(5):  # 2 s in all
+            yield v2_stream(v2_preview(0, index % 3, 42)).content
+            await asyncio.sleep(0.4)
+
+    predictor.handler = lambda request: httpx.Response(200, content=previews_every_0_4_s())
+    started = time.monotonic()
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "a", "stream": True, "partial_images": 3}
+    )
+    waited = time.monotonic() - started
+    events = sse_events(response)
+    assert [name for name, _ in events][-1] == "error", [name for name, _ in events]
+    assert 1 <= len(events) - 1 <= 3  # the previews of the first second
+    error = events[-1][1]["error"]
+    assert error["code"] == "predictor_timeout"
+    assert "did not answer within the request's 1 seconds" in error["message"]
+    assert 0.9 < waited < 1.8
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_waits_for_its_predictor_no_longer_than_its_deadline(
+    make_client, predictor, stream
+):
+    """The time a request's body took to arrive counts against its timeout: the predictor
+    gets what is left of it."""
+    client = make_client(request_timeout_seconds=1.5)
+
+    async def answer_in_a_second(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(1.0)
+        return v2_answer(request)
+
+    def body_in_a_second() -> Iterator[bytes]:
+        yield b'{"prompt": "a slow upload", '
+        time.sleep(1.0)
+        yield b'"stream": ' + json.dumps(stream).encode() + b"}"
+
+    predictor.handler = answer_in_a_second
+    response = client.post("/v1/images/generations", content=b'{"prompt": "a"}')
+    assert response.status_code == 200, response.text
+    response = client.post("/v1/images/generations", content=body_in_a_second())
+    assert_error(response, 504, "predictor_timeout", None)
+
+
+def test_a_body_that_arrives_after_the_requests_deadline_gets_a_408(caplog, predictor):
+    """Faster than the minimum rate, but not in the request's time: a request, its upload
+    included, ends within its timeout, which the pod's grace period is sized by."""
+    caplog.set_level(logging.INFO, logger="openai_adapter")
+    settings = Settings(
+        request_timeout_seconds=1.0,
+        body_idle_timeout_seconds=0.5,
+        body_min_rate_bytes_per_second=100,
+    )
+    app = create_app(settings, transport=httpx.MockTransport(predictor))
+    body = json.dumps({"prompt": "x" * 4000}).encode()  # 2 s at 2000 bytes a second
+    with uvicorn_server(app) as url:
+        started = time.monotonic()
+        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=200, pause=0.1)
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408 "), answer
+    assert '"code":"request_timeout"' in answer
+    assert "The request body did not arrive within the request's 1 s" in answer
+    assert 0.9 < waited < 1.8
+    assert access_line(caplog, "slow").startswith("request_id=slow POST /v1/images/generations 408")
+    assert not predictor.requests
+
+
 def test_a_stream_event_that_is_not_utf_8_ends_with_an_error_event(client, predictor):
     preview = v2_stream(v2_preview(0, 0, 42)).content
     broken = b'event: error\ndata: {"error": "\xff", "status": 500}\n\n'
@@ -813,11 +886,26 @@ def test_a_field_named_body_is_an_unknown_field(client, predictor):
 @pytest.mark.parametrize(
     ("predictor_message", "fields", "param", "message_start"),
     [
-        ("'num_images' must be between 1 and 4, got 5", {"n": 5}, "n", "'n' must be"),
-        ("'width' must be between 256 and 2048, got 4096", {"size": "4096x512"}, "size", "'size'"),
-        ("'width' must be between 256 and 2048, got 4096", {"width": 4096}, "width", "'width'"),
+        (
+            "'num_images' must be between 1 and 4, got 5",
+            {"n": 5},
+            "n",
+            "'n' must be between 1 and 4, got 5",
+        ),
+        (
+            "'width' must be between 256 and 2048, got 4096",
+            {"size": "4096x512"},
+            "size",
+            "'size' (as 'width') must be",
+        ),
+        ("'width' must be between 256 and 2048, got 4096", {"width": 4096}, "width", "'width' m"),
         ("'width' is required when the other side is given", {"height": 64}, "width", "'width'"),
-        ("'num_inference_steps' must be ...", {"quality": "max"}, "quality", "'quality'"),
+        (  # the steps that quality 'max' stands for, which the client did not send
+            "'num_inference_steps' must be between 2 and 60, got 100",
+            {"quality": "max"},
+            "quality",
+            "'quality' (as 'num_inference_steps') must be between 2 and 60, got 100",
+        ),
         (
             "'true_cfg_scale' must be at most 20.0",
             {"true_cfg_scale": 50},

@@ -822,7 +822,7 @@ def route_timeouts(request: str, backend_request: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("request_timeout", "backend_request_timeout"),
-    [("600s", "700s"), ("10m", "10m1s"), ("1h", "1h500ms"), ("999ms", "1s")],
+    [("600s", "700s"), ("10m", "10m1s"), ("1h", "1h500ms"), ("9m31s", "9m31s1ms")],
 )
 def test_an_httproute_try_longer_than_its_request_is_refused(
     request_timeout: str, backend_request_timeout: str
@@ -831,6 +831,26 @@ def test_an_httproute_try_longer_than_its_request_is_refused(
     would refuse the release at install."""
     values = route_timeouts(request_timeout, backend_request_timeout)
     message = f"httpRoute.timeouts.backendRequest \\({backend_request_timeout}\\) is longer"
+    with pytest.raises(helm_python.HelmError, match=message):
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("request_timeout", "backend_request_timeout", "shorter"),
+    [
+        ("60s", "60s", "request"),  # a gateway's usual default
+        ("0s", "1m", "backendRequest"),
+        ("630s", "569s", "backendRequest"),
+        ("9m29s", "9m", "request"),
+    ],
+)
+def test_an_httproute_timeout_shorter_than_the_adapters_is_refused(
+    request_timeout: str, backend_request_timeout: str, shorter: str
+) -> None:
+    """The gateway would cut a request that the adapter still serves, with its own error
+    rather than the adapter's (570 s by default)."""
+    values = route_timeouts(request_timeout, backend_request_timeout)
+    message = f"httpRoute.timeouts.{shorter} \\(.*\\) is shorter than adapter.requestTimeoutSeconds"
     with pytest.raises(helm_python.HelmError, match=message):
         chart().render(values, name=RELEASE, namespace=NAMESPACE)
 
@@ -1455,10 +1475,12 @@ def test_ingress_httproute_hpa_and_monitoring() -> None:
 
     ingress = one(objs, "Ingress", ADAPTER)
     assert ingress["spec"]["ingressClassName"] == "nginx"
-    assert (
-        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]
-        == "630"
-    )
+    assert ingress["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/proxy-read-timeout": "900",  # the adapter's 840 + 60
+        "nginx.ingress.kubernetes.io/proxy-send-timeout": "900",
+        "nginx.ingress.kubernetes.io/proxy-body-size": "128m",
+        "example.com/team": "imaging",
+    }
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "images.example.com"
     backend = rule["http"]["paths"][0]["backend"]["service"]
@@ -1513,6 +1535,17 @@ def test_ingress_httproute_hpa_and_monitoring() -> None:
     assert {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     } in peers
+
+
+def test_an_ingress_gets_ingress_nginxs_timeouts_from_the_adapters() -> None:
+    """ingress-nginx's defaults (60 s, 1 MB) would cut requests and uploads before the
+    adapter answers them."""
+    ingress = one(render_values({"ingress": {"enabled": True}}), "Ingress", ADAPTER)
+    assert ingress["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/proxy-read-timeout": "630",
+        "nginx.ingress.kubernetes.io/proxy-send-timeout": "630",
+        "nginx.ingress.kubernetes.io/proxy-body-size": "64m",
+    }
 
 
 def test_ingress_and_httproute_expose_only_the_openai_api_by_default() -> None:
