@@ -45,6 +45,11 @@ NO_RETRY = {"x-should-retry": "false"}
 NOT_A_JSON_OBJECT = "The request body must be a JSON object, sent as 'application/json'"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+# The OpenAI image endpoints this server does not offer, with what to use instead.
+_NOT_OFFERED = {
+    "/v1/images/variations": "image variations (dall-e-2's) are not offered here; to change "
+    "an image, edit it with a prompt (/v1/images/edits)",
+}
 _INTERNAL_ERROR = ErrorInfo(message="Internal server error", type=SERVER_ERROR, code=INTERNAL_ERROR)
 _VALIDATION_CODES = {
     "missing": MISSING_PARAMETER,
@@ -156,6 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code in _HTTP_CODES:
             message = f"{message}: {request.method} {request.url.path}"
+        if exc.status_code == 404 and request.url.path in _NOT_OFFERED:
+            message = f"{message}: {_NOT_OFFERED[request.url.path]}"
         info = ErrorInfo(
             message=message,
             type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR,

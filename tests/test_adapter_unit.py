@@ -1876,6 +1876,19 @@ def test_http_errors_have_openai_shape(client: TestClient):
     assert_error(client.get("/v1/images/generations"), 405, "method_not_allowed", None)
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK's, for dall-e-2
+def test_image_variations_are_refused_with_what_to_use_instead(client: TestClient):
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.images.create_variation(image=encode(), n=1, size="256x256")
+    error = caught.value.body
+    assert (error["code"], error["param"]) == ("not_found", None)
+    assert error["message"] == (
+        "Not Found: POST /v1/images/variations: image variations (dall-e-2's) are not offered "
+        "here; to change an image, edit it with a prompt (/v1/images/edits)"
+    )
+
+
 def test_unexpected_exception_is_a_500(make_client, predictor, caplog):
     """An unexpected error is a 500 in OpenAI's shape, logged once with its traceback, and
     it carries the CORS headers, so a browser page sees the 500 and not a network error."""
