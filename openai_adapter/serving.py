@@ -209,9 +209,17 @@ class ImageService:
             if len(data) > room:
                 what = "The image is" if len(inputs) == 1 else together
                 raise bad_request(f"{what} larger than {limit} bytes", param, IMAGE_TOO_LARGE)
-            if detect_image_format(data) is None:
+            image_format = detect_image_format(data)
+            if image_format is None:
                 raise bad_request(
                     f"{name} must be a PNG, JPEG or WebP file", param, INVALID_IMAGE_FORMAT
+                )
+            if param == "mask" and image_format == "jpeg":
+                raise bad_request(
+                    "The mask must be a PNG or WebP file: its fully transparent pixels mark the "
+                    "area to edit, and a JPEG has no transparency",
+                    param,
+                    INVALID_IMAGE_FORMAT,
                 )
             read.append(data)
             room -= len(data)

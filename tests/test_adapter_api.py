@@ -373,6 +373,7 @@ def test_generation_errors(client: OpenAI, kwargs, status, code, param):
     [
         ({"image": "two"}, "invalid_value", "image"),  # the stack's model edits one
         ({"mask": "png"}, "invalid_value", "mask"),  # no alpha channel
+        ({"mask": "jpeg"}, "invalid_image_format", "mask"),  # no alpha channel, by its format
         ({"image": b"just some text"}, "invalid_image_format", "image"),
         ({"model": "qwen-image"}, "invalid_value", "model"),
         ({"size": "64x48"}, "invalid_value", "size"),
@@ -396,6 +397,8 @@ def test_edit_errors(client: OpenAI, kwargs, code, param):
     for field in ("mask", "markup"):
         if kwargs.get(field) == "png":
             kwargs[field] = png
+        elif kwargs.get(field) == "jpeg":
+            kwargs[field] = encode_image((64, 64), "JPEG")
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(image=image, prompt="a hat", **kwargs)
     assert_api_error(caught, openai.BadRequestError, 400, code, param)
