@@ -34,7 +34,13 @@ from predictors import acceleration, contract, denoise
 from predictors.acceleration import LIGHTNING, Acceleration
 from predictors.contract import ContractError, Defaults, ImageRequest, Limits
 from predictors.denoise import Job
-from predictors.engine import BatchPolicy, PipelineRunner, ServerBusy, ServerStopping
+from predictors.engine import (
+    BatchPolicy,
+    PipelineRunner,
+    ServerBusy,
+    ServerStopping,
+    ShutdownTimeout,
+)
 from predictors.images import encode_image
 from predictors.loading import (
     load_pipeline,
@@ -273,6 +279,12 @@ class QwenImageModel(Model):
             reason = "busy" if isinstance(exc, ServerBusy) else "stopping"
             REQUESTS_REJECTED.labels(model_name=self.name, reason=reason).inc()
             self.log_refusal(request_id, reason, started, str(exc))
+            raise
+        except ShutdownTimeout as exc:  # accepted, then cut by the shutdown: not a fault
+            REQUEST_LATENCY.labels(model_name=self.name, outcome="stopped").observe(
+                time.perf_counter() - started
+            )
+            self.log_refusal(request_id, "stopped", started, str(exc))
             raise
         except asyncio.CancelledError:
             # The client left (``predictors.disconnect``) or the server stops: a request still

@@ -126,6 +126,8 @@ def test_requests_unfinished_when_the_grace_period_ends_get_a_clear_503(tiny_cac
             assert message in queued.result()
         assert predictor.process.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 5  # the grace period, and the last step
+        log = predictor.log()  # a shutdown's doing, not an error of the predictor's
+        assert log.count(" outcome=stopped ") == 2 and " outcome=error " not in log, log
 
 
 def test_a_stream_unfinished_when_the_grace_period_ends_ends_with_an_error_event(
