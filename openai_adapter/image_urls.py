@@ -69,11 +69,11 @@ class ImageUrlReader:
         """Close the fetching connections."""
         await self._http.aclose()
 
-    def deadline(self) -> float:
+    def deadline(self, request_deadline: float) -> float:
         """When the image URLs of a request that starts reading them now must all be
         fetched (event loop time): ``Settings.image_url_timeout_seconds`` bounds them
-        together, however many there are."""
-        return asyncio.get_running_loop().time() + self._timeout
+        together, however many there are, and the request's own deadline too."""
+        return min(asyncio.get_running_loop().time() + self._timeout, request_deadline)
 
     async def read(self, url: str, max_bytes: int, deadline: float) -> bytes:
         """The image's bytes, at most ``max_bytes`` of one fetched by ``deadline``
@@ -117,7 +117,7 @@ class ImageUrlReader:
         except TimeoutError:
             raise ImageUrlTimedOut(
                 f"could not be fetched within {self._timeout:g} s, the time for all of a "
-                "request's image URLs"
+                "request's image URLs (less if the request's own time ends first)"
             ) from None
 
     def _request(self, url: str) -> httpx.Request:

@@ -164,8 +164,8 @@ class PredictorClient:
     def _timed_out(self, model: str) -> OpenAIError:
         return OpenAIError(
             504,
-            f"The '{model}' predictor did not answer within the request's "
-            f"{self._settings.request_timeout_seconds:g} seconds",
+            f"The request's {self._settings.request_timeout_seconds:g} seconds ran out before "
+            f"the '{model}' predictor's answer was complete",
             code=PREDICTOR_TIMEOUT,
             headers=NO_RETRY,
         )

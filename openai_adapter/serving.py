@@ -131,7 +131,7 @@ class ImageService:
         ``deadline`` (event loop time)."""
         model = self._resolve_model(request.model, self._settings.edit_model)
         _reject_unsupported(request)  # before any image URL is fetched
-        images, mask = await self._read_edit_inputs(request)
+        images, mask = await self._read_edit_inputs(request, deadline)
         call = self._predictor_call(
             model, request, request_id, deadline, images, mask, request.IMAGES_PARAM
         )
@@ -172,12 +172,13 @@ class ImageService:
         return served
 
     async def _read_edit_inputs(
-        self, request: ImageEditRequest | ImageEditJsonRequest
+        self, request: ImageEditRequest | ImageEditJsonRequest, deadline: float
     ) -> tuple[list[bytes], bytes | None]:
-        """The edit's images in order and its mask, if any: each a PNG, JPEG or WebP file, all
-        together within the upload limit, and the image URLs among them fetched one after
-        another within one time limit for all. How many images the model edits from, and
-        whether the mask fits its image, are the predictor's to say."""
+        """The edit's images in order and its mask, if any: each a PNG, JPEG or WebP file (the
+        mask PNG or WebP), all together within the upload limit, and the image URLs among
+        them fetched one after another within one time limit for all, and by the request's
+        ``deadline``. How many images the model edits from, and whether the mask fits its
+        image, are the predictor's to say."""
         images_param = request.IMAGES_PARAM
         sources = request.images
         if not sources:
@@ -202,24 +203,24 @@ class ImageService:
             together = "The image files and the mask together are"
         limit = self._settings.max_upload_bytes
         room = limit
-        deadline = self._image_urls.deadline()
+        fetched_by = self._image_urls.deadline(deadline)
         read: list[bytes] = []
         for param, name, source in inputs:
-            data = await self._read_input(source, room + 1, deadline, param, name)
+            data = await self._read_input(source, room + 1, fetched_by, param, name)
             if len(data) > room:
                 what = "The image is" if len(inputs) == 1 else together
                 raise bad_request(f"{what} larger than {limit} bytes", param, IMAGE_TOO_LARGE)
             image_format = detect_image_format(data)
-            if image_format is None:
-                raise bad_request(
-                    f"{name} must be a PNG, JPEG or WebP file", param, INVALID_IMAGE_FORMAT
-                )
-            if param == "mask" and image_format == "jpeg":
+            if param == "mask" and image_format in (None, "jpeg"):
                 raise bad_request(
                     "The mask must be a PNG or WebP file: its fully transparent pixels mark the "
                     "area to edit, and a JPEG has no transparency",
                     param,
                     INVALID_IMAGE_FORMAT,
+                )
+            if image_format is None:
+                raise bad_request(
+                    f"{name} must be a PNG, JPEG or WebP file", param, INVALID_IMAGE_FORMAT
                 )
             read.append(data)
             room -= len(data)

@@ -672,7 +672,7 @@ def test_a_stream_ends_with_a_timeout_event_at_the_requests_deadline(make_client
     assert 1 <= len(events) - 1 <= 3  # the previews of the first second
     error = events[-1][1]["error"]
     assert error["code"] == "predictor_timeout"
-    assert "did not answer within the request's 1 seconds" in error["message"]
+    assert "The request's 1 seconds ran out before the 'qwen-image' predictor's" in error["message"]
     assert 0.9 < waited < 1.8
 
 
@@ -1172,7 +1172,7 @@ def test_edit_errors_say_which_of_several_images(make_client, predictor):
         ("mask", ("upload", b"GIF89a....", "image/gif")),
     ]
     response = client.post("/v1/images/edits", data={"prompt": "x"}, files=parts)
-    assert response.json()["error"]["message"] == "The mask must be a PNG, JPEG or WebP file"
+    assert response.json()["error"]["message"].startswith("The mask must be a PNG or WebP file")
     assert not predictor.requests
 
 
@@ -1310,7 +1310,8 @@ GIF_URL = data_url(b"GIF89a....", "image/gif")
             {"images": [{"image_url": data_url(encode())}], "mask": {"image_url": GIF_URL}},
             "mask",
             "invalid_image_format",
-            "The mask must be a PNG, JPEG or WebP file",
+            "The mask must be a PNG or WebP file: its fully transparent pixels mark the area to "
+            "edit, and a JPEG has no transparency",
         ),
         (
             {"images": [{"image_url": GIF_URL}], "mask": {"image_url": GIF_URL, "detail": "low"}},
@@ -1447,7 +1448,7 @@ def test_image_urls_on_listed_hosts_are_fetched(make_client, predictor, image_ho
     assert REGISTRY.get_sample_value(URL_FETCH_TIMES) == timed + 2
 
 
-FOR_ALL = ", the time for all of a request's image URLs"
+FOR_ALL = ", the time for all of a request's image URLs (less if the request's own time ends first)"
 
 
 @pytest.mark.parametrize(
@@ -1491,6 +1492,21 @@ def test_image_url_fetch_errors(make_client, predictor, image_host, path, code, 
     assert not predictor.requests
     counted = {name: url_reads(name) - before[name] for name in outcomes}
     assert counted == {name: int(name == outcome) for name in outcomes}
+
+
+def test_image_url_fetches_end_with_the_requests_time(make_client, predictor, image_host):
+    """Fetches that their own limit (5 s) would allow stop when the request's time (1 s)
+    runs out: the request ends within it, and no predictor is asked."""
+    client = make_client(
+        image_url_hosts=["127.0.0.1"], image_url_timeout_seconds=5, request_timeout_seconds=1
+    )
+    slow = [{"image_url": f"{image_host}/slow.png"}] * 5  # 0.4 s each
+    started = time.monotonic()
+    response = client.post("/v1/images/edits", json={"prompt": "x", "images": slow})
+    error = assert_error(response, 400, "invalid_value", "images")
+    assert error["message"].endswith(f"could not be fetched within 5 s{FOR_ALL}")
+    assert time.monotonic() - started < 1.6
+    assert not predictor.requests
 
 
 def test_one_time_limit_bounds_all_image_url_fetches(make_client, predictor, image_host):
