@@ -700,29 +700,6 @@ def test_a_request_waits_for_its_predictor_no_longer_than_its_deadline(
     assert_error(response, 504, "predictor_timeout", None)
 
 
-def test_a_body_that_arrives_after_the_requests_deadline_gets_a_408(caplog, predictor):
-    """Faster than the minimum rate, but not in the request's time: a request, its upload
-    included, ends within its timeout, which the pod's grace period is sized by."""
-    caplog.set_level(logging.INFO, logger="openai_adapter")
-    settings = Settings(
-        request_timeout_seconds=1.0,
-        body_idle_timeout_seconds=0.5,
-        body_min_rate_bytes_per_second=100,
-    )
-    app = create_app(settings, transport=httpx.MockTransport(predictor))
-    body = json.dumps({"prompt": "x" * 4000}).encode()  # 2 s at 2000 bytes a second
-    with uvicorn_server(app) as url:
-        started = time.monotonic()
-        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=200, pause=0.1)
-        waited = time.monotonic() - started
-    assert answer.startswith("HTTP/1.1 408 "), answer
-    assert '"code":"request_timeout"' in answer
-    assert "The request body did not arrive within the request's 1 s" in answer
-    assert 0.9 < waited < 1.8
-    assert access_line(caplog, "slow").startswith("request_id=slow POST /v1/images/generations 408")
-    assert not predictor.requests
-
-
 def test_a_stream_event_that_is_not_utf_8_ends_with_an_error_event(client, predictor):
     preview = v2_stream(v2_preview(0, 0, 42)).content
     broken = b'event: error\ndata: {"error": "\xff", "status": 500}\n\n'
@@ -2403,22 +2380,50 @@ def send_body_slowly(url: str, path: str, body: bytes, chunk: int, pause: float)
     return answer.decode()
 
 
-def test_a_body_trickled_slower_than_the_minimum_rate_gets_a_408(caplog, predictor):
-    """Bytes every 0.1 s never trip the 0.5 s idle timeout, but at 500 bytes a second the
-    body falls behind its deadline (0.5 s + 1 s per 1000 bytes received): about 1 s in."""
+@pytest.mark.parametrize(
+    ("limits", "prompt_bytes", "chunk", "refusal", "waited_range"),
+    [
+        # Bytes every 0.1 s never trip the 0.5 s idle timeout, but at 500 bytes a second the
+        # body falls behind its deadline (0.5 s + 1 s per 1000 bytes received): about 1 s in.
+        (
+            {"body_idle_timeout_seconds": 0.5, "body_min_rate_bytes_per_second": 1000},
+            20_000,  # 40 s at that pace
+            50,
+            "The request body arrived slower than 1000 bytes a second",
+            (0.8, 4),
+        ),
+        # Faster than the minimum rate, but not in the request's time: a request, its upload
+        # included, ends within its timeout, which the pod's grace period is sized by.
+        (
+            {
+                "request_timeout_seconds": 1.0,
+                "body_idle_timeout_seconds": 0.5,
+                "body_min_rate_bytes_per_second": 100,
+            },
+            4000,  # 2 s at 2000 bytes a second
+            200,
+            "The request body did not arrive within the request's 1 s",
+            (0.9, 1.8),
+        ),
+    ],
+    ids=["slower-than-the-minimum-rate", "past-the-requests-deadline"],
+)
+def test_a_body_arriving_too_slowly_gets_a_408(
+    caplog, predictor, limits, prompt_bytes, chunk, refusal, waited_range
+):
     caplog.set_level(logging.INFO, logger="openai_adapter")
-    settings = Settings(body_idle_timeout_seconds=0.5, body_min_rate_bytes_per_second=1000)
-    app = create_app(settings, transport=httpx.MockTransport(predictor))
-    body = json.dumps({"prompt": "x" * 20_000}).encode()  # 40 s at that pace
+    app = create_app(Settings(**limits), transport=httpx.MockTransport(predictor))
+    body = json.dumps({"prompt": "x" * prompt_bytes}).encode()
     with uvicorn_server(app) as url:
         started = time.monotonic()
-        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=50, pause=0.1)
+        answer = send_body_slowly(url, "/v1/images/generations", body, chunk=chunk, pause=0.1)
         waited = time.monotonic() - started
     assert answer.startswith("HTTP/1.1 408 "), answer
-    assert "slower than 1000 bytes a second" in answer
+    assert refusal in answer
     assert '"code":"request_timeout"' in answer
-    assert 0.8 < waited < 4
+    assert waited_range[0] < waited < waited_range[1]
     assert access_line(caplog, "slow").startswith("request_id=slow POST /v1/images/generations 408")
+    assert not predictor.requests
 
 
 def test_a_body_slow_but_faster_than_the_minimum_rate_is_served(predictor):
