@@ -584,6 +584,16 @@ def test_an_inference_service_name_may_be_as_long_as_a_derived_one() -> None:
             chart().validate_schema({component: {"name": "a" * (longest + 1)}})
 
 
+def test_notes_say_that_helm_test_waits_for_a_cold_start_when_scaled_to_zero() -> None:
+    """The test's readiness check wakes a predictor scaled to zero, whose start loads the
+    model for minutes: longer than the test's default 120 s."""
+    notes = render_text("knative")["qwen-image-serve/templates/NOTES.txt"]
+    assert "generation and edit may be scaled to zero" in notes
+    assert "tests.timeoutSeconds, 120 s now, and helm test --timeout above it." in notes
+    notes = render_text("defaults")["qwen-image-serve/templates/NOTES.txt"]
+    assert "scaled to zero" not in notes
+
+
 def test_notes_read_an_api_key_whose_name_has_dots() -> None:
     """kubectl's JSONPath reads a dot as a step into the object: a Secret key with dots needs
     them escaped, or the command prints nothing."""
