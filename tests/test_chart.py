@@ -509,6 +509,11 @@ def test_notes_give_port_forward_and_first_requests() -> None:
     assert '-F "model=qwen-image-edit" -F "image=@fox.png"' in notes
 
     assert "speed modes" not in notes, "the defaults are the predictor's own"
+    # The SDK example pasted into a shell: a here-document ends at a line that is its word
+    # alone, and Python refuses an indented body.
+    script = re.search(r"python3 - <<'PY'\n(.*?)\nPY\n", notes, re.S)
+    assert script, notes
+    compile(script[1], "NOTES.txt", "exec")
 
     edit_only = chart().render(
         {"generation": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE
