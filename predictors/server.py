@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 
 from fastapi.exceptions import RequestValidationError
 from kserve import ModelServer
@@ -340,15 +340,39 @@ class QuietRefusals(logging.Filter):
 
 
 class EscapedLineBreaks(logging.Filter):
-    """Escapes the line breaks of a record's message (``\\n``): KServe's records name the
-    request's path, percent-decoded, so that a path with ``%0A`` would forge log lines."""
+    """Escapes the line breaks of a record's message (``\\n``), and of the messages of the
+    error it logs with its traceback: KServe's records and errors name the request's path,
+    percent-decoded, so that a path with ``%0A`` would forge log lines. The traceback's own
+    lines stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         escaped = loggable(message)
         if escaped != message:
             record.msg, record.args = escaped, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _traceback_with_escaped_messages(record.exc_info)
         return True
+
+
+def _traceback_with_escaped_messages(
+    exc_info: tuple[type[BaseException], BaseException, TracebackType | None]
+    | tuple[None, None, None],
+) -> str | None:
+    """The traceback as logging writes it, with the line breaks of its errors' messages
+    escaped; None (logging's own) where they have none."""
+    messages: list[str] = []
+    error = exc_info[1]
+    while error is not None and len(messages) < 100:  # a chain of causes, or of contexts
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    breaking = [message for message in messages if loggable(message) != message]
+    if not breaking:
+        return None
+    text = logging.Formatter().formatException(exc_info)
+    for message in breaking:
+        text = text.replace(message, loggable(message))
+    return text
 
 
 class AnswerUnexpectedErrors(UnexpectedErrorAnswer):

@@ -510,5 +510,10 @@ def test_rest_inputs_as_binary_data_get_a_clear_400(edit_predictor):
     headers = {contract.BINARY_HEADER_LENGTH: "1"}
     assert httpx.post(forged, content=b"x", headers=headers).status_code == 400
     assert "\nFORGED" not in edit_predictor.log()
+    # Nor in the traceback of an error that names it (KServe's ModelNotFound).
+    unknown = f"{edit_predictor.url}/v2/models/nope%0AFORGED-IN-A-TRACEBACK/ready"
+    assert httpx.get(unknown).status_code == 404
+    assert "\nFORGED-IN-A-TRACEBACK" not in edit_predictor.log()
+    assert "nope\\nFORGED-IN-A-TRACEBACK does not exist" in edit_predictor.log()
     assert "qwen-image-edit\\nFORGED/infer: its inputs came as binary data" in edit_predictor.log()
     assert edit(edit_predictor, image, **FAST).status_code == 200
