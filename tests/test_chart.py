@@ -899,7 +899,8 @@ def test_pods_stop_only_after_the_requests_they_hold() -> None:
         grace = predictor(isvc)["terminationGracePeriodSeconds"]
         assert container(isvc)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
         drain = int(env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"])
-        assert drain == grace - 5 and drain >= timeout, "the server drains after the sleep"
+        # after the sleep, and with 5 s left to exit before the SIGKILL
+        assert drain == grace - 5 - 5 and drain >= timeout
     for isvc in by_kind(objects("knative"), "InferenceService").values():
         # Knative's grace period, of which the queue-proxy's drain (a preStop that Knative
         # adds) takes 30 s before the server's SIGTERM: the server answers before the SIGKILL.
@@ -910,14 +911,21 @@ def test_pods_stop_only_after_the_requests_they_hold() -> None:
     for isvc in by_kind(no_predictor_sleep, "InferenceService").values():
         assert "lifecycle" not in container(isvc)
         assert predictor(isvc)["terminationGracePeriodSeconds"] == timeout + 25
-        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(timeout + 25)
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(timeout + 20)
     # The predictors' grace period follows the adapter's timeout, as the adapter's does.
     for isvc in by_kind(objects("ingress-httproute"), "InferenceService").values():
         assert predictor(isvc)["terminationGracePeriodSeconds"] == 840 + 5 + 25
-        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(840 + 25)
-    too_short = {"predictor": {"terminationGracePeriodSeconds": 500}}
-    with pytest.raises(helm_python.HelmError, match=r"terminationGracePeriodSeconds \(500\) for"):
-        chart().render(too_short, name=RELEASE, namespace=NAMESPACE)
+        assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == str(840 + 20)
+    for grace, refused in ((500, True), (579, True), (580, False)):  # 570 + 5 + 5 to exit
+        values = {"predictor": {"terminationGracePeriodSeconds": grace}}
+        if refused:
+            with pytest.raises(
+                helm_python.HelmError, match=rf"terminationGracePeriodSeconds \({grace}\) for"
+            ):
+                chart().render(values, name=RELEASE, namespace=NAMESPACE)
+        else:
+            for isvc in by_kind(render_values(values), "InferenceService").values():
+                assert env_values(container(isvc))["QWEN_SHUTDOWN_GRACE_SECONDS"] == "570"
     knative_too_short = {"deploymentMode": "Knative", "adapter": {"requestTimeoutSeconds": 700}}
     with pytest.raises(helm_python.HelmError, match=r"predictor.timeout \(600\) for"):
         chart().render(knative_too_short, name=RELEASE, namespace=NAMESPACE)
