@@ -98,12 +98,7 @@ class PredictorClient:
         """
         start = time.perf_counter()
         with self._transport_errors(model):
-            call = self._inference[model].stream(
-                "POST",
-                f"{self._model_url(model)}/infer",
-                content=_in_chunks(body),
-                headers=_headers(body, request_id),
-            )
+            call = self._post(model, "infer", body, request_id)
             async with asyncio.timeout_at(deadline), call as response:
                 content = await _read_body(response)
         _log_status(request_id, model, response, start)
@@ -128,12 +123,7 @@ class PredictorClient:
         start = time.perf_counter()
         with self._transport_errors(model):
             async with contextlib.AsyncExitStack() as stack:
-                call = self._inference[model].stream(
-                    "POST",
-                    f"{self._model_url(model)}/infer_stream",
-                    content=_in_chunks(body),
-                    headers=_headers(body, request_id),
-                )
+                call = self._post(model, "infer_stream", body, request_id)
                 # Each wait is bounded on its own: a timeout cannot span the yields.
                 async with asyncio.timeout_at(deadline):
                     response = await stack.enter_async_context(call)
@@ -159,6 +149,18 @@ class PredictorClient:
         # Retryable: a stream cut short is more likely a restart than a bad answer.
         raise OpenAIError(
             502, f"The '{model}' predictor ended its stream early", code=PREDICTOR_ERROR
+        )
+
+    def _post(
+        self, model: str, endpoint: str, body: Sequence[bytes], request_id: str
+    ) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+        """The streamed POST of a v2 call to ``model``'s ``endpoint`` (``infer`` or
+        ``infer_stream``), its JSON body sent in chunks."""
+        return self._inference[model].stream(
+            "POST",
+            f"{self._model_url(model)}/{endpoint}",
+            content=_in_chunks(body),
+            headers=_headers(body, request_id),
         )
 
     def _timed_out(self, model: str) -> OpenAIError:

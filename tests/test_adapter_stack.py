@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.adapter_stack import READY_LINE, STARTUP_TIMEOUT, alive, start_stack, stop
+from tests.servers import wait_for_queue_depth_at
 
 CHILDREN = {"generation-predictor", "edit-predictor", "adapter"}
 
@@ -68,18 +69,10 @@ def test_a_stopping_stack_answers_the_requests_it_holds(tmp_path: Path):
             url = f"{stack.base_url}/images/generations"
             answers.append(httpx.post(url, json=body, timeout=60))
 
-        def accepted() -> float:
-            metrics = httpx.get(f"{stack.generation_url}/metrics").text
-            depth = re.search(r"^qwen_image_queue_depth\{.*\} (\S+)$", metrics, re.M)
-            return float(depth[1]) if depth else 0.0
-
         clients = [threading.Thread(target=generate) for _ in range(2)]
         for client in clients:
             client.start()
-        deadline = time.monotonic() + 30
-        while accepted() < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert accepted() == 2  # one running, one queued
+        wait_for_queue_depth_at(stack.generation_url, "qwen-image", 2)  # running and queued
         started = time.monotonic()
         stack.process.send_signal(signal.SIGINT)
         status = stack.process.wait(timeout=30)
